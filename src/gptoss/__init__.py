@@ -1,3 +1,9 @@
 """gptoss: the gpt-oss model family — exact model math, checkpoints, inference, serving, training."""
 
+from gptoss.checkpoint import load_model, save_model
+from gptoss.config import PRESETS, ModelConfig, get_config
+from gptoss.model import GptOss
+
 __version__ = "0.1.0"
+
+__all__ = ["PRESETS", "GptOss", "ModelConfig", "get_config", "load_model", "save_model"]

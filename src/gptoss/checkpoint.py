@@ -1,0 +1,323 @@
+"""Hugging Face-layout checkpoints: `config.json` plus one or many `*.safetensors` files.
+
+Reading is lazy: the model is built on the meta device, then each tensor is read from its
+memory-mapped file straight into the parameter that owns it, so peak memory is the model plus one
+tensor. Writing goes to a temporary directory beside the target that is renamed into place only
+once every file is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from gptoss.config import PRESETS, ModelConfig, get_config
+from gptoss.model import MLP, GptOss
+from gptoss.mxfp4 import MXFP4Experts
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 2**30
+MXFP4_QUANTIZATION_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as it is; the message names the problem."""
+
+
+# ---------------------------------------------------------------------- key mapping
+# A dense member is stored as the one-expert MoE transformers understands (see ModelConfig.to_hf):
+# its HF tensors have a leading expert axis of 1 and the x @ W layout of experts, while `MLP` holds
+# nn.Linear parameters. Every other tensor keeps its name and layout.
+_DENSE_HF_NAMES = {
+    "mlp.gate_up_proj.weight": "mlp.experts.gate_up_proj",
+    "mlp.gate_up_proj.bias": "mlp.experts.gate_up_proj_bias",
+    "mlp.down_proj.weight": "mlp.experts.down_proj",
+    "mlp.down_proj.bias": "mlp.experts.down_proj_bias",
+}
+_DENSE_ROUTER_NAMES = ("mlp.router.weight", "mlp.router.bias")
+
+
+def _dense_to_file(param: Tensor) -> Tensor:
+    return (param.T if param.dim() == 2 else param)[None]
+
+
+def _dense_from_file(stored: Tensor) -> Tensor:
+    return stored[0].T if stored.dim() == 3 else stored[0]
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+class _Entry(NamedTuple):
+    tensor: Tensor  # the model's own parameter or buffer
+    to_file: Callable[[Tensor], Tensor]
+    from_file: Callable[[Tensor], Tensor]
+
+
+def hf_tensor_map(model: GptOss) -> dict[str, _Entry]:
+    """Checkpoint name → the model tensor stored under it, with the layout conversions both ways."""
+    entries: dict[str, _Entry] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        layer, _, rest = name.partition(".mlp.")
+        dense_name = _DENSE_HF_NAMES.get(f"mlp.{rest}")
+        if dense_name and isinstance(model.get_submodule(f"{layer}.mlp"), MLP):
+            entries[f"{layer}.{dense_name}"] = _Entry(tensor, _dense_to_file, _dense_from_file)
+        else:
+            entries[name] = _Entry(tensor, _same, _same)
+    return entries
+
+
+def hf_state_dict(model: GptOss) -> dict[str, Tensor]:
+    """The model's tensors under their Hugging Face checkpoint names, in the HF layout."""
+    state = {name: e.to_file(e.tensor.detach()) for name, e in hf_tensor_map(model).items()}
+    if not model.config.is_moe:
+        # A zero router over one expert: its softmax weight is exactly 1 whatever the input.
+        hidden, device = model.config.hidden_size, model.lm_head.weight.device
+        for i in range(model.config.num_hidden_layers):
+            state[f"model.layers.{i}.mlp.router.weight"] = torch.zeros(1, hidden, device=device)
+            state[f"model.layers.{i}.mlp.router.bias"] = torch.zeros(1, device=device)
+    return state
+
+
+# ---------------------------------------------------------------------- reading
+def _shard_files(directory: Path) -> dict[str, Path]:
+    """tensor name → file, from the index when there is one, else from every *.safetensors."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: directory / fname for name, fname in weight_map.items()}
+        for path in set(files.values()):
+            if not path.is_file():
+                raise CheckpointError(f"{index.name} lists {path.name}, which is missing from {directory}")
+        return files
+    paths = sorted(directory.glob("*.safetensors"))
+    if not paths:
+        raise CheckpointError(f"no *.safetensors files in {directory}")
+    files: dict[str, Path] = {}
+    for path in paths:
+        for name in _open(path).keys():  # noqa: SIM118 - a safetensors handle, not a dict
+            files[name] = path
+    return files
+
+
+def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is not public
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); it may be truncated or still "
+            "downloading — re-copy it"
+        ) from exc
+
+
+def is_mxfp4_checkpoint(directory: str | Path) -> bool:
+    return any(name.endswith("_blocks") for name in _shard_files(Path(directory)))
+
+
+def _checkpoint_dtype(directory: Path) -> torch.dtype:
+    hf = json.loads((directory / "config.json").read_text())
+    name = hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"
+    return getattr(torch, name)
+
+
+def load_checkpoint(
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    dequantize: bool = False,
+) -> GptOss:
+    """Load a Hugging Face-layout gpt-oss checkpoint.
+
+    MXFP4 experts stay packed unless `dequantize` is set (then they become dense `dtype` tensors, as
+    training needs). `dtype` defaults to the checkpoint's own (`config.json`'s `dtype`).
+    """
+    directory = Path(directory)
+    config = ModelConfig.from_dir(directory)
+    dtype = dtype or _checkpoint_dtype(directory)
+    files = _shard_files(directory)
+    packed = any(name.endswith("_blocks") for name in files)
+    if packed and not config.is_moe:
+        raise CheckpointError(f"{directory}: MXFP4 weights in a dense checkpoint are not supported")
+
+    with torch.device("meta"):
+        model = GptOss(config).to(dtype)
+        if packed:
+            for block in model.model.layers:
+                block.mlp.experts = MXFP4Experts(config).to(dtype)
+    model = model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+    expected = hf_tensor_map(model)
+    ignorable = {n for n in files if not config.is_moe and n.endswith(_DENSE_ROUTER_NAMES)}
+    missing = sorted(set(expected) - set(files))
+    unexpected = sorted(set(files) - set(expected) - ignorable)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory} does not match its config.json: "
+            + (f"missing tensors {_names(missing)}; " if missing else "")
+            + (f"unexpected tensors {_names(unexpected)}" if unexpected else "")
+        )
+
+    handles = {path: _open(path) for path in set(files.values())}
+    with torch.no_grad():
+        for name, (target, _, from_file) in expected.items():
+            try:
+                source = from_file(handles[files[name]].get_tensor(name))
+            except SafetensorError as exc:
+                raise CheckpointError(f"cannot read {name} from {files[name]}: {exc}") from exc
+            if source.shape != target.shape:
+                raise CheckpointError(
+                    f"tensor {name} in {files[name].name} has shape {tuple(source.shape)}, but the "
+                    f"config needs {tuple(target.shape)}"
+                )
+            target.copy_(source)
+
+    if packed and dequantize:
+        from gptoss.mxfp4 import dequantize_experts
+
+        dequantize_experts(model, dtype)
+    return model.eval()
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ---------------------------------------------------------------------- writing
+def save_checkpoint(model: GptOss, directory: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write `model` as a Hugging Face directory that `from_pretrained` loads.
+
+    Shards above `max_shard_bytes` (with `model.safetensors.index.json`). The directory appears
+    complete or not at all: files go to a temporary sibling that replaces the target at the end.
+    """
+    directory = Path(directory).resolve()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.contiguous().cpu() for name, t in hf_state_dict(model).items()}
+    packed = any(name.endswith("_blocks") for name in tensors)
+
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+
+    hf_config = model.config.to_hf()
+    hf_config["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    if packed:
+        hf_config["quantization_config"] = MXFP4_QUANTIZATION_CONFIG
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move the finished directory `new` to `target`, replacing an existing one only at the end."""
+    for path in new.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    if not target.exists():
+        new.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------- the public entry points
+def model_config(path_or_preset: str | Path) -> ModelConfig:
+    """The config of a checkpoint directory or of a preset name."""
+    if Path(path_or_preset).is_dir():
+        return ModelConfig.from_dir(path_or_preset)
+    if str(path_or_preset) in PRESETS:
+        return get_config(str(path_or_preset))
+    raise FileNotFoundError(
+        f"{str(path_or_preset)!r} is neither a checkpoint directory nor a preset name; "
+        f"presets: {', '.join(PRESETS)}"
+    )
+
+
+def checkpoint_facts(directory: str | Path) -> dict[str, str | int]:
+    """How a checkpoint directory stores its weights: format and bytes on disk."""
+    directory = Path(directory)
+    files = set(_shard_files(directory).values())
+    dtype = str(_checkpoint_dtype(directory)).removeprefix("torch.")
+    packed = is_mxfp4_checkpoint(directory)
+    return {
+        "checkpoint_format": f"mxfp4 experts, {dtype} elsewhere" if packed else dtype,
+        "checkpoint_files": len(files),
+        "checkpoint_bytes": sum(f.stat().st_size for f in files),
+    }
+
+
+def load_model(
+    path_or_preset: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    dequantize: bool = False,
+    seed: int = 0,
+) -> GptOss:
+    """A ready model from a checkpoint directory, or a preset name with random weights.
+
+    Checkpoints keep their stored dtype unless `dtype` is given; presets default to float32.
+    """
+    config = model_config(path_or_preset)
+    if Path(path_or_preset).is_dir():
+        return load_checkpoint(path_or_preset, device=device, dtype=dtype, dequantize=dequantize)
+    log.warning("%s: no weights given, using random initialisation (seed %d)", config.name, seed)
+    with torch.device(device):
+        model = GptOss(config).to(dtype or torch.float32)
+    model.init_weights(torch.Generator(device=device).manual_seed(seed))
+    return model.eval()
+
+
+def save_model(model: GptOss, directory: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Save `model` as a Hugging Face-layout checkpoint directory (see `save_checkpoint`)."""
+    return save_checkpoint(model, directory, max_shard_bytes)
