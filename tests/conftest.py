@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny configs that run in milliseconds and exercise every code path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptoss import GptOss, ModelConfig
+
+
+def tiny_config(**changes) -> ModelConfig:
+    """A few layers, hidden 64, a sliding window of 5 so that short sequences cross it.
+
+    The vocabulary is small, so the special ids move inside it (transformers checks them).
+    """
+    base = dict(
+        vocab_size=320,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=5,
+        eos_token_id=1,
+        pad_token_id=0,
+        name="tiny",
+    )
+    return ModelConfig(**(base | changes))
+
+
+def random_model(config: ModelConfig, seed: int = 0, spread: float = 0.5) -> GptOss:
+    """A model with random weights everywhere, biases, sinks and norms included, so that no term of
+    the math can be dropped without the logits changing."""
+    generator = torch.Generator().manual_seed(seed)
+    model = GptOss(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * spread / param.shape[-1] ** 0.5)
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(1.0)
+            if name.endswith("sinks"):
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.fixture
+def tiny() -> ModelConfig:
+    return tiny_config()
