@@ -18,5 +18,5 @@ run: setup
 	$(BIN)/gptoss info gpt-oss-20b
 
 test: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
