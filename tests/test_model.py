@@ -61,22 +61,23 @@ def test_sequence_longer_than_the_window_depends_on_sliding_and_full_layers():
     model of only sliding layers forgets it: the window is really applied."""
     config = tiny_config(num_hidden_layers=1, sliding_window=4, layer_types=("sliding_attention",))
     model = random_model(config)
-    ids = torch.randint(2, config.vocab_size, (1, 10))
+    ids = torch.randint(2, config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
     changed = ids.clone()
     changed[0, 0] = (ids[0, 0] + 1) % config.vocab_size
     with torch.no_grad():
         a, b = model(ids), model(changed)
-    assert torch.equal(a[0, 4:], b[0, 4:])  # position 4 sees 1..4 only
-    assert not torch.allclose(a[0, :4], b[0, :4])
+    # position 4 sees 1..4 only (equal up to the order in which experts batch their tokens)
+    assert torch.allclose(a[0, 4:], b[0, 4:], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[0, :4], b[0, :4], atol=1e-3)
 
     full = random_model(tiny_config(num_hidden_layers=1, layer_types=("full_attention",)))
     with torch.no_grad():
-        assert not torch.allclose(full(ids)[0, 9], full(changed)[0, 9])
+        assert not torch.allclose(full(ids)[0, 9], full(changed)[0, 9], atol=1e-3)
 
 
 def test_causal_future_tokens_do_not_change_the_past():
     model = random_model(tiny_config())
-    ids = torch.randint(0, 320, (2, 12))
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.allclose(model(ids)[:, :7], model(ids[:, :7]), atol=1e-5)
 
