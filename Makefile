@@ -19,4 +19,4 @@ run: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	GPTOSS_REQUIRE_NATIVE=1 $(BIN)/pytest -q

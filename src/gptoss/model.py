@@ -201,6 +201,12 @@ class Experts(nn.Module):
         """gate_up (H, 2I) and down (I, H) of expert e. Quantized storage overrides this."""
         return self.gate_up_proj[e].to(dtype), self.down_proj[e].to(dtype)
 
+    def expert_forward(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on its tokens x (n, H) → (n, H)."""
+        gate_up_w, down_w = self.expert_weights(e, x.dtype)
+        h = clamped_swiglu(x @ gate_up_w + self.gate_up_proj_bias[e], self.alpha, self.limit)
+        return h @ down_w + self.down_proj_bias[e]
+
     def forward(self, x: Tensor, expert_idx: Tensor, expert_weight: Tensor) -> Tensor:
         """x (N, H); expert_idx, expert_weight (N, k) → weighted sum of the chosen experts (N, H)."""
         N, k = expert_idx.shape
@@ -216,9 +222,7 @@ class Experts(nn.Module):
             if count == 0:
                 continue
             rows = token_of[start : start + count]
-            gate_up_w, down_w = self.expert_weights(e, x.dtype)
-            h = clamped_swiglu(x[rows] @ gate_up_w + self.gate_up_proj_bias[e], self.alpha, self.limit)
-            y = h @ down_w + self.down_proj_bias[e]
+            y = self.expert_forward(e, x[rows])
             out.index_add_(0, rows, y * weight_sorted[start : start + count, None])
             start += count
         return out

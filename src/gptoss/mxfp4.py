@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from gptoss import ops
 from gptoss.config import MXFP4_BLOCK, ModelConfig
-from gptoss.model import Experts
+from gptoss.model import Experts, clamped_swiglu
 
 # The e2m1 code table: codes 0-7 are the magnitudes, bit 3 is the sign.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -77,6 +78,14 @@ class MXFP4Experts(Experts):
             unpack(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype),
             unpack(self.down_proj_blocks[e], self.down_proj_scales[e], dtype),
         )
+
+    def expert_forward(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on its tokens x (n, H), straight from the packed bytes (see `ops.mxfp4_linear`)."""
+        h = ops.mxfp4_linear(
+            x, self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], self.gate_up_proj_bias[e]
+        )
+        h = clamped_swiglu(h, self.alpha, self.limit)
+        return ops.mxfp4_linear(h, self.down_proj_blocks[e], self.down_proj_scales[e], self.down_proj_bias[e])
 
     @classmethod
     def from_dense(cls, experts: Experts, config: ModelConfig) -> MXFP4Experts:

@@ -1,0 +1,19 @@
+"""Builds the optional native CPU kernels (src/gptoss/ops/native.c); everything else is in
+pyproject.toml. Without a C compiler or OpenMP the package still installs and runs on PyTorch."""
+
+import sys
+
+from setuptools import Extension, setup
+
+openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+setup(
+    ext_modules=[
+        Extension(
+            "gptoss.ops._native",
+            sources=["src/gptoss/ops/native.c"],
+            extra_compile_args=["-O3", "-std=c11", *openmp],
+            extra_link_args=openmp,
+            optional=True,
+        )
+    ]
+)
