@@ -172,3 +172,10 @@ def test_bad_configs_are_refused_with_the_reason():
         ModelConfig(num_hidden_layers=3, layer_types=(SLIDING, FULL))
     with pytest.raises(KeyError, match="known presets"):
         get_config("gpt-oss-7b")
+
+
+def test_replace_rederives_the_layer_pattern_for_a_new_depth():
+    deeper = get_config("gpt-oss-nano").replace(num_hidden_layers=5)
+    assert deeper.layer_types == (SLIDING, FULL, SLIDING, FULL, SLIDING)
+    custom = deeper.replace(num_hidden_layers=2, layer_types=(FULL, FULL))
+    assert custom.layer_types == (FULL, FULL)

@@ -86,13 +86,13 @@ def test_moe_runs_only_the_chosen_experts(monkeypatch):
     config = tiny_config(num_local_experts=8, num_experts_per_tok=2)
     model = random_model(config)
     used: list[int] = []
-    original = Experts.expert_weights
+    original = Experts.expert_forward
 
-    def spy(self, e, dtype):
-        used.append(e)
-        return original(self, e, dtype)
+    def spy(self, params, x):
+        used.append(x.shape[0])
+        return original(self, params, x)
 
-    monkeypatch.setattr(Experts, "expert_weights", spy)
+    monkeypatch.setattr(Experts, "expert_forward", spy)
     with torch.no_grad():
         model(torch.tensor([[5]]))
     # one token: each layer runs exactly its k chosen experts, once each

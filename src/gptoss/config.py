@@ -113,6 +113,9 @@ class ModelConfig:
         return sum(t == SLIDING for t in self.layer_types)
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes`; a new layer count re-derives the default layer pattern."""
+        if "num_hidden_layers" in changes and "layer_types" not in changes:
+            changes["layer_types"] = None
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ parameter counts

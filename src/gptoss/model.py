@@ -197,15 +197,19 @@ class Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
 
-    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """gate_up (H, 2I) and down (I, H) of expert e. Quantized storage overrides this."""
-        return self.gate_up_proj[e].to(dtype), self.down_proj[e].to(dtype)
+    def per_expert(self) -> list[tuple[Tensor, ...]]:
+        """Each expert's tensors, split from the stacks once per forward: autograd then sees one
+        unbind, where indexing `gate_up_proj[e]` per expert would write a full (E, H, 2I) zero
+        gradient for every expert used. Quantized storage overrides this with its own tensors."""
+        return list(
+            zip(self.gate_up_proj, self.gate_up_proj_bias, self.down_proj, self.down_proj_bias, strict=True)
+        )
 
-    def expert_forward(self, e: int, x: Tensor) -> Tensor:
-        """Expert e on its tokens x (n, H) → (n, H)."""
-        gate_up_w, down_w = self.expert_weights(e, x.dtype)
-        h = clamped_swiglu(x @ gate_up_w + self.gate_up_proj_bias[e], self.alpha, self.limit)
-        return h @ down_w + self.down_proj_bias[e]
+    def expert_forward(self, params: tuple[Tensor, ...], x: Tensor) -> Tensor:
+        """One expert (its `per_expert` tensors) on its tokens x (n, H) → (n, H)."""
+        gate_up_w, gate_up_b, down_w, down_b = params
+        h = clamped_swiglu(x @ gate_up_w.to(x.dtype) + gate_up_b, self.alpha, self.limit)
+        return h @ down_w.to(x.dtype) + down_b
 
     def forward(self, x: Tensor, expert_idx: Tensor, expert_weight: Tensor) -> Tensor:
         """x (N, H); expert_idx, expert_weight (N, k) → weighted sum of the chosen experts (N, H)."""
@@ -216,13 +220,14 @@ class Experts(nn.Module):
         token_of = order // k
         counts = torch.bincount(flat_expert, minlength=self.gate_up_proj_bias.shape[0]).tolist()
         weight_sorted = expert_weight.reshape(-1)[order]
+        params = self.per_expert()
         out = torch.zeros_like(x)
         start = 0
         for e, count in enumerate(counts):
             if count == 0:
                 continue
             rows = token_of[start : start + count]
-            y = self.expert_forward(e, x[rows])
+            y = self.expert_forward(params[e], x[rows])
             out.index_add_(0, rows, y * weight_sorted[start : start + count, None])
             start += count
         return out

@@ -73,19 +73,20 @@ class MXFP4Experts(Experts):
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
 
-    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        return (
-            unpack(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], dtype),
-            unpack(self.down_proj_blocks[e], self.down_proj_scales[e], dtype),
-        )
+    def per_expert(self) -> list[tuple[Tensor, ...]]:
+        stacks = (
+            self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias,
+            self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias,
+        )  # fmt: skip
+        return list(zip(*stacks, strict=True))
 
-    def expert_forward(self, e: int, x: Tensor) -> Tensor:
-        """Expert e on its tokens x (n, H), straight from the packed bytes (see `ops.mxfp4_linear`)."""
-        h = ops.mxfp4_linear(
-            x, self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], self.gate_up_proj_bias[e]
+    def expert_forward(self, params: tuple[Tensor, ...], x: Tensor) -> Tensor:
+        """One expert on its tokens x (n, H), straight from the packed bytes (`ops.mxfp4_linear`)."""
+        gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias = params
+        h = clamped_swiglu(
+            ops.mxfp4_linear(x, gate_up_blocks, gate_up_scales, gate_up_bias), self.alpha, self.limit
         )
-        h = clamped_swiglu(h, self.alpha, self.limit)
-        return ops.mxfp4_linear(h, self.down_proj_blocks[e], self.down_proj_scales[e], self.down_proj_bias[e])
+        return ops.mxfp4_linear(h, down_blocks, down_scales, down_bias)
 
     @classmethod
     def from_dense(cls, experts: Experts, config: ModelConfig) -> MXFP4Experts:
