@@ -14,6 +14,7 @@ from rich.table import Table
 
 from gptoss.checkpoint import checkpoint_facts, model_config
 from gptoss.config import PRESETS, ModelConfig
+from gptoss.eval.cli import add_eval_command
 
 
 def model_facts(model: str) -> tuple[ModelConfig, dict]:
@@ -91,6 +92,360 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- generate and chat
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _load_for_inference(args: argparse.Namespace):  # noqa: ANN202 - a GptOss, imported lazily
+    import torch
+
+    from gptoss.checkpoint import load_model
+    from gptoss.inference.optimize import prepare_for_inference
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = load_model(args.model, device=args.device, dtype=dtype)
+    return prepare_for_inference(model, int8=args.int8)
+
+
+def _sampling_params(args: argparse.Namespace):  # noqa: ANN202 - SamplingParams, imported lazily
+    from gptoss.inference import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from gptoss.harmony import ReasoningDelta, StreamParser, TextDelta
+    from gptoss.inference import generate_stream
+    from gptoss.inference.chat import HARMONY_STOP_TOKENS, TextDecoder, harmony_prompt
+    from gptoss.tokenizer import get_tokenizer
+
+    model = _load_for_inference(args)
+    params = _sampling_params(args)
+    out, err = Console(highlight=False), Console(stderr=True, highlight=False, style="dim")
+    if args.raw:
+        prompt = get_tokenizer().encode(args.prompt, allowed_special="all")
+        decoder = TextDecoder()
+        for event in generate_stream(model, [prompt], params):
+            out.out(decoder.feed(event.token), end="")
+        out.out(decoder.flush())
+        return 0
+    prompt = harmony_prompt(args.prompt, args.reasoning_effort, args.system)
+    parser = StreamParser()
+    events = generate_stream(model, [prompt], replace(params, stop_token_ids=HARMONY_STOP_TOKENS))
+    for event in (e for token_event in events for e in parser.feed(token_event.token)):
+        if isinstance(event, TextDelta):
+            out.out(event.text, end="")
+        elif isinstance(event, ReasoningDelta) and args.show_reasoning:
+            err.out(event.text, end="")
+    parser.finish()
+    out.out("")
+    return 0
+
+
+class _ReplyView:
+    """Shows one streamed reply: reasoning dimmed while it streams (the last lines only), then
+    folded into one line once the answer starts; `/show` prints it in full afterwards."""
+
+    TAIL_LINES = 6
+
+    def __init__(self, console: Console) -> None:
+        from rich.live import Live
+
+        self.console = console
+        self.reasoning = ""
+        self._thinking = ""  # reasoning of the block being streamed
+        self._live = (
+            Live(console=console, transient=True, refresh_per_second=12) if console.is_terminal else None
+        )
+
+    def on_reasoning(self, text: str) -> None:
+        from rich.text import Text
+
+        if not self._thinking and self._live is not None:
+            self._live.start()
+        self._thinking += text
+        self.reasoning += text
+        if self._live is not None:
+            tail = "\n".join(self._thinking.splitlines()[-self.TAIL_LINES :])
+            self._live.update(Text(tail, style="dim"))
+
+    def on_text(self, text: str) -> None:
+        self._fold()
+        self.console.out(text, end="", highlight=False)
+
+    def close(self) -> None:
+        self._fold()
+        self.console.out("")
+
+    def _fold(self) -> None:
+        if not self._thinking:
+            return
+        if self._live is not None:
+            self._live.stop()
+        words = len(self._thinking.split())
+        self.console.print(f"[dim]▸ reasoning, {words} words (/show to expand)[/dim]")
+        self._thinking = ""
+
+
+CHAT_HELP = "/reset  forget the conversation · /effort low|medium|high · /show  last reasoning · /exit"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gptoss.harmony import ReasoningDelta, TextDelta
+    from gptoss.inference.chat import ChatSession
+
+    model = _load_for_inference(args)
+    context = min(args.context, model.config.max_position_embeddings)
+    chat = ChatSession(
+        model, args.reasoning_effort, args.system, capacity=context, params=_sampling_params(args)
+    )
+    console = Console(highlight=False)
+    interactive = console.is_terminal
+    kv = chat.session.cache.nbytes / 2**20
+    console.print(
+        f"[dim]{model.config.name}: context {context:,} tokens (KV cache {kv:,.0f} MiB). {CHAT_HELP}[/dim]"
+    )
+    last_reasoning = ""
+    while True:
+        try:
+            line = input("» " if interactive else "").strip()
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            console.print()
+            return 0
+        if not line:
+            continue
+        command, _, argument = line.partition(" ")
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            chat.reset()
+            console.print("[dim]conversation reset[/dim]")
+        elif command == "/effort":
+            try:
+                chat.set_reasoning_effort(argument.strip())
+                console.print(f"[dim]reasoning effort: {chat.reasoning_effort}[/dim]")
+            except ValueError as exc:
+                console.print(f"[red]{exc}[/red]")
+        elif command == "/show":
+            console.print(last_reasoning or "(no reasoning yet)", style="dim")
+        elif command.startswith("/"):
+            console.print(f"[red]unknown command {command}[/red]; {CHAT_HELP}")
+        else:
+            view = _ReplyView(console)
+            try:
+                for event in chat.send(line):
+                    if isinstance(event, ReasoningDelta):
+                        view.on_reasoning(event.text)
+                    elif isinstance(event, TextDelta):
+                        view.on_text(event.text)
+            except KeyboardInterrupt:
+                console.print("[dim](stopped)[/dim]")
+            finally:
+                view.close()
+            last_reasoning = view.reasoning
+            console.print(f"[dim]{chat.num_tokens:,} / {context:,} tokens[/dim]")
+
+
+def _add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument(
+        "model", help=f"a checkpoint directory or a preset ({', '.join(PRESETS)}; random weights)"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=max_tokens, help="most tokens to generate per reply"
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    parser.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k most likely (default 0: off)"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    parser.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
+    parser.add_argument("--system", default=None, help="instructions (harmony's developer message)")
+    parser.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's own")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--int8", action="store_true", help="int8 weights for attention and output head")
+
+
+# ---------------------------------------------------------------------- serve (gptoss.server)
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptoss.server import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        device=args.device,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        int8=args.int8,
+        max_batch=args.max_batch,
+        context=args.max_model_len,
+        max_queue=args.max_queue,
+        max_request_bytes=args.max_request_bytes,
+        responses_db=args.responses_db,
+    )
+    return 0
+
+
+def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, responses)")
+    serve.add_argument("model", help=f"a checkpoint directory or a preset ({', '.join(PRESETS)})")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require this bearer key (default: $GPTOSS_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="model id for clients (default: dir name)")
+    serve.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    serve.add_argument("--max-model-len", type=int, default=8192, help="tokens per sequence, prompt included")
+    serve.add_argument("--max-queue", type=int, default=256, help="sequences waiting before a 429")
+    serve.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="largest request body")
+    serve.add_argument("--responses-db", default=None, help="SQLite file for stored responses")
+    serve.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's own")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    serve.add_argument("--int8", action="store_true", help="weight-only int8 attention and output head")
+    serve.set_defaults(func=cmd_serve)
+
+
+# ---------------------------------------------------------------------- training (gptoss.train)
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from gptoss.train.data import prepare_data
+
+    manifest = prepare_data(
+        args.inputs,
+        args.out,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        text_field=args.text_field,
+        pattern=args.pattern,
+        progress=not args.quiet,
+    )
+    for split, facts in manifest["splits"].items():
+        shards = len(facts["shards"])
+        print(f"{split}: {facts['tokens']:,} tokens, {facts['documents']:,} documents, {shards} shards")
+    print(f"wrote {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gptoss.train.trainer import config_from_args, train
+
+    train(config_from_args(args))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gptoss.train.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from gptoss.train.plan import plan_training
+
+    plans = [
+        plan_training(
+            model_config(m), args.tokens, args.gpus, args.gpu, args.mfu, args.seq_len, args.micro_batch
+        )
+        for m in args.models
+    ]
+    if args.json:
+        print(json.dumps(plans, indent=2))
+        return 0
+    first = plans[0]
+    table = Table(
+        title=f"{_human(args.tokens)} tokens on {args.gpus:,} × {first['gpu']} at {args.mfu:.0%} MFU, "
+        f"sequence {args.seq_len:,} × micro-batch {args.micro_batch}"
+    )
+    table.add_column("")
+    for plan in plans:
+        table.add_column(f"{plan['model']} ({plan['kind']})", justify="right")
+    memory = [
+        ("weights fp32 (sharded)", "weights_fp32"),
+        ("gradients fp32 (sharded)", "grads_fp32"),
+        ("AdamW moments fp32 (sharded)", "optimizer_fp32"),
+        ("gathered bf16 blocks", "gathered_blocks_bf16"),
+        ("output head + loss (chunked)", "output_head_loss"),
+        ("activations, no checkpointing", "activations_no_checkpointing"),
+        ("activations, per-block checkpointing", "activations_per_block_checkpointing"),
+        ("total per GPU, no checkpointing", "total_no_checkpointing"),
+        ("total per GPU, per-block checkpointing", "total_per_block_checkpointing"),
+    ]
+    rows = [
+        ("total / active parameters", lambda p: f"{_human(p['total_params'])} / {_human(p['active_params'])}")
+    ]
+    rows += [(label, lambda p, key=key: f"{p['memory_gib'][key]:,.1f} GiB") for label, key in memory]
+    rows += [
+        ("activation checkpointing needed", lambda p: p["activation_checkpointing"]),
+        (
+            "longest sequence: none / per block",
+            lambda p: f"{p['max_seq_len_no_checkpointing']:,} / {p['max_seq_len_per_block_checkpointing']:,}",
+        ),
+        ("training FLOPs per token", lambda p: f"{_human(p['train_flops_per_token'], _SI)}FLOP"),
+        ("total FLOPs", lambda p: f"{p['total_flops']:.3g}"),
+        ("wall clock", lambda p: f"{p['wall_clock_days']:,.1f} days"),
+        ("GPU-hours", lambda p: f"{p['gpu_hours']:,.0f}"),
+    ]
+    for label, cell in rows:
+        table.add_row(label, *(cell(p) for p in plans))
+    Console().print(table)
+    print(f"{first['gpu_memory_gib']} GiB per GPU; FSDP over all GPUs, AdamW, bf16 compute, flash attention")
+    return 0
+
+
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    from gptoss.train.trainer import add_config_arguments
+
+    prep = sub.add_parser("prepare-data", help="tokenize text, JSONL or Parquet into uint32 token shards")
+    prep.add_argument("inputs", nargs="+", help="files or directories (.jsonl/.parquet: a `text` field)")
+    prep.add_argument("--out", required=True, help="dataset directory to write")
+    prep.add_argument("--val-fraction", type=float, default=0.005, help="documents held out (default 0.005)")
+    prep.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    prep.add_argument("--shard-tokens", type=int, default=2**27, help="tokens per shard file")
+    prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    prep.add_argument("--pattern", default=None, help="in directories, only files matching a glob ('*.py')")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(func=cmd_prepare_data)
+
+    train = sub.add_parser(
+        "train",
+        help="pretrain a model (run under torchrun for several processes)",
+        description="Options override the --config file, which overrides the defaults.",
+    )
+    train.add_argument("--config", default=None, help="a TOML or YAML file of training options")
+    add_config_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    plot = sub.add_parser("plot", help="draw the loss curves of training runs to a PNG")
+    plot.add_argument("runs", nargs="+", help="run directories (holding metrics.jsonl)")
+    plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    plot.set_defaults(func=cmd_plot)
+
+    plan = sub.add_parser("plan", help="memory, FLOPs and GPU-hours of a pretraining run at scale")
+    plan.add_argument("models", nargs="+", help=f"presets or checkpoint directories ({', '.join(PRESETS)})")
+    plan.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 15e12")
+    plan.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    plan.add_argument("--gpu", default="h100", choices=["a100", "h100", "h200", "b200"])
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed (default 0.4)")
+    plan.add_argument("--seq-len", type=int, default=4096, help="training sequence length (default 4096)")
+    plan.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per pass (default 1)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.set_defaults(func=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description="The gpt-oss model family.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +455,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.add_argument("--context", type=int, default=None, help="context length for KV cache and FLOPs")
     info.set_defaults(func=cmd_info)
+
+    generate = sub.add_parser("generate", help="complete one prompt, streaming the answer")
+    _add_inference_arguments(generate, max_tokens=1024)
+    generate.add_argument("prompt", help="the user message (with --raw: the text to continue)")
+    generate.add_argument("--raw", action="store_true", help="plain completion of the text, no chat format")
+    generate.add_argument("--show-reasoning", action="store_true", help="print the reasoning (to stderr)")
+    generate.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat")
+    _add_inference_arguments(chat, max_tokens=4096)
+    chat.add_argument("--context", type=int, default=32768, help="tokens the conversation may reach")
+    chat.set_defaults(func=cmd_chat)
+
+    _add_serve_command(sub)
+    _add_training_commands(sub)
+    add_eval_command(sub)
     return parser
 
 

@@ -1,0 +1,167 @@
+"""A preallocated KV cache: full-attention layers hold the whole context, sliding layers a ring
+buffer of their window.
+
+Each of the B rows is one sequence with its own length, so rows of different lengths decode
+together without padding: a token's cache slot and its rotary position are the same number. The
+engine brackets every forward pass with `begin` (which rows, how many new tokens) and `end`;
+attention calls `update` once per layer in between, as `gptoss.model.KVCache` specifies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gptoss.config import SLIDING, ModelConfig
+
+
+class ContextFullError(ValueError):
+    """A sequence would grow beyond the capacity of its cache."""
+
+
+@dataclass
+class _Step:
+    rows: slice
+    positions: Tensor  # (R, T) position (= full-layer slot) of every new token
+    full_len: int  # full layers attend over slots [0, full_len)
+    full_mask: Tensor  # (R, 1, T, full_len)
+    sliding_mask: Tensor  # (R, 1, T, ring + T)
+
+
+class KVCache:
+    """Keys and values of `batch_size` sequences of up to `capacity` tokens each.
+
+    Memory is `batch_size · config.kv_cache_bytes(capacity, dtype bytes)`, allocated up front so a
+    long generation never reallocates (and never fails half way for lack of memory).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not 0 < capacity <= config.max_position_embeddings:
+            raise ValueError(
+                f"cache capacity must lie in 1..{config.max_position_embeddings} (the model's context), "
+                f"got {capacity}"
+            )
+        self.capacity = capacity
+        self.window = config.sliding_window
+        # A window longer than the capacity never wraps, so the ring need not exceed the capacity.
+        self.ring = min(config.sliding_window, capacity)
+        self.sliding = [t == SLIDING for t in config.layer_types]
+        heads, dim = config.num_key_value_heads, config.head_dim
+        # Zeros, not empty: a masked slot still multiplies its value by a zero probability, and
+        # uninitialised memory may hold NaN (0 · NaN = NaN).
+        self.keys = [
+            torch.zeros(batch_size, heads, self.ring if s else capacity, dim, dtype=dtype, device=device)
+            for s in self.sliding
+        ]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.lengths = [0] * batch_size  # tokens stored per row
+        self.valid = True  # False after an interrupted pass (see `abort`) until `reset`
+        self._step: _Step | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    # ------------------------------------------------------------------ one forward pass
+    def begin(self, rows: slice, num_tokens: int) -> Tensor:
+        """Start a forward pass of `num_tokens` new tokens for each row in `rows`.
+
+        Returns their positions (R, T), which the model needs for rotary embeddings. Masks are
+        built here once per pass and shared by every layer of the same kind.
+        """
+        if not self.valid:
+            raise RuntimeError("this cache was left by an interrupted forward pass; reset() it first")
+        starts = self.lengths[rows]
+        if not starts:
+            raise ValueError(f"rows {rows} select no sequence of a cache of {self.batch_size}")
+        if max(starts) + num_tokens > self.capacity:
+            raise ContextFullError(
+                f"a sequence of {max(starts)} tokens cannot take {num_tokens} more: the cache holds "
+                f"{self.capacity} tokens per sequence"
+            )
+        device = self.keys[0].device
+        start = torch.tensor(starts, device=device)[:, None]  # (R, 1)
+        positions = start + torch.arange(num_tokens, device=device)  # (R, T)
+        query = positions[:, None, :, None]  # (R, 1, T, 1)
+
+        full_len = max(starts) + num_tokens
+        full_mask = torch.arange(full_len, device=device) <= query  # causal; slot = position
+
+        # Sliding layers attend over the ring as it was before this pass, then the new tokens:
+        # a chunk longer than the window would otherwise overwrite keys its first tokens need.
+        slot = torch.arange(self.ring, device=device)
+        ring_positions = slot + self.ring * torch.div(start - 1 - slot, self.ring, rounding_mode="floor")
+        key_positions = torch.cat([ring_positions, positions], dim=1)[:, None, None, :]  # (R, 1, 1, ring+T)
+        distance = query - key_positions
+        sliding_mask = (key_positions >= 0) & (distance >= 0) & (distance < self.window)
+
+        self._step = _Step(rows, positions, full_len, full_mask, sliding_mask)
+        return positions
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Store new keys/values (R, KVH, T, D); return what layer `layer_idx` attends over."""
+        step = self._step
+        if step is None:
+            raise RuntimeError("KVCache.update called outside begin()/end()")
+        cached_k, cached_v = self.keys[layer_idx][step.rows], self.values[layer_idx][step.rows]  # views
+        if not self.sliding[layer_idx]:
+            _write(cached_k, step.positions, k)
+            _write(cached_v, step.positions, v)
+            n = step.full_len
+            return cached_k[:, :, :n], cached_v[:, :, :n], step.full_mask
+        keys = torch.cat([cached_k, k], dim=2)  # (R, KVH, ring + T, D)
+        values = torch.cat([cached_v, v], dim=2)
+        last = min(k.shape[2], self.ring)  # only the newest `ring` tokens stay
+        slots = step.positions[:, -last:] % self.ring
+        _write(cached_k, slots, k[:, :, -last:])
+        _write(cached_v, slots, v[:, :, -last:])
+        return keys, values, step.sliding_mask
+
+    def end(self) -> None:
+        """Finish the pass: the rows now hold their new tokens."""
+        if self._step is None:
+            raise RuntimeError("KVCache.end called without begin()")
+        rows, added = self._step.rows, self._step.positions.shape[1]
+        for i in range(*rows.indices(self.batch_size)):
+            self.lengths[i] += added
+        self._step = None
+
+    def abort(self) -> None:
+        """A pass failed half way: some layers' rings already hold its tokens, so the rows are
+        unusable until `reset` (full-layer slots past `lengths` would be harmless)."""
+        self._step = None
+        self.valid = False
+
+    # ------------------------------------------------------------------ rows
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (in this order), e.g. to drop finished sequences from a batch."""
+        index = torch.tensor(rows, device=self.keys[0].device, dtype=torch.long)
+        self.keys = [t.index_select(0, index) for t in self.keys]
+        self.values = [t.index_select(0, index) for t in self.values]
+        self.lengths = [self.lengths[i] for i in rows]
+
+    def reset(self) -> None:
+        """Forget every sequence (stale slots are masked until overwritten, so nothing is cleared)."""
+        self.lengths = [0] * self.batch_size
+        self.valid = True
+        self._step = None
+
+
+def _write(cache: Tensor, slots: Tensor, new: Tensor) -> None:
+    """cache[r, :, slots[r, t]] = new[r, :, t] for cache (R, KVH, S, D), slots (R, T), new (R, KVH, T, D)."""
+    rows = torch.arange(cache.shape[0], device=cache.device)[:, None]
+    # Advanced indices around a slice put their dims first: the target reads (R, T, KVH, D).
+    cache[rows, :, slots] = new.transpose(1, 2)

@@ -1,0 +1,59 @@
+"""Decode-time speedups applied to a loaded model from outside (model.py stays the reference math).
+
+The kernels live in `gptoss.ops`; this module decides which layers use them:
+
+- bf16 linear layers (attention projections, output head) go through `ops.linear`, whose native
+  matvec serves decode-sized calls. MXFP4 experts already stream their packed bytes through
+  `ops.mxfp4_linear` (see `MXFP4Experts.expert_forward`); nothing to do for them.
+- Weight-only int8 (opt-in) for the attention projections and the output head: per-output-channel
+  symmetric scales, multiplied by `ops.int8_linear`. Half the bytes of bf16 for those layers, at a
+  small cost in accuracy that benchmarks/decode.py reports as a KL divergence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from gptoss import ops
+from gptoss.model import GptOss
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is int8 with one scale per output channel (weight-only)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,): the row's largest → ±127
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.int8_linear(x, self.weight, self.scale, self.bias)
+
+
+def quantize_int8(model: GptOss, attention: bool = True, head: bool = True) -> GptOss:
+    """Attention projections and/or the output head to weight-only int8, in place."""
+    if attention:
+        for block in model.model.layers:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                layer = getattr(block.self_attn, name)
+                if isinstance(layer, nn.Linear):
+                    setattr(block.self_attn, name, Int8Linear(layer))
+    if head and isinstance(model.lm_head, nn.Linear):
+        model.lm_head = Int8Linear(model.lm_head)
+    return model
+
+
+def prepare_for_inference(model: GptOss, int8: bool = False) -> GptOss:
+    """Route linear layers through the native kernels; with `int8`, quantize attention and head.
+
+    In place; returns the model. Without int8 the results equal the unprepared model's up to
+    rounding (the native kernels accumulate in fp32).
+    """
+    if int8:
+        quantize_int8(model)
+    return ops.use_native_linears(model)

@@ -1,0 +1,168 @@
+"""The FastAPI application: `create_app(runner, settings)`, and `serve(...)` to run it with uvicorn.
+
+`create_app` takes a `Runner` rather than a model: production passes a `ModelRunner`, tests may pass
+a runner that scripts its output. Everything between the HTTP request and the runner is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gptoss.checkpoint import load_model
+from gptoss.inference.optimize import prepare_for_inference
+from gptoss.server import chat, responses
+from gptoss.server.errors import APIError, install_error_handlers
+from gptoss.server.metrics import MetricsMiddleware
+from gptoss.server.runner import DEFAULT_CONTEXT, DEFAULT_MAX_BATCH, ModelRunner, Runner
+from gptoss.server.schemas import ModelCard, ModelList
+from gptoss.server.service import ServerSettings, Service, ServiceDep
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "GPTOSS_API_KEY"
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+class Gate:
+    """The door, before any routing. With an API key, every route but /health needs
+    ``Authorization: Bearer <key>`` (docs and 404s included, hence middleware rather than a route
+    dependency). Request bodies over `max_bytes` get 413: at once when Content-Length says so,
+    else as soon as the streamed body passes the limit. (FastAPI's own `max_body_size` answers in
+    plain text, not in OpenAI's error shape.)"""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = self._check(scope)
+        if error is not None:
+            await error.response()(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # FastAPI turns this into our 413 error reply
+                raise HTTPException(413)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _check(self, scope: Scope) -> APIError | None:
+        headers = Headers(scope=scope)
+        if self.expected is not None and scope["path"] not in PUBLIC_PATHS:
+            given = headers.get("authorization", "").encode()
+            if not secrets.compare_digest(given, self.expected):
+                return APIError(
+                    401,
+                    "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return APIError(
+                413, f"The request body is larger than the {self.max_bytes} bytes this server accepts."
+            )
+        return None
+
+
+def create_app(runner: Runner, settings: ServerSettings) -> FastAPI:
+    """The OpenAI-compatible app for `runner`. The scheduler thread runs while the app's lifespan
+    does (uvicorn starts and stops it)."""
+    service = Service(runner, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.scheduler.start()
+        try:
+            yield
+        finally:
+            service.scheduler.stop()
+            service.store.close()
+
+    app = FastAPI(
+        title="gptoss",
+        summary="OpenAI-compatible API for gpt-oss models",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(chat.router)
+    app.include_router(responses.router)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(service: ServiceDep) -> ModelList:
+        return ModelList(data=[_card(service)])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
+        service.check_model(model_id)
+        return _card(service)
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics(service: ServiceDep) -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(Gate, api_key=settings.api_key, max_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: counts 401s too
+    return app
+
+
+def _card(service: Service) -> ModelCard:
+    return ModelCard(
+        id=service.settings.model_name, created=service.created, max_model_len=service.runner.context
+    )
+
+
+def serve(
+    model: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    int8: bool = False,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    context: int = DEFAULT_CONTEXT,
+    **settings: Any,
+) -> None:
+    """Load `model` (a checkpoint directory or preset name) and serve it until interrupted.
+
+    `api_key` defaults to $GPTOSS_API_KEY; other keyword arguments are `ServerSettings` fields.
+    """
+    loaded = prepare_for_inference(load_model(model, device=device, dtype=dtype), int8=int8)
+    runner = ModelRunner(loaded, max_batch=max_batch, context=context)
+    name = served_model_name or Path(str(model)).name
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    app = create_app(runner, ServerSettings(model_name=name, api_key=api_key, **settings))
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,205 @@
+"""Training checkpoints: written atomically, resumable at any world size, the model readable by HF.
+
+    RUN_DIR/checkpoints/step_00000100/
+        model/            config.json + model.safetensors — `gptoss.load_model` and transformers read it
+                          (skipped with `hf_model = false`; `export_hf_model` writes it afterwards)
+        state/            torch.distributed.checkpoint: the model and optimizer, sharded as trained
+        rng/rank_00000.pt every rank's RNG states
+        trainer.json      step, tokens seen, scheduler, data position, the training config
+
+Every rank writes into `.tmp-step_XXXXXXXX/`; once all are done rank 0 syncs it and renames it to
+`step_XXXXXXXX`. A `step_*` directory therefore only ever exists complete: a run killed mid-write
+leaves a `.tmp-*` directory that resuming ignores and the next save deletes. DCP records global
+shapes, so a checkpoint written by N ranks loads on M (or on one process without FSDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from gptoss.checkpoint import save_model
+from gptoss.config import ModelConfig
+from gptoss.model import GptOss
+from gptoss.train.parallelize import DistInfo
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.sharded:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it "assumes" one process even when told so with `no_dist`; we mean it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):  # files before the directories holding them
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_model_copy(model: GptOss) -> GptOss:
+    """An unsharded CPU copy of `model` (collective under FSDP: every rank must call it).
+
+    Returns the copy on rank 0 and on an unsharded model; other ranks get the model itself back.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return model
+    with torch.device("meta"):
+        copy = GptOss(model.config)
+    copy.load_state_dict(state, assign=True)
+    if model.config.tie_word_embeddings:
+        copy.lm_head.weight = copy.model.embed_tokens.weight
+    return copy
+
+
+def save_training_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: GptOss,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    info: DistInfo,
+    keep_last: int = 3,
+    hf_model: bool = True,
+) -> Path:
+    """Write checkpoint `step` of the run (collective: every rank calls it); return its directory."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by a run killed while saving
+            shutil.rmtree(stale)
+        tmp.mkdir()
+    _barrier(info)
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=tmp / "state", no_dist=not info.sharded)
+    if hf_model:
+        copy = full_model_copy(model)
+        if info.is_main:
+            save_model(copy, tmp / "model")
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{info.rank:05d}.pt")
+    if info.is_main:
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+    _barrier(info)
+
+    if info.is_main:
+        _fsync_tree(tmp)
+        if final.exists():  # saving a step again after resuming from it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # make the rename itself durable
+        finally:
+            os.close(fd)
+        for old in checkpoint_dirs(run_dir)[: -max(keep_last, 1)]:
+            shutil.rmtree(old)
+    _barrier(info)
+    return final
+
+
+def load_training_checkpoint(
+    path: str | Path, model: GptOss, optimizer: torch.optim.Optimizer, info: DistInfo
+) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG from checkpoint `path`; return `trainer.json`.
+
+    Works at any world size: DCP reshards. A rank that did not exist when the checkpoint was written
+    keeps its freshly seeded RNG (training itself draws no random numbers; batches come from the step).
+    """
+    path = Path(path)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path / "state", no_dist=not info.sharded)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rng_file = path / "rng" / f"rank_{info.rank:05d}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / "trainer.json").read_text())
+
+
+def export_hf_model(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the model of a training checkpoint as an HF-layout directory, in one process.
+
+    For runs saved with `hf_model = false` (at scale, gathering the full model on rank 0 at every
+    checkpoint is too costly): DCP reassembles the shards of any world size into one CPU model.
+    """
+    checkpoint = Path(checkpoint)
+    state = json.loads((checkpoint / "trainer.json").read_text())
+    model = GptOss(ModelConfig.from_hf(state["model_config"]))
+    wanted = {"model": model.state_dict()}
+    with _quiet_single_process():
+        dcp.load(wanted, checkpoint_id=checkpoint / "state", no_dist=True)  # reads the model keys only
+    model.load_state_dict(wanted["model"])
+    return save_model(model, out)

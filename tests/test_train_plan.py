@@ -1,0 +1,76 @@
+"""`gptoss plan`: memory, checkpointing, FLOPs and GPU-hours of a run at scale, on paper."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config
+from gptoss import get_config
+from gptoss.train.plan import GPUS, plan_training, train_flops_per_token
+
+GPTOSS = shutil.which("gptoss") or str(Path(sys.executable).with_name("gptoss"))
+
+
+def test_flops_are_three_forwards_averaged_over_positions():
+    config = tiny_config(layer_types=["full_attention"] * 3)
+    for seq_len in (1, 7, 64):
+        mean = sum(config.flops_per_token(c) for c in range(1, seq_len + 1)) / seq_len
+        assert train_flops_per_token(config, seq_len) == pytest.approx(3 * mean)
+    # Full layers grow linearly with the context, so the mean is the value half way.
+    assert train_flops_per_token(config, 65) == pytest.approx(3 * config.flops_per_token(33))
+
+
+def test_moe_flops_come_from_active_parameters():
+    dense, moe = get_config("gpt-oss-15b"), get_config("gpt-oss-90b")
+    for config in (dense, moe):
+        per_token = train_flops_per_token(config, 4096)
+        assert 6 * config.active_params() < per_token < 1.2 * 6 * config.active_params()
+    assert train_flops_per_token(moe, 4096) < 6 * moe.total_params() / 4
+
+
+def test_memory_shards_over_gpus_and_time_follows_the_flops():
+    config = get_config("gpt-oss-90b")
+    small, big = plan_training(config, 15e12, 256), plan_training(config, 15e12, 1024)
+    for key in ("weights_fp32", "grads_fp32", "optimizer_fp32"):
+        assert small["memory_gib"][key] == pytest.approx(4 * big["memory_gib"][key])
+    assert big["memory_gib"]["optimizer_fp32"] * 2**30 == pytest.approx(8 * config.total_params() / 1024)
+    assert big["total_flops"] == pytest.approx(big["train_flops_per_token"] * 15e12)
+    seconds = big["total_flops"] / (1024 * GPUS["h100"].bf16_tflops * 1e12 * 0.4)
+    assert big["wall_clock_days"] == pytest.approx(seconds / 86400)
+    assert big["gpu_hours"] == pytest.approx(seconds * 1024 / 3600)
+    assert small["gpu_hours"] == pytest.approx(big["gpu_hours"])  # same work, 4x longer on 1/4 the GPUs
+    faster = plan_training(config, 15e12, 1024, gpu="b200", mfu=0.5)
+    assert faster["wall_clock_days"] == pytest.approx(big["wall_clock_days"] * 989 / 2250 * 0.4 / 0.5)
+
+
+def test_checkpointing_is_asked_for_when_activations_do_not_fit():
+    dense, moe = get_config("gpt-oss-15b"), get_config("gpt-oss-90b")
+    assert plan_training(dense, 15e12, 1024, seq_len=4096)["activation_checkpointing"] == "none"
+    assert plan_training(moe, 15e12, 1024, seq_len=4096)["activation_checkpointing"] == "per block"
+    assert plan_training(dense, 15e12, 1024, seq_len=131072)["activation_checkpointing"] == "does not fit"
+    assert plan_training(dense, 15e12, 1024, gpu="b200", seq_len=8192)["activation_checkpointing"] == "none"
+    plan = plan_training(dense, 15e12, 1024)
+    longest = plan["max_seq_len_no_checkpointing"]
+    assert plan_training(dense, 15e12, 1024, seq_len=longest)["activation_checkpointing"] == "none"
+    assert plan_training(dense, 15e12, 1024, seq_len=longest + 64)["activation_checkpointing"] == "per block"
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(KeyError, match="unknown GPU"):
+        plan_training(get_config("gpt-oss-15b"), 1e12, 8, gpu="v100")
+    with pytest.raises(ValueError, match="mfu"):
+        plan_training(get_config("gpt-oss-15b"), 1e12, 8, mfu=1.5)
+
+
+def test_plan_command():
+    command = [GPTOSS, "plan", "gpt-oss-15b", "gpt-oss-90b", "--tokens", "15e12", "--gpus", "1024"]
+    table = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert "gpt-oss-90b" in table.stdout and "GPU-hours" in table.stdout
+    report = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True).stdout)
+    assert [r["model"] for r in report] == ["gpt-oss-15b", "gpt-oss-90b"]
+    assert report[1] == plan_training(get_config("gpt-oss-90b"), 15e12, 1024)
