@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                      # nano and a random 20b-shaped MXFP4 checkpoint
     python benchmarks/decode.py --models nano --batch 1 8 --json decode.json
+    python benchmarks/decode.py --models nano --engines ours --long-context   # fill 131,072 tokens
 
 Every (model, engine) runs in a fresh subprocess so that its peak RSS is its own. The 20b-shaped
 checkpoint (random weights, MXFP4 experts, ~13 GB) is written once, tensor by tensor, under --dir
@@ -268,7 +269,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["ours", "ours-int8", "transformers"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
-    parser.add_argument("--json", type=Path, default=Path("decode.json"))
+    parser.add_argument("--json", type=Path, default=None, help="default: DIR/decode.json")
     parser.add_argument(
         "--long-context", action="store_true", help="also fill nano's whole 131,072-token context once"
     )
@@ -330,8 +331,9 @@ def main() -> None:
         roofline = bandwidth / decode_bytes_per_token(config, config.max_position_embeddings)
         report["runs"].append({"model": "nano-131k", "engine": "ours", "roofline_tok_s": roofline} | result)
     _print_table(console, report, args.batch)
-    args.json.write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {args.json}")
+    out = args.json or args.dir / "decode.json"
+    out.write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {out}")
 
 
 def _fits_in_memory(config: ModelConfig) -> bool:

@@ -11,7 +11,7 @@ from openai_harmony import Message, Role
 from conftest import random_model, tiny_config
 from gptoss.cli import main
 from gptoss.harmony import render_for_completion
-from gptoss.inference import SamplingParams
+from gptoss.inference import ContextFullError, SamplingParams
 from gptoss.inference.chat import ChatSession, assistant_prefix, harmony_prompt, render_messages
 from gptoss.tokenizer import Tokenizer, get_tokenizer
 
@@ -117,3 +117,12 @@ def test_chat_command_drives_a_conversation_from_stdin():
     # turn 2 adds to the history of turn 1; after /reset the same question starts from scratch again
     first, second, third = (int(c.replace(",", "")) for c in counts)
     assert second > first and third < second
+
+
+def test_a_full_context_is_reported_and_reset_recovers(model):
+    header = len(render_messages(ChatSession(model, capacity=512).messages))
+    chat = ChatSession(model, capacity=header + 4, params=SamplingParams(max_tokens=2, seed=0))
+    with pytest.raises(ContextFullError):
+        list(chat.send("This message is longer than the room left"))
+    chat.reset()
+    assert chat.num_tokens == header

@@ -200,6 +200,7 @@ CHAT_HELP = "/reset  forget the conversation · /effort low|medium|high · /show
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from gptoss.harmony import ReasoningDelta, TextDelta
+    from gptoss.inference import ContextFullError
     from gptoss.inference.chat import ChatSession
 
     model = _load_for_inference(args)
@@ -250,6 +251,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                         view.on_text(event.text)
             except KeyboardInterrupt:
                 console.print("[dim](stopped)[/dim]")
+            except ContextFullError as exc:
+                console.print(f"[red]{exc}[/red] — /reset to start over")
             finally:
                 view.close()
             last_reasoning = view.reasoning
