@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint gptoss-nano
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,7 +15,12 @@ setup: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 
 run: setup
-	$(BIN)/gptoss info gpt-oss-20b
+	$(BIN)/gptoss generate --temperature 0 "Write a Python function \`is_prime(n)\` to return True if n is prime."
+
+# Rebuild the bundled demonstration model from its recipe (about 45 minutes on 2 CPU cores).
+gptoss-nano: setup
+	$(BIN)/python recipes/gptoss_nano.py --out runs/gptoss-nano
+	cp runs/gptoss-nano/model/* src/gptoss/models/gptoss-nano/
 
 test: setup
 	$(BIN)/ruff check .

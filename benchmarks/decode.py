@@ -1,13 +1,19 @@
-"""Prefill and decode speed, peak memory and the memory-bandwidth roofline, ours beside transformers.
+"""Prefill and decode speed, peak memory and the memory-bandwidth roofline, ours beside transformers;
+and micro-benchmarks of the CPU kernels in GB/s of weights read, beside the measured read bandwidth.
 
     python benchmarks/decode.py                      # nano and a random 20b-shaped MXFP4 checkpoint
+    python benchmarks/decode.py --models 20b --engines ours --batch 1 --repeats 1
     python benchmarks/decode.py --models nano --batch 1 8 --json decode.json
     python benchmarks/decode.py --models nano --engines ours --long-context   # fill 131,072 tokens
+    python benchmarks/decode.py kernels              # kernel GB/s; --threads N, --json FILE
 
 Every (model, engine) runs in a fresh subprocess so that its peak RSS is its own. The 20b-shaped
 checkpoint (random weights, MXFP4 experts, ~13 GB) is written once, tensor by tensor, under --dir
-(default /tmp/gptoss-bench; never inside the repository). The roofline divides the bandwidth of a
-large copy, measured in the same run, by the bytes one decoded token reads (from the config).
+(default /tmp/gptoss-bench; never inside the repository). The roofline divides the read bandwidth
+(a sum over 1 GiB, measured in the same run) by the bytes one decoded token reads (from the config).
+
+The kernel section cycles through enough distinct weight matrices (at least 256 MiB, 8× a 32 MiB
+L3) that every call reads its weights from DRAM, as decoding does.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
@@ -32,7 +41,7 @@ from gptoss import ModelConfig, get_config
 from gptoss.checkpoint import INDEX_FILE, MXFP4_QUANTIZATION_CONFIG, hf_tensor_map
 from gptoss.config import MXFP4_BLOCK, MXFP4_BYTES_PER_BLOCK
 from gptoss.model import GptOss
-from gptoss.mxfp4 import MXFP4Experts
+from gptoss.mxfp4 import MXFP4Experts, unpack
 
 MODELS = {"nano": "gpt-oss-nano", "20b": "gpt-oss-20b"}
 # Exponents around 2^-7 give weights of magnitude ~0.01-0.05, like a trained model's experts.
@@ -107,8 +116,20 @@ def decode_bytes_per_token(
     return config.num_hidden_layers * layer + head + config.kv_cache_bytes(context, dtype_bytes)
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second of a large tensor copy (read + write), the best of a few."""
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of summing a large fp32 tensor: reads only, the traffic of decoding."""
+    src = torch.ones(int(gib * 2**30) // 4)
+    src.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - start)
+    return src.numel() * 4 / best
+
+
+def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of a large tensor copy, reads and writes counted (for reference)."""
     src = torch.ones(int(gib * 2**30) // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -151,18 +172,16 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
         pass
     for batch in spec["batches"]:
         prompts = _prompts(model.config, batch, spec["prompt_len"])
-        start = time.perf_counter()
-        first = None
-        n = 0
-        for _ in generate_stream(model, prompts, params):
-            n += 1
-            if first is None:
-                first = time.perf_counter()
-        end = time.perf_counter()
-        decoded = n - batch  # the first token of each sequence comes out of prefill
+        prefill_s, decode_s = [], []
+        for _ in range(spec["repeats"]):
+            start = time.perf_counter()
+            times = [time.perf_counter() for _ in generate_stream(model, prompts, params)]
+            prefill_s.append(times[0] - start)  # the first token of each sequence comes out of prefill
+            decode_s.append(times[-1] - times[0])
+        decoded = len(times) - batch
         results[f"b{batch}"] = {
-            "prefill_tok_s": batch * spec["prompt_len"] / (first - start),
-            "decode_tok_s": decoded / (end - first) if decoded else None,
+            "prefill_tok_s": batch * spec["prompt_len"] / min(prefill_s),
+            "decode_tok_s": decoded / min(decode_s) if decoded else None,
         }
     return results
 
@@ -207,12 +226,14 @@ def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
         for batch in spec["batches"]:
             ids = torch.tensor(_prompts(config, batch, spec["prompt_len"]))
             kwargs = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0, "min_new_tokens": 0}
-            start = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, **kwargs)
-            prefill = time.perf_counter() - start
-            start = time.perf_counter()
-            model.generate(ids, max_new_tokens=spec["new_tokens"], **kwargs)
-            total = time.perf_counter() - start
+            prefill = total = float("inf")
+            for _ in range(spec["repeats"]):
+                start = time.perf_counter()
+                model.generate(ids, max_new_tokens=1, **kwargs)
+                prefill = min(prefill, time.perf_counter() - start)
+                start = time.perf_counter()
+                model.generate(ids, max_new_tokens=spec["new_tokens"], **kwargs)
+                total = min(total, time.perf_counter() - start)
             results[f"b{batch}"] = {
                 "prefill_tok_s": batch * spec["prompt_len"] / prefill,
                 "decode_tok_s": batch * (spec["new_tokens"] - 1) / max(total - prefill, 1e-9),
@@ -231,9 +252,11 @@ def _rss_gib(field: str = "VmRSS") -> float:
 
 
 def worker(spec: dict[str, Any]) -> None:
+    from gptoss import ops
+
     torch.manual_seed(0)
     if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+        ops.set_num_threads(spec["threads"])
     run = {"transformers": run_transformers, "ours": run_ours, "long": run_long_context}[spec["engine"]]
     results = run(spec)
     results["peak_rss_gib"] = _rss_gib("VmHWM")
@@ -256,20 +279,211 @@ def measure(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return {"error": (run.stderr.strip().splitlines() or ["no output"])[-1][:200]}
 
 
+# ---------------------------------------------------------------------- kernel micro-benchmarks
+KERNEL_WORKING_SET = 256 * 2**20  # distinct weight bytes cycled through: 8× a 32 MiB L3
+
+
+def _mxfp4_weights(out: int, inp: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = torch.randint(0, 256, (out, inp // MXFP4_BLOCK, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(*SCALE_RANGE, (out, inp // MXFP4_BLOCK), dtype=torch.uint8, generator=gen)
+    return blocks, scales
+
+
+def _bf16_weight(out: int, inp: int, gen: torch.Generator) -> tuple[torch.Tensor]:
+    return (torch.empty(out, inp, dtype=torch.bfloat16).uniform_(-0.05, 0.05, generator=gen),)
+
+
+def _int8_weight(out: int, inp: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=gen)
+    return weight, torch.rand(out, generator=gen).to(torch.bfloat16) / 1000
+
+
+@dataclass
+class KernelCase:
+    kernel: str
+    impl: str
+    shape: tuple[int, int]  # (out, in) of the weights, for the FLOP count
+    rows: int
+    make: Callable[[torch.Generator], tuple[torch.Tensor, ...]]  # one set of weights
+    call: Callable[..., torch.Tensor]  # call(x, *weights)
+    reference: bool = False  # the slow PyTorch path: one call on one set
+
+
+def _expert_weights(hidden: int, inter: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    gate_up_bias = torch.zeros(2 * inter, dtype=torch.bfloat16)
+    down_bias = torch.zeros(hidden, dtype=torch.bfloat16)
+    gate_up, down = _mxfp4_weights(2 * inter, hidden, gen), _mxfp4_weights(hidden, inter, gen)
+    return *gate_up, gate_up_bias, *down, down_bias
+
+
+def kernel_cases(rows: list[int], config: ModelConfig) -> list[KernelCase]:
+    """Decode-shaped calls of every kernel beside PyTorch's own, then the prefill-shaped ones, at
+    the shapes of `config` (the 20b's)."""
+    from gptoss import ops
+
+    hidden, inter, q_dim, vocab = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.q_dim,
+        config.vocab_size,
+    )
+
+    def mxfp4(out: int, inp: int) -> Callable[[torch.Generator], tuple[torch.Tensor, ...]]:
+        return lambda gen: _mxfp4_weights(out, inp, gen)
+
+    def dense(make: Callable, out: int) -> Callable[[torch.Generator], tuple[torch.Tensor, ...]]:
+        return lambda gen: make(out, hidden, gen)
+
+    def experts(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return _expert_weights(hidden, inter, gen)
+
+    def expert(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        return ops.mxfp4_expert(x, *weights, alpha=config.swiglu_alpha, limit=config.swiglu_limit)
+
+    gate_up, down, fused = (2 * inter, hidden), (hidden, inter), (2 * inter + hidden, hidden)
+    int8pack = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+    cases = []
+    for n in rows:
+        cases += [
+            KernelCase("mxfp4 gate_up", "native", gate_up, n, mxfp4(*gate_up), ops.mxfp4_linear),
+            KernelCase("mxfp4 down", "native", down, n, mxfp4(*down), ops.mxfp4_linear),
+            KernelCase("mxfp4 expert: gate_up, SwiGLU, down", "native", fused, n, experts, expert),
+        ]
+        for name, out in (("q_proj", q_dim), ("lm_head", vocab)):
+            bf16, int8 = dense(_bf16_weight, out), dense(_int8_weight, out)
+            cases += [
+                KernelCase(f"bf16 {name}", "native", (out, hidden), n, bf16, ops.linear),
+                KernelCase(f"bf16 {name}", "torch F.linear", (out, hidden), n, bf16, F.linear),
+                KernelCase(f"int8 {name}", "native", (out, hidden), n, int8, ops.int8_linear),
+            ]
+            if int8pack is not None:
+                cases.append(
+                    KernelCase(f"int8 {name}", "torch _weight_int8pack_mm", (out, hidden), n, int8, int8pack)
+                )
+    # The PyTorch reference that the MXFP4 kernel replaces, and prefill-sized calls: 16 tokens per
+    # expert is a 128-token prompt's average (4 of 32 experts per token); beside it, the bf16 GEMM a
+    # dequantize-then-multiply path would run at best (its dequantization not counted).
+    cases += [
+        KernelCase(
+            "mxfp4 gate_up", "torch dequantize+matmul", gate_up, 1, mxfp4(*gate_up), _reference_mxfp4, True
+        ),
+        KernelCase("mxfp4 expert: gate_up, SwiGLU, down", "native", fused, 16, experts, expert),
+        KernelCase(
+            "bf16 gate_up (prefill)", "torch F.linear", gate_up, 16, dense(_bf16_weight, 2 * inter), F.linear
+        ),
+    ]
+    return cases
+
+
+def _reference_mxfp4(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x @ unpack(blocks, scales, x.dtype)
+
+
+def time_kernel(case: KernelCase, min_seconds: float = 1.0) -> dict[str, Any]:
+    """GB/s of weight bytes read by one kernel, cycling through distinct weight sets (DRAM-bound)."""
+    gen = torch.Generator().manual_seed(0)
+    first = case.make(gen)
+    per_set = sum(t.numel() * t.element_size() for t in first)  # weights, scales and biases
+    count = 1 if case.reference else max(1, -(-KERNEL_WORKING_SET // per_set))
+    sets = [first] + [case.make(gen) for _ in range(count - 1)]
+    x = torch.randn(case.rows, case.shape[1], generator=gen).to(torch.bfloat16)
+    with torch.no_grad():
+        for w in sets:  # first touch, and one call each before timing
+            case.call(x, *w)
+        calls, start = 0, time.perf_counter()
+        while True:
+            for w in sets:
+                case.call(x, *w)
+            calls += len(sets)
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds or case.reference:
+                break
+    seconds = elapsed / calls
+    return {
+        "kernel": case.kernel,
+        "impl": case.impl,
+        "shape": list(case.shape),
+        "rows": case.rows,
+        "weight_mib_per_call": per_set / 2**20,
+        "distinct_sets": count,
+        "ms_per_call": seconds * 1e3,
+        "gb_s": per_set / seconds / 1e9,
+        "gflop_s": 2 * case.rows * case.shape[0] * case.shape[1] / seconds / 1e9,
+    }
+
+
+def run_kernels(args: argparse.Namespace, console: Console) -> None:
+    from gptoss import ops
+
+    if args.threads:
+        ops.set_num_threads(args.threads)
+    read, copy = read_bandwidth(), copy_bandwidth()
+    isa = ops.set_isa("best") if ops.native_available() else "not built"
+    report: dict[str, Any] = {
+        "machine": _machine(),
+        "threads": torch.get_num_threads(),
+        "isa": isa,
+        "read_bandwidth_gb_s": read / 1e9,
+        "copy_bandwidth_gb_s": copy / 1e9,
+        "load_average_before": os.getloadavg()[0],
+        "kernels": [],
+    }
+    cases = kernel_cases(args.rows, get_config(MODELS["20b"]))
+    for case in tqdm(cases, desc="kernels", unit="case", disable=not sys.stderr.isatty()):
+        if case.impl == "native" and not ops.native_available():
+            continue
+        report["kernels"].append(time_kernel(case))
+    report["load_average_after"] = os.getloadavg()[0]
+
+    title = (
+        f"CPU kernels, bf16 activations, {report['threads']} threads, ISA {isa}: read bandwidth "
+        f"{read / 1e9:.1f} GB/s (sum of 1 GiB), copy {copy / 1e9:.1f} GB/s (read+write of 1 GiB); "
+        f"load average {report['load_average_before']:.1f}-{report['load_average_after']:.1f}"
+    )
+    table = Table(title=title)
+    for column in ["kernel", "impl", "weight (out×in)", "rows", "MiB/call", "sets", "ms/call"]:
+        table.add_column(column, justify="left" if column in ("kernel", "impl") else "right")
+    for column in ["GB/s", "% of read BW", "GFLOP/s"]:
+        table.add_column(column, justify="right")
+    for k in report["kernels"]:
+        table.add_row(
+            k["kernel"], k["impl"], "×".join(map(str, k["shape"])), str(k["rows"]),
+            f"{k['weight_mib_per_call']:.1f}", str(k["distinct_sets"]), f"{k['ms_per_call']:.3f}",
+            f"{k['gb_s']:.1f}", f"{k['gb_s'] / report['read_bandwidth_gb_s']:.0%}", f"{k['gflop_s']:.1f}",
+        )  # fmt: skip
+    console.print(table)
+    out = args.json or args.dir / "kernels.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {out}")
+
+
+def _machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
+
+
 # ---------------------------------------------------------------------- the report
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "section", nargs="?", choices=["models", "kernels"], default="models",
+        help="end-to-end models (default) or kernel micro-benchmarks",
+    )  # fmt: skip
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/gptoss-bench"), help="where checkpoints go")
     parser.add_argument("--engines", nargs="+", default=["ours", "ours-int8", "transformers"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch and native threads (default: torch's)"
+    )
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 4], help="kernels: activation rows")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
-    parser.add_argument("--json", type=Path, default=None, help="default: DIR/decode.json")
+    parser.add_argument("--json", type=Path, default=None, help="default: DIR/decode.json (DIR/kernels.json)")
     parser.add_argument(
         "--long-context", action="store_true", help="also fill nano's whole 131,072-token context once"
     )
@@ -280,14 +494,15 @@ def main() -> None:
         return
 
     console = Console(width=200)
-    bandwidth = memory_bandwidth()
+    if args.section == "kernels":
+        run_kernels(args, console)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bandwidth = read_bandwidth()
     threads = torch.get_num_threads()
-    console.print(f"memory bandwidth (1 GiB copy): {bandwidth / 1e9:.1f} GB/s, {threads} threads")
-    report: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "bandwidth_gb_s": bandwidth / 1e9,
-        "runs": [],
-    }
+    console.print(f"read bandwidth (sum of 1 GiB): {bandwidth / 1e9:.1f} GB/s, {threads} threads")
+    report: dict[str, Any] = {"machine": _machine(), "bandwidth_gb_s": bandwidth / 1e9, "runs": []}
     for key in args.models:
         config = get_config(MODELS[key])
         path = write_random_checkpoint(config, args.dir / f"{MODELS[key]}-random-mxfp4")
@@ -304,6 +519,7 @@ def main() -> None:
                 "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens,
                 "threads": args.threads,
+                "repeats": args.repeats,
             }
             if engine == "transformers" and not _fits_in_memory(config):
                 need = config.weight_bytes(2) / 2**30
@@ -342,7 +558,7 @@ def _fits_in_memory(config: ModelConfig) -> bool:
 
 
 def _print_table(console: Console, report: dict[str, Any], batches: list[int]) -> None:
-    table = Table(title=f"decode benchmark ({report['bandwidth_gb_s']:.1f} GB/s copy bandwidth)")
+    table = Table(title=f"decode benchmark ({report['bandwidth_gb_s']:.1f} GB/s read bandwidth)")
     for column in ["model", "engine", "load s", "RSS loaded GiB", "peak RSS GiB"]:
         table.add_column(column)
     for b in batches:

@@ -26,7 +26,7 @@ def logits(model, seed=0):
 
 def test_round_trip_is_exact(saved):
     model, path = saved
-    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(path)) == ["LICENSE", "README.md", "config.json", "model.safetensors"]
     assert torch.equal(logits(load_model(path)), logits(model))
 
 
@@ -148,3 +148,18 @@ def test_preset_loads_random_weights_and_says_so(caplog):
     assert model.lm_head.weight.dtype == torch.bfloat16
     again = load_model("gpt-oss-nano", dtype=torch.bfloat16)
     assert torch.equal(model.model.layers[0].mlp.router.weight, again.model.layers[0].mlp.router.weight)
+
+
+@pytest.mark.parametrize("experts", [4, 0], ids=["moe", "dense"])
+def test_loading_in_another_dtype_reads_through_a_small_buffer(tmp_path, monkeypatch, experts):
+    # Tensors are read straight into their parameters; a dtype change (or a dense layer's transpose)
+    # goes through a buffer of at most _READ_CHUNK bytes: a few rows here, so many reads per tensor.
+    from gptoss import checkpoint
+
+    model = random_model(tiny_config(num_local_experts=experts), seed=3).to(torch.bfloat16)
+    save_model(model, tmp_path / "bf16")
+    monkeypatch.setattr(checkpoint, "_READ_CHUNK", 300)
+    loaded = load_model(tmp_path / "bf16", dtype=torch.float32)
+    assert loaded.lm_head.weight.dtype == torch.float32
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.to(torch.float32)), name

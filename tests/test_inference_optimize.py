@@ -37,6 +37,16 @@ def test_int8_linear_is_close_to_the_float_layer():
         assert (approx - exact).norm() / exact.norm() < 0.01
 
 
+def test_int8_quantization_in_row_chunks_equals_all_at_once(monkeypatch):
+    from gptoss.inference import optimize
+
+    linear = torch.nn.Linear(64, 50).to(torch.bfloat16)
+    whole = Int8Linear(linear)
+    monkeypatch.setattr(optimize, "QUANTIZE_ROWS", 7)  # bounds the fp32 working copy of a big head
+    chunked = Int8Linear(linear)
+    assert torch.equal(whole.weight, chunked.weight) and torch.equal(whole.scale, chunked.scale)
+
+
 def test_int8_model_predicts_nearly_the_same_distribution(reference):
     model = prepare_for_inference(copy.deepcopy(reference), int8=True)
     assert isinstance(model.lm_head, Int8Linear)

@@ -2,7 +2,9 @@
 
 Tolerance: fp32 accumulation in a different order than PyTorch's, so |Δ| ≤ 1e-5 · (|x|·|W|)
 summed over the row, a bound on reordering error far below any real bug (a wrong code, nibble
-or scale shifts results by whole table steps).
+or scale shifts results by whole table steps). With bf16 activations the reference is the same
+fp32 product of the same (bf16) values, and the result is rounded to bf16 once: the bound adds
+2^-8 · |reference| (half a bf16 step is 2^-9 relative; one more for the reference's own rounding).
 """
 
 import os
@@ -28,7 +30,7 @@ def test_native_kernels_are_built_where_required():
 
 def available_isas() -> list[str]:
     isas = []
-    for name in ("c", "avx2", "avx512"):
+    for name in ("c", "avx2", "avx512", "avx512bf16"):
         try:
             ops.set_isa(name)
             isas.append(name)
@@ -38,7 +40,7 @@ def available_isas() -> list[str]:
     return isas
 
 
-@pytest.fixture(params=["c", "avx2", "avx512"])
+@pytest.fixture(params=["c", "avx2", "avx512", "avx512bf16"])
 def isa(request):
     if not ops.native_available():
         pytest.fail("native kernels are not built")
@@ -49,8 +51,10 @@ def isa(request):
 
 
 def close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> bool:
-    bound = 1e-5 * (x.abs() @ w.abs().T).clamp_min(1.0)
-    return bool(torch.all((y - ref).abs() <= bound))
+    bound = 1e-5 * (x.float().abs() @ w.abs().T).clamp_min(1.0)
+    if y.dtype == torch.bfloat16:
+        bound = bound + 2**-8 * ref.abs()
+    return bool(torch.all((y.float() - ref).abs() <= bound))
 
 
 SHAPES = [(1, 32, 1), (1, 64, 37), (3, 96, 50), (8, 160, 129), (5, 2880, 67)]
@@ -93,6 +97,17 @@ def test_int8_linear(isa, n, inp, out):
     assert close(y, x, dequantized, F.linear(x, dequantized, bias))
 
 
+def test_int8_reference_path_dequantizes_in_blocks(monkeypatch):
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randint(-127, 128, (50, 32), dtype=torch.int8, generator=generator)
+    scale, bias = torch.rand(50, generator=generator) / 64, torch.randn(50, generator=generator)
+    x = torch.randn(20, 32, generator=generator)  # more rows than the native kernels serve
+    whole = ops.int8_linear(x, weight, scale, bias)
+    monkeypatch.setattr(ops, "INT8_REFERENCE_ROWS", 7)
+    torch.testing.assert_close(ops.int8_linear(x, weight, scale, bias), whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(whole, F.linear(x, weight.float() * scale[:, None], bias))
+
+
 @native
 def test_bf16_activations_come_back_in_their_dtype():
     weight = torch.randn(40, 64).bfloat16()
@@ -128,3 +143,179 @@ def test_native_linears_keep_parameters_and_state_dict():
     assert state.keys() == model.state_dict().keys()
     # bf16 model: the native path accumulates in fp32 and rounds once, PyTorch rounds per op
     assert torch.allclose(before, after, atol=0.05, rtol=0.05)
+
+
+# Any number of rows: MXFP4 runs natively in chunks of MAX_ROWS (prefill), with bf16 activations too.
+ROW_COUNTS = [1, 2, 3, 5, 8, 9, 13, 20]
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", ROW_COUNTS)
+def test_mxfp4_linear_rows_and_dtypes(isa, dtype, n):
+    generator = torch.Generator().manual_seed(n)
+    inp, out = 96, 51  # odd output count: the two-rows-at-a-time kernels end on a single row
+    blocks, scales = pack(torch.randn(1, inp, out, generator=generator))
+    blocks, scales = blocks[0], scales[0]
+    x = torch.randn(n, inp, generator=generator).to(dtype)
+    bias = torch.randn(out, generator=generator).to(dtype)
+    weight = unpack(blocks, scales, torch.float32).T
+    with torch.no_grad():
+        y = ops.mxfp4_linear(x, blocks, scales, bias)
+    assert y.dtype == dtype and y.shape == (n, out)
+    assert close(y, x, weight, x.float() @ weight.T + bias.float())
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_extreme_scales(isa, dtype):
+    # Scale bytes 0 and 1 make subnormal weights, which the bf16 kernel cannot build by adding to
+    # the exponent: those blocks take an fp32 detour. Large activations there make them count.
+    generator = torch.Generator().manual_seed(5)
+    blocks = torch.randint(0, 256, (7, 3, 16), dtype=torch.uint8, generator=generator)
+    scales = torch.full((7, 3), 127, dtype=torch.uint8)
+    scales[:, 1] = torch.tensor([0, 1, 2, 1, 0, 126, 1], dtype=torch.uint8)
+    x = torch.randn(3, 96, generator=generator)
+    x[:, 32:64] *= 2.0**120
+    x = x.to(dtype)
+    weight = unpack(blocks, scales, torch.float32).T
+    with torch.no_grad():
+        y = ops.mxfp4_linear(x, blocks, scales)
+    assert close(y, x, weight, x.float() @ weight.T)
+
+
+@native
+@pytest.mark.parametrize("n,inp,out", [(1, 45, 7), (3, 96, 50), (8, 160, 129), (5, 2880, 67)])
+def test_bf16_linear_bf16_activations(isa, n, inp, out):
+    generator = torch.Generator().manual_seed(inp + out)
+    weight = torch.randn(out, inp, generator=generator).bfloat16()
+    x = torch.randn(n, inp, generator=generator).bfloat16()
+    bias = torch.randn(out, generator=generator).bfloat16()
+    with torch.no_grad():
+        y = ops.linear(x, weight, bias)
+    assert y.dtype == torch.bfloat16
+    assert close(y, x, weight.float(), F.linear(x.float(), weight.float(), bias.float()))
+
+
+@native
+@pytest.mark.parametrize("n,inp,out", [(1, 45, 7), (4, 2880, 67), (6, 77, 9)])
+def test_int8_linear_bf16_activations(isa, n, inp, out):
+    generator = torch.Generator().manual_seed(inp)
+    weight = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=generator)
+    scale = (torch.rand(out, generator=generator) / 64).bfloat16()
+    x = torch.randn(n, inp, generator=generator).bfloat16()
+    dequantized = weight.float() * scale.float()[:, None]
+    with torch.no_grad():
+        y = ops.int8_linear(x, weight, scale)
+    assert y.dtype == torch.bfloat16 and close(y, x, dequantized, x.float() @ dequantized.T)
+
+
+def expert_weights(hidden: int, inter: int, generator: torch.Generator, dtype: torch.dtype):
+    gate_up = pack(torch.randn(1, hidden, 2 * inter, generator=generator))
+    down = pack(torch.randn(1, inter, hidden, generator=generator) * 0.2)
+    gate_up_bias = torch.randn(2 * inter, generator=generator).to(dtype)
+    down_bias = torch.randn(hidden, generator=generator).to(dtype)
+    return gate_up[0][0], gate_up[1][0], gate_up_bias, down[0][0], down[1][0], down_bias
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 11])
+def test_mxfp4_expert_equals_linear_swiglu_linear(isa, dtype, n):
+    from gptoss.model import clamped_swiglu
+
+    generator = torch.Generator().manual_seed(n)
+    hidden, inter = 64, 96
+    weights = expert_weights(hidden, inter, generator, dtype)
+    x = (torch.randn(n, hidden, generator=generator) * 0.5).to(dtype)  # gate values beyond ±7: clamps
+    with torch.no_grad():
+        y = ops.mxfp4_expert(x, *weights, alpha=1.702, limit=7.0)
+    # the reference in fp32 from the same values; natively the hidden activations are stored in the
+    # activation dtype once, so with bf16 that rounding (2^-9 relative) passes on through `down`
+    gu_b, gu_s, gu_bias, d_b, d_s, d_bias = weights
+    w_gu, w_d = unpack(gu_b, gu_s, torch.float32), unpack(d_b, d_s, torch.float32)
+    gate_up = x.float() @ w_gu + gu_bias.float()
+    assert gate_up[..., ::2].max() > 7 and gate_up[..., 1::2].abs().max() > 7
+    h = clamped_swiglu(gate_up, 1.702, 7.0)
+    ref = h @ w_d + d_bias.float()
+    assert y.dtype == dtype and y.shape == (n, hidden)
+    bound = 1e-4 * (h.abs() @ w_d.abs()).clamp_min(1.0)
+    if dtype == torch.bfloat16:
+        bound = bound + 2**-8 * (h.abs() @ w_d.abs()) + 2**-8 * ref.abs()
+    assert torch.all((y.float() - ref).abs() <= bound)
+
+
+def test_mxfp4_expert_reference_path_matches_its_definition():
+    from gptoss.model import clamped_swiglu
+
+    generator = torch.Generator().manual_seed(0)
+    weights = expert_weights(64, 32, generator, torch.float32)
+    x = torch.randn(3, 64, generator=generator, requires_grad=True)  # autograd: the PyTorch path
+    y = ops.mxfp4_expert(x, *weights, alpha=1.702, limit=7.0)
+    gu_b, gu_s, gu_bias, d_b, d_s, d_bias = weights
+    h = clamped_swiglu(x @ unpack(gu_b, gu_s, torch.float32) + gu_bias, 1.702, 7.0)
+    torch.testing.assert_close(y, h @ unpack(d_b, d_s, torch.float32) + d_bias)
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def moe_weights(experts: int, hidden: int, inter: int, generator: torch.Generator, dtype: torch.dtype):
+    per_expert = [expert_weights(hidden, inter, generator, dtype) for _ in range(experts)]
+    return [torch.stack(parts) for parts in zip(*per_expert, strict=True)]
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(1, 4), (3, 2), (11, 3), (20, 1)])
+def test_mxfp4_moe_is_the_weighted_sum_of_chosen_experts(isa, dtype, n, k):
+    from gptoss.model import clamped_swiglu
+
+    generator = torch.Generator().manual_seed(n * k)
+    experts, hidden, inter = 5, 64, 32
+    stacks = moe_weights(experts, hidden, inter, generator, dtype)
+    x = (torch.randn(n, hidden, generator=generator) * 0.5).to(dtype)
+    idx = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(n)])
+    weight = torch.softmax(torch.randn(n, k, generator=generator), dim=-1).to(dtype)
+    with torch.no_grad():
+        y = ops.mxfp4_moe(x, idx, weight, *stacks, alpha=1.702, limit=7.0)
+    gu_b, gu_s, gu_bias, d_b, d_s, d_bias = stacks
+    ref, bound = torch.zeros(n, hidden), torch.zeros(n, hidden)
+    for t in range(n):
+        for j in range(k):
+            e, w = idx[t, j], weight[t, j].float()
+            w_d = unpack(d_b[e], d_s[e], torch.float32)
+            h = clamped_swiglu(
+                x[t].float() @ unpack(gu_b[e], gu_s[e], torch.float32) + gu_bias[e].float(), 1.702, 7.0
+            )
+            ref[t] += w * (h @ w_d + d_bias[e].float())
+            bound[t] += (
+                w * (1e-4 + (2**-8 if dtype == torch.bfloat16 else 0)) * (h.abs() @ w_d.abs()).clamp_min(1.0)
+            )
+    if dtype == torch.bfloat16:
+        bound += 2**-8 * ref.abs()
+    assert y.dtype == dtype and torch.all((y.float() - ref).abs() <= bound)
+
+
+@native
+def test_mxfp4_moe_refuses_an_expert_it_does_not_have():
+    stacks = moe_weights(2, 32, 32, torch.Generator().manual_seed(0), torch.float32)
+    with torch.no_grad(), pytest.raises(ValueError, match="expert index 2 is outside 0..1"):
+        ops.mxfp4_moe(
+            torch.randn(1, 32), torch.tensor([[2]]), torch.ones(1, 1), *stacks, alpha=1.7, limit=7.0
+        )
+
+
+def test_mxfp4_moe_reference_path_allows_autograd():
+    generator = torch.Generator().manual_seed(1)
+    stacks = moe_weights(3, 32, 32, generator, torch.float32)
+    x = torch.randn(4, 32, generator=generator, requires_grad=True)
+    idx, weight = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1]]), torch.full((4, 2), 0.5)
+    y = ops.mxfp4_moe(x, idx, weight, *stacks, alpha=1.702, limit=7.0)
+    with torch.no_grad():
+        expected = ops.mxfp4_moe(x, idx, weight, *stacks, alpha=1.702, limit=7.0)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    weight.requires_grad_()  # a router being trained: its gradient flows too
+    ops.mxfp4_moe(x.detach(), idx, weight, *stacks, alpha=1.702, limit=7.0).sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0

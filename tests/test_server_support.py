@@ -74,6 +74,9 @@ class ScriptedRunner:
         self.active: set[int] = set()  # sequences holding a slot
         self.prompt_log: list[str] = []  # every prompt, as text
 
+    def fit_prompt(self, tokens: Sequence[int]) -> list[int]:
+        return list(tokens)
+
     def _next(self, seq: int) -> torch.Tensor:
         out = self.outputs[seq]
         token = out.pop(0) if out else Tokenizer.RETURN

@@ -1,15 +1,18 @@
 """Hugging Face-layout checkpoints: `config.json` plus one or many `*.safetensors` files.
 
-Reading is lazy: the model is built on the meta device, then each tensor is read from its
-memory-mapped file straight into the parameter that owns it, so peak memory is the model plus one
-tensor. Writing goes to a temporary directory beside the target that is renamed into place only
-once every file is complete.
+Reading is lazy: the model is built on the meta device, then each tensor's bytes are read from its
+file (plain reads at the offsets the safetensors header gives, no memory map) straight into the
+parameter that owns it, so peak memory is the model itself: no file pages mapped into the process,
+no temporary copy (a dtype or layout conversion goes through a bounded buffer). Writing goes to a
+temporary directory beside the target that is renamed into place only once every file is complete.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -18,12 +21,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from gptoss.config import PRESETS, ModelConfig, get_config
 from gptoss.model import MLP, GptOss
+from gptoss.model_card import ModelCard, read_license_name, write_card
 from gptoss.mxfp4 import MXFP4Experts
 
 log = logging.getLogger(__name__)
@@ -119,19 +122,93 @@ def _shard_files(directory: Path) -> dict[str, Path]:
         raise CheckpointError(f"no *.safetensors files in {directory}")
     files: dict[str, Path] = {}
     for path in paths:
-        for name in _open(path).keys():  # noqa: SIM118 - a safetensors handle, not a dict
+        for name in _read_header(path):
             files[name] = path
     return files
 
 
-def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is not public
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}  # fmt: skip
+_READ_CHUNK = 64 * 2**20  # bytes per read call, and the bound on a conversion buffer
+
+
+class _Stored(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # of the first byte in the file
+    nbytes: int
+
+
+def _read_header(path: Path) -> dict[str, _Stored]:
+    """Where each tensor of a safetensors file lies: an 8-byte little-endian header length, a JSON
+    header of {name: {dtype, shape, data_offsets}}, then the data."""
     try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as exc:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 2 <= length <= size - 8:
+                raise ValueError(f"a header of {length} bytes does not fit in {size} bytes")
+            header = json.loads(f.read(length))
+        stored = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(
+                    f"{path}: tensor {name} has dtype {entry['dtype']}, which gptoss cannot load"
+                )
+            dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= size - 8 - length:
+                raise ValueError(f"tensor {name} lies outside the file")
+            stored[name] = _Stored(dtype, shape, 8 + length + begin, end - begin)
+        return stored
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({exc}); it may be truncated or still "
             "downloading — re-copy it"
         ) from exc
+
+
+def _read_into(f: io.FileIO, offset: int, out: Tensor) -> None:
+    """Fill the contiguous CPU tensor `out` with the bytes at `offset` of file `f`."""
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done : done + _READ_CHUNK])
+        if not n:
+            raise CheckpointError(f"{f.name} ends early: it is truncated — re-copy it")
+        done += n
+
+
+def _load_tensor(
+    f: io.FileIO, stored: _Stored, target: Tensor, from_file: Callable[[Tensor], Tensor]
+) -> None:
+    """Read one stored tensor into `target` (shapes already checked)."""
+    if (
+        from_file is _same
+        and stored.dtype == target.dtype
+        and target.is_contiguous()
+        and target.device.type == "cpu"
+    ):
+        _read_into(f, stored.offset, target)  # straight into the parameter
+        return
+    if from_file is not _same or not stored.shape:
+        buffer = torch.empty(stored.shape, dtype=stored.dtype)  # a dense layer's transpose: small
+        _read_into(f, stored.offset, buffer)
+        target.copy_(from_file(buffer))
+        return
+    # another dtype or device: through a buffer of at most _READ_CHUNK bytes, rows at a time
+    row_bytes = stored.nbytes // max(stored.shape[0], 1)
+    step = max(1, _READ_CHUNK // max(row_bytes, 1))
+    for row in range(0, stored.shape[0], step):
+        buffer = torch.empty((min(step, stored.shape[0] - row), *stored.shape[1:]), dtype=stored.dtype)
+        _read_into(f, stored.offset + row * row_bytes, buffer)
+        target[row : row + len(buffer)].copy_(buffer)
 
 
 def is_mxfp4_checkpoint(directory: str | Path) -> bool:
@@ -183,19 +260,26 @@ def load_checkpoint(
             + (f"unexpected tensors {_names(unexpected)}" if unexpected else "")
         )
 
-    handles = {path: _open(path) for path in set(files.values())}
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
     with torch.no_grad():
-        for name, (target, _, from_file) in expected.items():
-            try:
-                source = from_file(handles[files[name]].get_tensor(name))
-            except SafetensorError as exc:
-                raise CheckpointError(f"cannot read {name} from {files[name]}: {exc}") from exc
-            if source.shape != target.shape:
+        for path, names in by_file.items():
+            stored = _read_header(path)
+            if absent := [name for name in names if name not in stored]:
                 raise CheckpointError(
-                    f"tensor {name} in {files[name].name} has shape {tuple(source.shape)}, but the "
-                    f"config needs {tuple(target.shape)}"
+                    f"{path.name} does not hold {_names(absent)}, which its index lists there"
                 )
-            target.copy_(source)
+            with open(path, "rb", buffering=0) as f:
+                for name in sorted(names, key=lambda n: stored[n].offset):  # one sequential pass
+                    target, _, from_file = expected[name]
+                    shape = tuple(from_file(torch.empty(stored[name].shape, device="meta")).shape)
+                    if shape != tuple(target.shape):
+                        raise CheckpointError(
+                            f"tensor {name} in {path.name} has shape {shape}, but the config needs "
+                            f"{tuple(target.shape)}"
+                        )
+                    _load_tensor(f, stored[name], target, from_file)
 
     if packed and dequantize:
         from gptoss.mxfp4 import dequantize_experts
@@ -210,8 +294,14 @@ def _names(names: list[str], limit: int = 8) -> str:
 
 
 # ---------------------------------------------------------------------- writing
-def save_checkpoint(model: GptOss, directory: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write `model` as a Hugging Face directory that `from_pretrained` loads.
+def save_checkpoint(
+    model: GptOss,
+    directory: str | Path,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    card: ModelCard | None = None,
+) -> Path:
+    """Write `model` as a Hugging Face directory that `from_pretrained` loads, with a model card
+    (README.md, from `card` or a generic one) and the family's license notice (LICENSE).
 
     Shards above `max_shard_bytes` (with `model.safetensors.index.json`). The directory appears
     complete or not at all: files go to a temporary sibling that replaces the target at the end.
@@ -250,11 +340,23 @@ def save_checkpoint(model: GptOss, directory: str | Path, max_shard_bytes: int =
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        write_card(tmp, model.config, card)
+        _set_usual_modes(tmp)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _set_usual_modes(directory: Path) -> None:
+    """mkdtemp makes the directory 0700 and safetensors writes 0600: give the checkpoint the modes
+    of ordinary files under the process umask, so that other users can read it like any download."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -272,15 +374,31 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the public entry points
+DEFAULT_MODEL = "gptoss-nano"
+
+
+def bundled_model_dir() -> Path:
+    """Where the demonstration model that ships inside the package lives."""
+    return Path(__file__).parent / "models" / DEFAULT_MODEL
+
+
+def resolve_model(path_or_preset: str | Path) -> str | Path:
+    """A checkpoint directory, a preset name, or `gptoss-nano` → the bundled model's directory."""
+    if str(path_or_preset) == DEFAULT_MODEL and not Path(path_or_preset).is_dir():
+        return bundled_model_dir()
+    return path_or_preset
+
+
 def model_config(path_or_preset: str | Path) -> ModelConfig:
-    """The config of a checkpoint directory or of a preset name."""
+    """The config of a checkpoint directory, of a preset name, or of the bundled `gptoss-nano`."""
+    path_or_preset = resolve_model(path_or_preset)
     if Path(path_or_preset).is_dir():
         return ModelConfig.from_dir(path_or_preset)
     if str(path_or_preset) in PRESETS:
         return get_config(str(path_or_preset))
     raise FileNotFoundError(
         f"{str(path_or_preset)!r} is neither a checkpoint directory nor a preset name; "
-        f"presets: {', '.join(PRESETS)}"
+        f"presets: {', '.join(PRESETS)}; bundled: {DEFAULT_MODEL}"
     )
 
 
@@ -294,6 +412,7 @@ def checkpoint_facts(directory: str | Path) -> dict[str, str | int]:
         "checkpoint_format": f"mxfp4 experts, {dtype} elsewhere" if packed else dtype,
         "checkpoint_files": len(files),
         "checkpoint_bytes": sum(f.stat().st_size for f in files),
+        "license": read_license_name(directory) or "not stated (no model card)",
     }
 
 
@@ -307,7 +426,9 @@ def load_model(
     """A ready model from a checkpoint directory, or a preset name with random weights.
 
     Checkpoints keep their stored dtype unless `dtype` is given; presets default to float32.
+    `gptoss-nano` names the bundled demonstration model.
     """
+    path_or_preset = resolve_model(path_or_preset)
     config = model_config(path_or_preset)
     if Path(path_or_preset).is_dir():
         return load_checkpoint(path_or_preset, device=device, dtype=dtype, dequantize=dequantize)
@@ -318,6 +439,11 @@ def load_model(
     return model.eval()
 
 
-def save_model(model: GptOss, directory: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def save_model(
+    model: GptOss,
+    directory: str | Path,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    card: ModelCard | None = None,
+) -> Path:
     """Save `model` as a Hugging Face-layout checkpoint directory (see `save_checkpoint`)."""
-    return save_checkpoint(model, directory, max_shard_bytes)
+    return save_checkpoint(model, directory, max_shard_bytes, card)

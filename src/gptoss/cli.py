@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from gptoss.checkpoint import checkpoint_facts, model_config
+from gptoss.checkpoint import DEFAULT_MODEL, checkpoint_facts, model_config, resolve_model
 from gptoss.config import PRESETS, ModelConfig
 from gptoss.eval.cli import add_eval_command
 
@@ -20,7 +20,8 @@ from gptoss.eval.cli import add_eval_command
 def model_facts(model: str) -> tuple[ModelConfig, dict]:
     """The config of a preset or checkpoint directory, plus facts about its stored files."""
     config = model_config(model)
-    return config, checkpoint_facts(model) if Path(model).is_dir() else {}
+    path = resolve_model(model)
+    return config, checkpoint_facts(path) if Path(path).is_dir() else {}
 
 
 def _human(n: float, suffixes: tuple[str, ...] = ("", "K", "M", "B", "T")) -> str:
@@ -64,7 +65,15 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"{report['attention_heads']} q heads / {report['kv_heads']} kv heads × {config.head_dim}",
         ),
         ("MLP", experts),
-        ("vocabulary", f"{report['vocab_size']:,}"),
+        (
+            "vocabulary",
+            f"{report['vocab_size']:,}"
+            + (
+                f" ids, {report['vocab_rows']:,} with rows (trimmed)"
+                if report["vocab_rows"] != report["vocab_size"]
+                else ""
+            ),
+        ),
         ("context", f"{report['context']:,}"),
         ("total parameters", f"{report['total_params']:,} ({_human(report['total_params'])})"),
         ("active parameters", f"{report['active_params']:,} ({_human(report['active_params'])})"),
@@ -86,6 +95,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         rows.append(
             ("checkpoint", f"{facts['checkpoint_format']}, {_gib(facts['checkpoint_bytes'])} on disk")
         )
+        rows.append(("license", facts["license"]))
     for row in rows:
         table.add_row(*row)
     Console().print(table)
@@ -261,7 +271,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument(
-        "model", help=f"a checkpoint directory or a preset ({', '.join(PRESETS)}; random weights)"
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"a checkpoint directory, or a preset ({', '.join(PRESETS)}; random weights); "
+        f"default: the bundled {DEFAULT_MODEL}",
     )
     parser.add_argument(
         "--max-tokens", type=int, default=max_tokens, help="most tokens to generate per reply"
@@ -305,7 +319,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, responses)")
-    serve.add_argument("model", help=f"a checkpoint directory or a preset ({', '.join(PRESETS)})")
+    serve.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"a checkpoint directory or a preset ({', '.join(PRESETS)}); default: {DEFAULT_MODEL} (bundled)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require this bearer key (default: $GPTOSS_API_KEY)")
@@ -409,6 +428,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from gptoss.train.sft import finetune, sft_config_from_args
+
+    result = finetune(sft_config_from_args(args))
+    val = result["val_loss"]
+    print(
+        f"{result['mode']} fine-tuning, {result['steps']} steps: train loss {result['train_loss']:.4f}"
+        + (f", val loss {result['initial_val_loss']:.4f} → {val:.4f}" if val is not None else "")
+    )
+    print(f"wrote {result['output']}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from gptoss.train.lora import merge_adapter
+
+    print(f"wrote {merge_adapter(args.base, args.adapter, args.out)}")
+    return 0
+
+
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     from gptoss.train.trainer import add_config_arguments
 
@@ -448,13 +487,34 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(func=cmd_plan)
 
+    from gptoss.train.sft import add_sft_arguments
+
+    finetune = sub.add_parser(
+        "finetune",
+        help="supervised fine-tuning on harmony conversations (JSONL), full or LoRA",
+        description="Options override the --config file, which overrides the defaults.",
+    )
+    add_sft_arguments(finetune)
+    finetune.set_defaults(func=cmd_finetune)
+
+    merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model, as a new checkpoint")
+    merge.add_argument("base", help="the base model: checkpoint directory (or preset)")
+    merge.add_argument("adapter", help="the adapter directory `gptoss finetune` wrote")
+    merge.add_argument("out", help="checkpoint directory to write")
+    merge.set_defaults(func=cmd_merge)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description="The gpt-oss model family.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="shape, parameters, memory, KV cache and FLOPs of a model")
-    info.add_argument("model", help=f"a checkpoint directory or a preset ({', '.join(PRESETS)})")
+    info.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"a checkpoint directory or a preset ({', '.join(PRESETS)}); default: {DEFAULT_MODEL} (bundled)",
+    )
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.add_argument("--context", type=int, default=None, help="context length for KV cache and FLOPs")
     info.set_defaults(func=cmd_info)

@@ -29,6 +29,10 @@ class ModelConfig:
     """
 
     vocab_size: int = 201088
+    # None: one embedding/head row per token id. A number: the model keeps rows for only that many
+    # ids (a trimmed vocabulary, listed by the model's `token_ids` buffers) yet still reads and
+    # scores ids of the whole `vocab_size` space; ids without a row get no probability.
+    vocab_rows: int | None = None
     hidden_size: int = 2880
     num_hidden_layers: int = 24
     num_attention_heads: int = 64
@@ -87,6 +91,8 @@ class ModelConfig:
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must lie in 1..num_local_experts "
                 f"({self.num_local_experts})"
             )
+        if self.vocab_rows is not None and not 0 < self.vocab_rows <= self.vocab_size:
+            problems.append(f"vocab_rows ({self.vocab_rows}) must lie in 1..vocab_size ({self.vocab_size})")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -94,6 +100,11 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_local_experts > 0
+
+    @property
+    def embedding_rows(self) -> int:
+        """Rows of the embedding and of the output head (fewer than `vocab_size` when trimmed)."""
+        return self.vocab_size if self.vocab_rows is None else self.vocab_rows
 
     @property
     def experts_per_token(self) -> int:
@@ -142,11 +153,11 @@ class ModelConfig:
         return self.attention_params() + norms + self.router_params() + experts * self.expert_params()
 
     def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
+        return self.embedding_rows * self.hidden_size
 
     def total_params(self) -> int:
         stored_experts = self.num_local_experts if self.is_moe else 1
-        unembedding = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        unembedding = 0 if self.tie_word_embeddings else self.embedding_rows * self.hidden_size
         return (
             self.embedding_params()
             + self.num_hidden_layers * self._block_params(stored_experts)
@@ -162,7 +173,7 @@ class ModelConfig:
         return (
             self.num_hidden_layers * self._block_params(self.experts_per_token)
             + self.hidden_size
-            + self.vocab_size * self.hidden_size
+            + self.embedding_rows * self.hidden_size
         )
 
     def expert_weight_elements(self) -> int:
@@ -254,6 +265,11 @@ class ModelConfig:
         }
         if not self.is_moe:
             hf["gptoss_dense"] = True
+        if self.vocab_rows is not None:
+            # transformers sizes the embedding from vocab_size, so it gets the row count; the id
+            # space the rows map into (tensor `model.token_ids`) is kept beside it.
+            hf["vocab_size"] = self.vocab_rows
+            hf["gptoss_token_space"] = self.vocab_size
         return hf
 
     @classmethod
@@ -272,8 +288,11 @@ class ModelConfig:
         dense = bool(hf.get("gptoss_dense"))
         experts = hf.get("num_local_experts", defaults.num_local_experts)
         top_k = hf.get("num_experts_per_tok", hf.get("experts_per_token", defaults.num_experts_per_tok))
+        rows = hf.get("vocab_size", defaults.vocab_size)
+        space = hf.get("gptoss_token_space")
         return cls(
-            vocab_size=hf.get("vocab_size", defaults.vocab_size),
+            vocab_size=space or rows,
+            vocab_rows=rows if space else None,
             hidden_size=hf["hidden_size"],
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=hf["num_attention_heads"],
@@ -333,6 +352,7 @@ class ModelConfig:
             "experts": self.num_local_experts,
             "experts_per_token": self.experts_per_token,
             "vocab_size": self.vocab_size,
+            "vocab_rows": self.embedding_rows,
             "context": self.max_position_embeddings,
             "sliding_window": self.sliding_window,
             "sliding_layers": self.num_sliding_layers,

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gptoss import ops
 from gptoss.config import MXFP4_BLOCK, ModelConfig
-from gptoss.model import Experts, clamped_swiglu
+from gptoss.model import Experts
 
 # The e2m1 code table: codes 0-7 are the magnitudes, bit 3 is the sign.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -58,8 +58,9 @@ def pack(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class MXFP4Experts(Experts):
-    """Experts whose weight matrices stay packed (4.25 bits each); an expert is dequantized only
-    when a token is routed to it, so memory holds the packed form alone."""
+    """Experts whose weight matrices stay packed (4.25 bits each): the native kernels decode them
+    block by block in registers, the PyTorch reference dequantizes only an expert a token is routed
+    to, so memory holds the packed form alone."""
 
     def __init__(self, config: ModelConfig) -> None:
         nn.Module.__init__(self)
@@ -73,20 +74,16 @@ class MXFP4Experts(Experts):
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
 
-    def per_expert(self) -> list[tuple[Tensor, ...]]:
-        stacks = (
+    def forward(self, x: Tensor, expert_idx: Tensor, expert_weight: Tensor) -> Tensor:
+        """x (N, H); expert_idx, expert_weight (N, k) → weighted sum of the chosen experts (N, H),
+        straight from the packed bytes: `ops.mxfp4_moe`, one native call for the whole layer (gate_up
+        with its bias and clamped SwiGLU fused, then down), for decode and prefill alike."""
+        return ops.mxfp4_moe(
+            x, expert_idx, expert_weight,
             self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias,
             self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias,
+            alpha=self.alpha, limit=self.limit,
         )  # fmt: skip
-        return list(zip(*stacks, strict=True))
-
-    def expert_forward(self, params: tuple[Tensor, ...], x: Tensor) -> Tensor:
-        """One expert on its tokens x (n, H), straight from the packed bytes (`ops.mxfp4_linear`)."""
-        gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias = params
-        h = clamped_swiglu(
-            ops.mxfp4_linear(x, gate_up_blocks, gate_up_scales, gate_up_bias), self.alpha, self.limit
-        )
-        return ops.mxfp4_linear(h, down_blocks, down_scales, down_bias)
 
     @classmethod
     def from_dense(cls, experts: Experts, config: ModelConfig) -> MXFP4Experts:

@@ -20,6 +20,7 @@ from gptoss.inference.chat import HARMONY_STOP_TOKENS, harmony_prompt
 from gptoss.inference.engine import ATTENTION_SCORE_BUDGET, model_device
 from gptoss.model import GptOss
 from gptoss.tokenizer import Tokenizer, get_tokenizer
+from gptoss.vocab import fit_tokens
 
 DEFAULT_MAX_LENGTH = 8192
 # Rows of the output head computed at once: (rows, 201088) fp32 logits are 0.8 MB per row.
@@ -151,6 +152,8 @@ class LocalModel:
                 raise ValueError("a continuation must hold at least one token")
             if not context:
                 raise ValueError("a context must hold at least one token (use <|endoftext|> for none)")
+            # A trimmed vocabulary spells the ids it lacks in bytes (the same text, more tokens).
+            context, continuation = fit_tokens(self.model, context), fit_tokens(self.model, continuation)
             whole = [*context, *continuation][-(self.max_length + 1) :]
             key = tuple(whole[:-1])
             bad = [t for t in whole if not 0 <= t < self.config.vocab_size]

@@ -16,6 +16,7 @@ from torch import Tensor
 from gptoss.inference.cache import ContextFullError, KVCache
 from gptoss.inference.sampling import Sampler, SamplingParams
 from gptoss.model import GptOss
+from gptoss.vocab import fit_tokens
 
 Detokenize = Callable[[Sequence[int]], str]
 FinishReason = Literal["stop", "length"]
@@ -193,6 +194,7 @@ def generate_stream(
     if not prompts:
         return
     config = model.config
+    prompts = [fit_tokens(model, prompt) for prompt in prompts]
     for prompt in prompts:
         _check_prompt(prompt, config.vocab_size, config.max_position_embeddings)
     detokenize = _default_detokenize(params, detokenize)
@@ -271,6 +273,7 @@ class Session:
 
     def append(self, tokens: Sequence[int]) -> None:
         _check_tokens(tokens, self.model.config.vocab_size)
+        tokens = fit_tokens(self.model, tokens)
         if len(self.tokens) + len(self.pending) + len(tokens) > self.capacity:
             raise ContextFullError(
                 f"the conversation would reach {len(self.tokens) + len(self.pending) + len(tokens)} tokens, "

@@ -3,11 +3,15 @@
 The kernels live in `gptoss.ops`; this module decides which layers use them:
 
 - bf16 linear layers (attention projections, output head) go through `ops.linear`, whose native
-  matvec serves decode-sized calls. MXFP4 experts already stream their packed bytes through
-  `ops.mxfp4_linear` (see `MXFP4Experts.expert_forward`); nothing to do for them.
+  matvec serves decode-sized calls (prefill-sized ones stay with PyTorch's GEMM). MXFP4 experts
+  already run natively: `MXFP4Experts.forward` is one `ops.mxfp4_moe` call per layer, straight
+  from the packed bytes, for decode and prefill alike; nothing to do for them.
 - Weight-only int8 (opt-in) for the attention projections and the output head: per-output-channel
   symmetric scales, multiplied by `ops.int8_linear`. Half the bytes of bf16 for those layers, at a
-  small cost in accuracy that benchmarks/decode.py reports as a KL divergence.
+  small cost in accuracy that benchmarks/decode.py reports as a KL divergence. Quantizing goes a
+  few thousand rows at a time, so it needs no fp32 copy of a whole layer (the head is 1.1 GiB).
+
+Nothing here copies weights otherwise: memory stays the loaded model's.
 """
 
 from __future__ import annotations
@@ -18,16 +22,24 @@ from torch import Tensor, nn
 from gptoss import ops
 from gptoss.model import GptOss
 
+QUANTIZE_ROWS = 4096  # rows quantized at a time: the fp32 working copy stays ~50 MB for a 2880-wide head
+
 
 class Int8Linear(nn.Module):
     """A linear layer whose weight is int8 with one scale per output channel (weight-only)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,): the row's largest → ±127
-        self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        weight = linear.weight.detach()
+        quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+            rows = weight[start : start + QUANTIZE_ROWS].float()
+            row_scale = rows.abs().amax(dim=1).clamp(min=1e-12) / 127  # the row's largest → ±127
+            quantized[start : start + len(rows)] = torch.round(rows / row_scale[:, None]).to(torch.int8)
+            scale[start : start + len(rows)] = row_scale
+        self.register_buffer("weight", quantized)
+        self.register_buffer("scale", scale.to(weight.dtype))
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 

@@ -1,9 +1,10 @@
 """Hot kernels behind one small interface: native CPU code where it is built, PyTorch otherwise.
 
 The PyTorch expressions here are the reference every native kernel is tested against. The native
-path serves decode-sized calls (up to `MAX_ROWS` activation rows) on CPU tensors outside autograd;
-anything else (prefill, training, GPU) takes the PyTorch path, where a GEMM over a dequantized
-weight is the faster choice anyway.
+path serves CPU tensors outside autograd: MXFP4 products for any number of activation rows (the
+packed weights are decoded block by block in registers, for decode and prefill alike), bf16 and
+int8 products up to `MAX_ROWS` rows (decode); larger dense products take PyTorch's GEMM, which is
+the faster choice there. Activations may be float32 or bfloat16; results come back in their dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gptoss.model import clamped_swiglu
+
 log = logging.getLogger(__name__)
 
 try:
@@ -23,6 +26,8 @@ except ImportError:  # built by `pip install` when a C compiler is present
     log.info("gptoss: native CPU kernels not built; using the PyTorch path (slower decode)")
 
 MAX_ROWS = _native.MAX_ROWS if _native else 0
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the native module's F32 / BF16
+INT8_REFERENCE_ROWS = 8192  # output channels the int8 reference path dequantizes at a time
 
 
 def native_available() -> bool:
@@ -30,27 +35,36 @@ def native_available() -> bool:
 
 
 def set_isa(name: str) -> str:
-    """Choose the native instruction set ('best', 'avx512', 'avx2', 'c'); returns the one in use."""
+    """Choose the native instruction set ('best', 'avx512bf16', 'avx512', 'avx2', 'c'); returns the
+    one in use. 'avx512bf16' adds bf16 dot products for bfloat16 activations."""
     if _native is None:
         raise RuntimeError("the native kernels are not built (reinstall gptoss with a C compiler)")
     return _native.set_isa(name)
 
 
-def _native_ok(x: Tensor, *tensors: Tensor) -> bool:
+def set_num_threads(threads: int) -> None:
+    """Threads for PyTorch and the native kernels alike (they share one OpenMP runtime when both
+    are loaded, but set both in case they do not)."""
+    torch.set_num_threads(threads)
+    if _native is not None:
+        _native.num_threads(threads)
+
+
+def _native_ok(x: Tensor, *tensors: Tensor | None, max_rows: int | None = None) -> bool:
+    params = [t for t in tensors if t is not None]
     return (
         _native is not None
         and x.device.type == "cpu"
-        and 1 <= x.shape[0] <= MAX_ROWS
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)))
+        and x.shape[0] >= 1
+        and (max_rows is None or x.shape[0] <= max_rows)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
     )
 
 
-def _ptr(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+def _native_dtype(t: Tensor) -> Tensor:
+    """t detached and contiguous in a dtype the native code reads (bf16 or fp32)."""
+    t = t.detach()
+    return (t if t.dtype in _DTYPE_CODES else t.float()).contiguous()
 
 
 # Every tensor whose address goes to native code is bound to a local name first, so that it stays
@@ -60,24 +74,18 @@ def _f32(t: Tensor | None) -> Tensor | None:
 def mxfp4_linear(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (N, in) @ W + bias for W packed as MXFP4 blocks (out, in/32, 16) and scales (out, in/32).
 
-    Returns (N, out) in x's dtype. Few rows: the native kernel streams the packed bytes once.
-    Many rows: dequantize once, then one GEMM.
+    Returns (N, out) in x's dtype. The native kernel streams the packed bytes once per chunk of
+    `MAX_ROWS` rows; the reference dequantizes, then multiplies.
     """
-    if _native_ok(x, *([bias] if bias is not None else [])):
-        n, out_dim = x.shape[0], blocks.shape[0]
-        x32, b32 = _f32(x), _f32(bias)
+    if _native_ok(x, bias):
+        xa, b = _native_dtype(x), None if bias is None else _native_dtype(bias)
         blocks, scales = blocks.contiguous(), scales.contiguous()
-        y = torch.empty(n, out_dim, dtype=torch.float32)
+        y = torch.empty(x.shape[0], blocks.shape[0], dtype=xa.dtype)
         _native.mxfp4_matmul(
-            x32.data_ptr(),
-            n,
-            x.shape[1],
-            blocks.data_ptr(),
-            scales.data_ptr(),
-            out_dim,
-            _ptr(b32),
-            y.data_ptr(),
-        )
+            xa.data_ptr(), _DTYPE_CODES[xa.dtype], x.shape[0], x.shape[1],
+            blocks.data_ptr(), scales.data_ptr(), blocks.shape[0],
+            _ptr(b), _code(b), y.data_ptr(), _DTYPE_CODES[y.dtype],
+        )  # fmt: skip
         return y.to(x.dtype)
     from gptoss.mxfp4 import unpack  # here: gptoss.mxfp4 itself imports this module
 
@@ -85,30 +93,123 @@ def mxfp4_linear(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None 
     return y if bias is None else y + bias
 
 
+def mxfp4_expert(
+    x: Tensor,
+    gate_up_blocks: Tensor,
+    gate_up_scales: Tensor,
+    gate_up_bias: Tensor,
+    down_blocks: Tensor,
+    down_scales: Tensor,
+    down_bias: Tensor,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    """One clamped-SwiGLU expert on tokens x (N, H) with MXFP4 weights: gate_up (2I, H/32, 16)
+    with interleaved gate / linear rows, down (H, I/32, 16); biases (2I,) and (H,).
+
+    The reference is `mxfp4_linear` → `clamped_swiglu` → `mxfp4_linear`. Natively it is
+    `mxfp4_moe` with one expert: the SwiGLU is applied to the fp32 sums as the kernel makes them,
+    and the hidden activations (N, I) are stored once, in x's dtype, as the reference rounds them.
+    """
+    if _native_ok(x, gate_up_bias, down_bias) and x.dtype in _DTYPE_CODES:
+        route = torch.zeros(x.shape[0], 1, dtype=torch.int64), torch.ones(x.shape[0], 1)
+        stacks = (gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias)
+        return mxfp4_moe(x, *route, *(t[None] for t in stacks), alpha=alpha, limit=limit)
+    h = clamped_swiglu(mxfp4_linear(x, gate_up_blocks, gate_up_scales, gate_up_bias), alpha, limit)
+    return mxfp4_linear(h, down_blocks, down_scales, down_bias)
+
+
+def mxfp4_moe(
+    x: Tensor,
+    expert_idx: Tensor,
+    expert_weight: Tensor,
+    gate_up_blocks: Tensor,
+    gate_up_scales: Tensor,
+    gate_up_bias: Tensor,
+    down_blocks: Tensor,
+    down_scales: Tensor,
+    down_bias: Tensor,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    """Σ_j expert_weight[t, j] · expert_{expert_idx[t, j]}(x[t]) for tokens x (N, H): the routed
+    experts of an MoE layer, from the stacked MXFP4 tensors (E, ...) as `MXFP4Experts` holds them.
+
+    Natively one call: tokens are grouped by expert, every chosen expert runs `mxfp4_expert`'s
+    fused kernels, and the weighted outputs are summed in fp32, rounded once to x's dtype. The
+    reference groups tokens the same way (fp32 sum too) and calls `mxfp4_expert` per expert.
+    """
+    if _native_ok(x, expert_weight, gate_up_bias, down_bias) and x.dtype in _DTYPE_CODES:
+        xa, idx = x.detach().contiguous(), expert_idx.to(torch.int64).contiguous()
+        weight = _native_dtype(expert_weight)
+        gb, db = _native_dtype(gate_up_bias), _native_dtype(down_bias)
+        db = db.to(gb.dtype)
+        gate_up_blocks, gate_up_scales = gate_up_blocks.contiguous(), gate_up_scales.contiguous()
+        down_blocks, down_scales = down_blocks.contiguous(), down_scales.contiguous()
+        experts, hidden = down_blocks.shape[0], down_blocks.shape[1]
+        inter = down_blocks.shape[2] * down_blocks.shape[3] * 2
+        y = torch.empty(x.shape[0], hidden, dtype=x.dtype)
+        _native.mxfp4_moe(
+            xa.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], idx.shape[1],
+            idx.data_ptr(), weight.data_ptr(), _DTYPE_CODES[weight.dtype],
+            experts, hidden, inter,
+            gate_up_blocks.data_ptr(), gate_up_scales.data_ptr(), gb.data_ptr(),
+            down_blocks.data_ptr(), down_scales.data_ptr(), db.data_ptr(), _DTYPE_CODES[gb.dtype],
+            alpha, limit, y.data_ptr(),
+        )  # fmt: skip
+        return y
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in torch.unique(expert_idx).tolist():
+        token, slot = torch.nonzero(expert_idx == e, as_tuple=True)
+        stacks = (gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias)
+        y = mxfp4_expert(x[token], *(t[e] for t in stacks), alpha=alpha, limit=limit)
+        out = out.index_add(0, token, y.float() * expert_weight[token, slot, None].float())
+    return out.to(x.dtype)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, with the native bf16 matvec for decode-sized calls on bf16 CPU weights."""
     rows = x.reshape(-1, x.shape[-1])
-    if weight.dtype == torch.bfloat16 and _native_ok(rows, weight):
-        n, out_dim = rows.shape[0], weight.shape[0]
-        x32, b32, w = _f32(rows), _f32(bias), weight.contiguous()
-        y = torch.empty(n, out_dim, dtype=torch.float32)
-        _native.bf16_matmul(x32.data_ptr(), n, rows.shape[1], w.data_ptr(), out_dim, _ptr(b32), y.data_ptr())
-        return y.to(x.dtype).view(*x.shape[:-1], out_dim)
+    if weight.dtype == torch.bfloat16 and _native_ok(rows, weight, bias, max_rows=MAX_ROWS):
+        xa, b, w = _native_dtype(rows), None if bias is None else _native_dtype(bias), weight.contiguous()
+        y = torch.empty(rows.shape[0], weight.shape[0], dtype=xa.dtype)
+        _native.bf16_matmul(
+            xa.data_ptr(), _DTYPE_CODES[xa.dtype], rows.shape[0], rows.shape[1],
+            w.data_ptr(), weight.shape[0], _ptr(b), _code(b), y.data_ptr(), _DTYPE_CODES[y.dtype],
+        )  # fmt: skip
+        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ (weight (out, in) int8 · scale (out,))ᵀ + bias: weight-only int8, one scale per output row."""
     rows = x.reshape(-1, x.shape[-1])
-    if _native_ok(rows):
-        n, out_dim = rows.shape[0], weight.shape[0]
-        x32, b32, s32, w = _f32(rows), _f32(bias), _f32(scale), weight.contiguous()
-        y = torch.empty(n, out_dim, dtype=torch.float32)
+    if _native_ok(rows, bias, max_rows=MAX_ROWS):
+        xa, b, w = _native_dtype(rows), None if bias is None else _native_dtype(bias), weight.contiguous()
+        s32 = scale.detach().float().contiguous()
+        y = torch.empty(rows.shape[0], weight.shape[0], dtype=xa.dtype)
         _native.int8_matmul(
-            x32.data_ptr(), n, rows.shape[1], w.data_ptr(), s32.data_ptr(), out_dim, _ptr(b32), y.data_ptr()
-        )
-        return y.to(x.dtype).view(*x.shape[:-1], out_dim)
-    return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
+            xa.data_ptr(), _DTYPE_CODES[xa.dtype], rows.shape[0], rows.shape[1],
+            w.data_ptr(), s32.data_ptr(), weight.shape[0], _ptr(b), _code(b), y.data_ptr(),
+            _DTYPE_CODES[y.dtype],
+        )  # fmt: skip
+        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    # dequantized a block of output channels at a time: no full-size copy of a large matrix (the
+    # 1.1 GiB head would need two)
+    parts = []
+    for start in range(0, weight.shape[0], INT8_REFERENCE_ROWS):
+        block = slice(start, start + INT8_REFERENCE_ROWS)
+        dequantized = weight[block].to(x.dtype) * scale[block].to(x.dtype)[:, None]
+        parts.append(F.linear(x, dequantized, None if bias is None else bias[block]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _code(t: Tensor | None) -> int:
+    return 0 if t is None else _DTYPE_CODES[t.dtype]
 
 
 class NativeLinear(nn.Linear):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -79,6 +80,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
         reasoning_effort=body.reasoning_effort,
         json_format=fmt,
     )
+    prompt = dataclasses.replace(prompt, tokens=service.runner.fit_prompt(prompt.tokens))
     requested = body.max_completion_tokens or body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     max_tokens = service.completion_budget(len(prompt.tokens), requested, param)
@@ -263,7 +265,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo with logprobs (prompt log-probabilities) is not supported", param="echo")
-    prompts = _prompts(body.prompt, service.runner.vocab_size)
+    prompts = [service.runner.fit_prompt(p) for p in _prompts(body.prompt, service.runner.vocab_size)]
     requests, texts = [], []
     stop_ids = Tokenizer.STOP_TOKENS
     for p, tokens in enumerate(prompts):

@@ -8,6 +8,7 @@ model's harmony messages become output items: analysis → `reasoning`, final te
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -222,6 +223,7 @@ async def create_response(body: ResponsesRequest, request: Request, service: Ser
         reasoning_effort=body.reasoning.effort if body.reasoning else None,
         json_format=fmt,
     )
+    prompt = dataclasses.replace(prompt, tokens=service.runner.fit_prompt(prompt.tokens))
     max_tokens = service.completion_budget(len(prompt.tokens), body.max_output_tokens, "max_output_tokens")
     sampling = SamplingFields(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     params = sampling_params(sampling, max_tokens, 0, None, Tokenizer.STOP_TOKENS)

@@ -22,6 +22,7 @@ from torch import Tensor
 from gptoss.inference import KVCache
 from gptoss.inference.engine import forward_hidden, model_device, model_dtype, prefill_chunk_length
 from gptoss.model import GptOss
+from gptoss.vocab import fit_tokens
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ class Runner(Protocol):
     vocab_size: int
     context: int  # tokens one sequence may hold: prompt + generated
     max_batch: int  # sequences that decode together
+
+    def fit_prompt(self, tokens: Sequence[int]) -> list[int]:
+        """`tokens` as the model reads them (a trimmed vocabulary spells ids it lacks in bytes)."""
+        ...
 
     def prefill(self, seq: int, tokens: Sequence[int], last: bool) -> None:
         """Append prompt tokens of `seq`; with `last`, it joins the decode batch."""
@@ -94,6 +99,9 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def fit_prompt(self, tokens: Sequence[int]) -> list[int]:
+        return fit_tokens(self.model, tokens)
+
     def prefill(self, seq: int, tokens: Sequence[int], last: bool) -> None:
         if self.staged != seq:
             if self.staged is not None:

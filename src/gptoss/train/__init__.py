@@ -1,4 +1,5 @@
-"""Pretraining: token shards, the trainer, FSDP2 parallelism, checkpoints, and planning at scale."""
+"""Training: token shards, the pretrainer, FSDP2 parallelism, checkpoints, planning at scale,
+supervised fine-tuning (full or LoRA) and LoRA adapters."""
 
 from gptoss.train.checkpoints import (
     export_hf_model,
@@ -7,25 +8,36 @@ from gptoss.train.checkpoints import (
     save_training_checkpoint,
 )
 from gptoss.train.data import Batches, TokenSplit, prepare_data, read_shard, write_dataset, write_shard
+from gptoss.train.lora import LoRAConfig, apply_lora, load_lora, merge_adapter, merge_lora, save_lora
 from gptoss.train.plan import GPUS, plan_training
 from gptoss.train.plot import plot_runs, read_metrics
+from gptoss.train.sft import SFTConfig, finetune, load_sft_config
 from gptoss.train.trainer import TrainConfig, Trainer, load_train_config, train
 
 __all__ = [
     "GPUS",
     "Batches",
+    "LoRAConfig",
+    "SFTConfig",
     "TokenSplit",
     "TrainConfig",
     "Trainer",
+    "apply_lora",
     "export_hf_model",
+    "finetune",
     "latest_checkpoint",
+    "load_lora",
+    "load_sft_config",
     "load_train_config",
     "load_training_checkpoint",
+    "merge_adapter",
+    "merge_lora",
     "plan_training",
     "plot_runs",
     "prepare_data",
     "read_metrics",
     "read_shard",
+    "save_lora",
     "save_training_checkpoint",
     "train",
     "write_dataset",

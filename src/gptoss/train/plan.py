@@ -91,13 +91,13 @@ def plan_training(
         "optimizer_fp32": total * OPTIMIZER_BYTES / gpus,
     }
     # FSDP gathers one block's bf16 weights at a time, plus the next one prefetched.
-    block_params = (total - config.embedding_params() - config.vocab_size * config.hidden_size) / (
+    block_params = (total - config.embedding_params() - config.embedding_rows * config.hidden_size) / (
         config.num_hidden_layers
     )
     gathered = 2 * block_params * 2
     # The trainer's fused loss holds one chunk of fp32 logits and the head's fp32 weight gradient,
     # however many tokens are in flight (plain logits would cost 8·vocab bytes per token).
-    head = CHUNK_ELEMENTS * 4 + config.vocab_size * config.hidden_size * 4
+    head = CHUNK_ELEMENTS * 4 + config.embedding_rows * config.hidden_size * 4
     fixed = sum(sharded.values()) + gathered + head + RESERVED_GIB * gib
 
     # Activation bytes per token in flight: every block's, or, checkpointed, every block's input

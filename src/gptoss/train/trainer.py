@@ -441,7 +441,7 @@ class Trainer:
         """Mean cross-entropy of one micro-batch (B, T) (call under autocast and router capture)."""
         head = getattr(self.model, "lm_head", None)
         if isinstance(head, LossHead):
-            with head.targets(targets):
+            with head.targets(self.model.token_rows(targets)):  # the head's rows, if trimmed
                 return self.model(inputs) / targets.numel()
         logits = self.model(inputs)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
