@@ -269,7 +269,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             console.print(f"[dim]{chat.num_tokens:,} / {context:,} tokens[/dim]")
 
 
-def _add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         nargs="?",
@@ -277,6 +277,10 @@ def _add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -
         help=f"a checkpoint directory, or a preset ({', '.join(PRESETS)}; random weights); "
         f"default: the bundled {DEFAULT_MODEL}",
     )
+
+
+def _add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    _add_model_argument(parser)
     parser.add_argument(
         "--max-tokens", type=int, default=max_tokens, help="most tokens to generate per reply"
     )
@@ -319,12 +323,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, responses)")
-    serve.add_argument(
-        "model",
-        nargs="?",
-        default=DEFAULT_MODEL,
-        help=f"a checkpoint directory or a preset ({', '.join(PRESETS)}); default: {DEFAULT_MODEL} (bundled)",
-    )
+    _add_model_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require this bearer key (default: $GPTOSS_API_KEY)")
@@ -509,12 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="shape, parameters, memory, KV cache and FLOPs of a model")
-    info.add_argument(
-        "model",
-        nargs="?",
-        default=DEFAULT_MODEL,
-        help=f"a checkpoint directory or a preset ({', '.join(PRESETS)}); default: {DEFAULT_MODEL} (bundled)",
-    )
+    _add_model_argument(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.add_argument("--context", type=int, default=None, help="context length for KV cache and FLOPs")
     info.set_defaults(func=cmd_info)
