@@ -137,7 +137,7 @@ def test_native_linears_keep_parameters_and_state_dict():
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         before = model(ids[:, :1]).float()
-        ops.use_native_linears(model)
+        ops.use_native_kernels(model)
         after = model(ids[:, :1]).float()
     assert type(model.lm_head) is ops.NativeLinear
     assert state.keys() == model.state_dict().keys()
@@ -152,9 +152,10 @@ ROW_COUNTS = [1, 2, 3, 5, 8, 9, 13, 20]
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", ROW_COUNTS)
-def test_mxfp4_linear_rows_and_dtypes(isa, dtype, n):
+@pytest.mark.parametrize("inp", [96, 128])  # 128: two blocks a step (mxfp4_pairs) with bf16 activations
+def test_mxfp4_linear_rows_and_dtypes(isa, dtype, n, inp):
     generator = torch.Generator().manual_seed(n)
-    inp, out = 96, 51  # odd output count: the two-rows-at-a-time kernels end on a single row
+    out = 51  # odd output count: the two-rows-at-a-time kernels end on a single row
     blocks, scales = pack(torch.randn(1, inp, out, generator=generator))
     blocks, scales = blocks[0], scales[0]
     x = torch.randn(n, inp, generator=generator).to(dtype)
@@ -168,14 +169,16 @@ def test_mxfp4_linear_rows_and_dtypes(isa, dtype, n):
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mxfp4_extreme_scales(isa, dtype):
+@pytest.mark.parametrize("groups", [3, 4])
+def test_mxfp4_extreme_scales(isa, dtype, groups):
     # Scale bytes 0 and 1 make subnormal weights, which the bf16 kernel cannot build by adding to
-    # the exponent: those blocks take an fp32 detour. Large activations there make them count.
+    # the exponent: those blocks take an fp32 detour (the two-block kernel, taken with 4 groups,
+    # scales fp32 sums instead). Large activations there make them count.
     generator = torch.Generator().manual_seed(5)
-    blocks = torch.randint(0, 256, (7, 3, 16), dtype=torch.uint8, generator=generator)
-    scales = torch.full((7, 3), 127, dtype=torch.uint8)
+    blocks = torch.randint(0, 256, (7, groups, 16), dtype=torch.uint8, generator=generator)
+    scales = torch.full((7, groups), 127, dtype=torch.uint8)
     scales[:, 1] = torch.tensor([0, 1, 2, 1, 0, 126, 1], dtype=torch.uint8)
-    x = torch.randn(3, 96, generator=generator)
+    x = torch.randn(3, 32 * groups, generator=generator)
     x[:, 32:64] *= 2.0**120
     x = x.to(dtype)
     weight = unpack(blocks, scales, torch.float32).T
@@ -267,11 +270,12 @@ def moe_weights(experts: int, hidden: int, inter: int, generator: torch.Generato
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", [(1, 4), (3, 2), (11, 3), (20, 1)])
-def test_mxfp4_moe_is_the_weighted_sum_of_chosen_experts(isa, dtype, n, k):
+@pytest.mark.parametrize("hidden,inter", [(64, 32), (128, 64)])  # (128, 64): two blocks a step
+def test_mxfp4_moe_is_the_weighted_sum_of_chosen_experts(isa, dtype, n, k, hidden, inter):
     from gptoss.model import clamped_swiglu
 
     generator = torch.Generator().manual_seed(n * k)
-    experts, hidden, inter = 5, 64, 32
+    experts = 5
     stacks = moe_weights(experts, hidden, inter, generator, dtype)
     x = (torch.randn(n, hidden, generator=generator) * 0.5).to(dtype)
     idx = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(n)])
@@ -319,3 +323,61 @@ def test_mxfp4_moe_reference_path_allows_autograd():
     weight.requires_grad_()  # a router being trained: its gradient flows too
     ops.mxfp4_moe(x.detach(), idx, weight, *stacks, alpha=1.702, limit=7.0).sum().backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------- decode-time helpers
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [7, 64, 2880])
+def test_rms_norm(isa, dtype, dim):
+    from gptoss.model import rms_norm
+
+    g = torch.Generator().manual_seed(dim)
+    x = (torch.randn(3, 5, dim, generator=g) * 4).to(dtype)
+    weight = torch.randn(dim, generator=g).to(dtype)
+    y, ref = ops.rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    # fp32 sums in another order; bf16 results may round to the neighbouring value
+    tolerance = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y.float(), ref.float(), atol=tolerance, rtol=tolerance)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [16, 20, 64])  # 20: not a multiple of the vector width
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("keys", [11, 37])  # vector steps of 16 with a tail
+def test_sink_attention_over_a_cache(isa, dtype, dim, tokens, keys):
+    from gptoss.model import sink_attention
+
+    g = torch.Generator().manual_seed(dim * 10 + tokens)
+    batch, heads, kv_heads = 2, 8, 2
+    cache_k = torch.randn(batch, kv_heads, keys + 5, dim, generator=g).to(dtype)
+    cache_v = torch.randn(batch, kv_heads, keys + 5, dim, generator=g).to(dtype)
+    k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]  # the cache's strided view, as attention gets it
+    q = (torch.randn(batch, heads, tokens, dim, generator=g) * 2).to(dtype)
+    mask = torch.rand(batch, 1, tokens, keys, generator=g) < 0.7
+    mask[1, 0, 0] = False  # a query that sees no key: all its weight goes to the sink
+    sinks = torch.randn(heads, generator=g)
+    out, ref = ops.sink_attention(q, k, v, mask, sinks), sink_attention(q, k, v, mask, sinks)
+    assert out.dtype == dtype and out.shape == (batch, heads, tokens, dim)
+    assert torch.all(out[1, :, 0] == 0)
+    # bf16: probabilities and outputs round to bf16 in both; fp32 sums in another order may put
+    # one of them on the neighbouring value
+    tolerance = 2**-6 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), ref.float(), atol=tolerance, rtol=tolerance)
+    shared = ops.sink_attention(q, k, v, mask[:1], sinks)  # one mask for every row
+    torch.testing.assert_close(
+        shared.float(), sink_attention(q, k, v, mask[:1], sinks).float(), atol=tolerance, rtol=tolerance
+    )
+
+
+@native
+def test_native_classes_replace_only_the_forward():
+    from conftest import random_model, tiny_config
+
+    model = ops.use_native_kernels(random_model(tiny_config()))
+    block = model.model.layers[0]
+    assert type(block.input_layernorm) is ops.NativeRMSNorm
+    assert type(block.self_attn) is ops.NativeAttention
+    assert type(block.mlp.router) is ops.NativeRouter

@@ -25,10 +25,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 whatever the activation dtype: bf16 sums of squares lose too much.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x32).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Normalise in fp32 whatever the activation dtype: bf16 sums of squares lose too much.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * x32).to(x.dtype)
 
 
 # ---------------------------------------------------------------------- rotary position embedding
@@ -127,8 +131,12 @@ class Attention(nn.Module):
             mask = causal_mask(T, self.window, x.device)
         else:
             k, v, mask = cache.update(self.layer_idx, k, v)
-        out = sink_attention(q, k, v, mask, self.sinks)  # (B, H, T, D)
+        out = self.attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Queries over keys and values with this layer's sinks (what decode kernels replace)."""
+        return sink_attention(q, k, v, mask, self.sinks)
 
 
 def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:
@@ -179,10 +187,13 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """For tokens x (N, H): router logits (N, E), chosen experts (N, k), their weights (N, k)."""
-        logits = F.linear(x, self.weight, self.bias)
+        logits = self.project(x)
         top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1)
         # softmax over the chosen k only, as the reference does
         return logits, top_idx, torch.softmax(top_logits.float(), dim=-1).to(x.dtype)
+
+    def project(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class Experts(nn.Module):

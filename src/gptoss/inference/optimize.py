@@ -2,8 +2,10 @@
 
 The kernels live in `gptoss.ops`; this module decides which layers use them:
 
-- bf16 linear layers (attention projections, output head) go through `ops.linear`, whose native
-  matvec serves decode-sized calls (prefill-sized ones stay with PyTorch's GEMM). MXFP4 experts
+- bf16 linear layers (attention projections, routers, output head) go through `ops.linear`, whose
+  native matvec serves decode-sized calls (prefill-sized ones stay with PyTorch's GEMM); RMSNorm
+  and attention over the KV cache (decode-sized queries) are one native call each instead of a
+  dozen small PyTorch operators (`ops.use_native_kernels`). MXFP4 experts
   already run natively: `MXFP4Experts.forward` is one `ops.mxfp4_moe` call per layer, straight
   from the packed bytes, for decode and prefill alike; nothing to do for them.
 - Weight-only int8 (opt-in) for the attention projections and the output head: per-output-channel
@@ -68,4 +70,4 @@ def prepare_for_inference(model: GptOss, int8: bool = False) -> GptOss:
     """
     if int8:
         quantize_int8(model)
-    return ops.use_native_linears(model)
+    return ops.use_native_kernels(model)

@@ -5,6 +5,8 @@ path serves CPU tensors outside autograd: MXFP4 products for any number of activ
 packed weights are decoded block by block in registers, for decode and prefill alike), bf16 and
 int8 products up to `MAX_ROWS` rows (decode); larger dense products take PyTorch's GEMM, which is
 the faster choice there. Activations may be float32 or bfloat16; results come back in their dtype.
+RMSNorm and attention over a KV cache (decode-sized queries) are native too: at batch 1 PyTorch
+spends longer dispatching their small operators than computing them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptoss.model import clamped_swiglu
+from gptoss.model import Attention, RMSNorm, Router, clamped_swiglu
+from gptoss.model import rms_norm as reference_rms_norm
+from gptoss.model import sink_attention as reference_sink_attention
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +216,50 @@ def _code(t: Tensor | None) -> int:
     return 0 if t is None else _DTYPE_CODES[t.dtype]
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`gptoss.model.rms_norm`: one native call instead of its handful of operators."""
+    if _native_ok(x, weight) and x.dtype in _DTYPE_CODES:
+        xa, w = x.detach().contiguous(), _native_dtype(weight)
+        y = torch.empty_like(xa)
+        rows, dim = xa.numel() // xa.shape[-1], xa.shape[-1]
+        code = _DTYPE_CODES[xa.dtype]
+        _native.rms_norm(xa.data_ptr(), code, rows, dim, w.data_ptr(), _code(w), eps, y.data_ptr())
+        return y
+    return reference_rms_norm(x, weight, eps)
+
+
+def _keys_layout(t: Tensor) -> Tensor:
+    """t (B, KVH, S, D) with each head's (S, D) rows contiguous, as the native kernel reads them."""
+    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
+
+
+def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:
+    """`gptoss.model.sink_attention`; natively for decode-sized queries (up to `MAX_ROWS` tokens),
+    straight from the cache's memory. Softmax in fp32, probabilities rounded to the values' dtype
+    and the weighted sum accumulated in fp32, as the reference does."""
+    B, H, T, D = q.shape
+    if (
+        _native_ok(q, k, v, sinks, max_rows=MAX_ROWS)
+        and T <= MAX_ROWS
+        and q.dtype in _DTYPE_CODES
+        and k.dtype == v.dtype
+        and k.dtype in _DTYPE_CODES
+    ):
+        qa, ka, va = q.detach().contiguous(), _keys_layout(k.detach()), _keys_layout(v.detach())
+        if ka.stride()[:2] != va.stride()[:2]:
+            ka, va = ka.contiguous(), va.contiguous()
+        m = mask.to(torch.bool).expand(-1, 1, T, k.shape[2]).contiguous()
+        s32 = sinks.detach().float().contiguous()
+        out = torch.empty(B, H, T, D, dtype=v.dtype)
+        _native.sink_attention(
+            qa.data_ptr(), _DTYPE_CODES[qa.dtype], B, H, T, D,
+            ka.data_ptr(), va.data_ptr(), _DTYPE_CODES[va.dtype], k.shape[1], k.shape[2],
+            ka.stride(0), ka.stride(1), m.data_ptr(), m.shape[0], s32.data_ptr(), out.data_ptr(),
+        )  # fmt: skip
+        return out
+    return reference_sink_attention(q, k, v, mask, sinks)
+
+
 class NativeLinear(nn.Linear):
     """nn.Linear whose forward goes through `ops.linear`; same parameters, same state_dict."""
 
@@ -219,13 +267,38 @@ class NativeLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def use_native_linears(model: nn.Module) -> nn.Module:
-    """Route every nn.Linear of `model` through `ops.linear`, in place.
+class NativeRMSNorm(RMSNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
-    Changing the class keeps the parameter objects (and any tying) untouched; the model file stays
-    plain nn.Linear, as DESIGN.md asks: kernels are applied from outside.
+
+class NativeAttention(Attention):
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        return sink_attention(q, k, v, mask, self.sinks)
+
+
+class NativeRouter(Router):
+    def project(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+_NATIVE_CLASSES: dict[type, type] = {
+    nn.Linear: NativeLinear,
+    RMSNorm: NativeRMSNorm,
+    Attention: NativeAttention,
+    Router: NativeRouter,
+}
+
+
+def use_native_kernels(model: nn.Module) -> nn.Module:
+    """Route `model`'s linear layers, RMSNorms, attention and routers through this module's
+    kernels, in place.
+
+    Changing the classes keeps the parameter objects (and any tying) untouched; the model file
+    stays plain PyTorch, as DESIGN.md asks: kernels are applied from outside.
     """
     for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = NativeLinear
+        native = _NATIVE_CLASSES.get(type(module))
+        if native is not None:
+            module.__class__ = native
     return model
