@@ -17,7 +17,7 @@ setup: $(BIN)/python
 run: setup
 	$(BIN)/gptoss generate --temperature 0 "Write a Python function \`is_prime(n)\` to return True if n is prime."
 
-# Rebuild the bundled demonstration model from its recipe (about 45 minutes on 2 CPU cores).
+# Rebuild the bundled demonstration model from its recipe (58 minutes measured on 2 CPU cores).
 gptoss-nano: setup
 	$(BIN)/python recipes/gptoss_nano.py --out runs/gptoss-nano
 	cp runs/gptoss-nano/model/* src/gptoss/models/gptoss-nano/

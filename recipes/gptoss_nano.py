@@ -1,6 +1,6 @@
 """Recipe of gptoss-nano, the demonstration model that ships inside the package.
 
-    .venv/bin/python recipes/gptoss_nano.py --out runs/gptoss-nano     (about 45 minutes, 2 CPU cores)
+    .venv/bin/python recipes/gptoss_nano.py --out runs/gptoss-nano     (58 minutes on 2 CPU cores)
 
 1. Corpus: every `.py` file of the running Python's standard library (every machine with Python has
    it), split by file: about 2% of the files are held out for validation.
@@ -9,8 +9,10 @@
 3. `gptoss train`: gpt-oss-nano's blocks (4 layers, 8 experts, top-2, hidden 256) with that trimmed,
    tied vocabulary, pretrained on the corpus.
 4. `gptoss finetune`: full fine-tuning on harmony conversations made from the same files: the user
-   asks for a documented function by signature and docstring summary, the assistant notes where it
-   comes from (analysis channel) and answers with the source (final channel).
+   asks for a documented function by signature and docstring summary, the assistant says in a line
+   how it will answer (analysis channel) and answers with the source, its docstring cut to that
+   summary (final channel); functions longer than MAX_ANSWER_CHARS are left out, and every second
+   conversation follows the one before it in the same chat.
 5. Held-out losses beside a unigram baseline, a model card, and the bf16 weights written to OUT/model
    (copy to src/gptoss/models/gptoss-nano to bundle them).
 """
@@ -44,6 +46,9 @@ from gptoss.train.data import TokenSplit, write_dataset
 from gptoss.vocab import VocabularyFit, choose_vocabulary
 
 VOCAB_ROWS = 12288
+# Answers longer than this are left out of the conversations: a model this small learns to close a
+# short function and end its turn, while long ones teach it to ramble on (and loop) instead.
+MAX_ANSWER_CHARS = 600
 VAL_EVERY = 50  # one file in this many (by a hash of its path) is held out
 CONFIG = get_config("gpt-oss-nano").replace(
     name="gptoss-nano", vocab_rows=VOCAB_ROWS, tie_word_embeddings=True, max_position_embeddings=4096
@@ -68,11 +73,11 @@ PRETRAIN = {
 }
 FINETUNE = {
     "lora_rank": 0,  # full fine-tuning: the model is small
-    "epochs": 3.0,
+    "epochs": 5.0,
     "seq_len": 768,
     "batch_size": 16,
     "micro_batch_size": 16,
-    "lr": 5e-4,
+    "lr": 3e-4,
     "warmup_steps": 20,
     "precision": "bf16",
     "eval_every": 100,
@@ -149,9 +154,13 @@ _VERB_WORDS = """
 VERBS = frozenset(_VERB_WORDS.split())
 
 
+def _first_paragraph(doc: str) -> str:
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def _summary(doc: str) -> str | None:
     """The docstring's first sentence when it says what the function does ("Return x." → "return x.")."""
-    first = " ".join(doc.strip().split("\n\n")[0].split())
+    first = _first_paragraph(doc)
     words = first.split(" ", 1)
     verb = words[0].lower()
     for form in (verb, verb.removesuffix("es"), verb.removesuffix("s")):  # "Returns" → "return"
@@ -163,8 +172,22 @@ def _summary(doc: str) -> str | None:
     return f"{verb} {words[1]}" + ("" if first.endswith(".") else ".")
 
 
+def answer_source(source: str, node: ast.FunctionDef) -> str | None:
+    """The function's source, dedented, its docstring cut to the one-line summary that the request
+    quotes: what the model has to write is then mostly code. None when there is no body to write."""
+    lines = (" " * node.col_offset + (ast.get_source_segment(source, node) or "")).splitlines()
+    doc = node.body[0]
+    first, last = doc.lineno - node.lineno, (doc.end_lineno or doc.lineno) - node.lineno
+    if not (0 < first <= last < len(lines)) or len(node.body) < 2:
+        return None
+    indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
+    summary = _first_paragraph(ast.get_docstring(node) or "").replace('"', "'").rstrip("\\")
+    lines[first : last + 1] = [f'{indent}"""{summary}"""']
+    return textwrap.dedent("\n".join(lines))
+
+
 def conversations(path: Path, module: str) -> list[dict[str, Any]]:
-    """Chat examples from the public, documented top-level functions of one module."""
+    """Chat examples from the public, documented functions and methods of one module."""
     try:
         source = path.read_text(encoding="utf-8")
         tree = ast.parse(source)
@@ -179,8 +202,8 @@ def conversations(path: Path, module: str) -> list[dict[str, Any]]:
             continue
         doc = ast.get_docstring(node)
         what = _summary(doc) if doc else None
-        code = ast.get_source_segment(source, node)
-        if what is None or code is None or len(code) > 1500:
+        code = answer_source(source, node) if what else None
+        if code is None or len(code) > MAX_ANSWER_CHARS:
             continue
         name = f"{owner}.{node.name}" if owner else node.name
         sig = f"{name}({ast.unparse(node.args)})"
@@ -191,14 +214,23 @@ def conversations(path: Path, module: str) -> list[dict[str, Any]]:
                     {"role": "user", "content": ask.format(sig=sig, what=what)},
                     {
                         "role": "assistant",
-                        "reasoning": f"The standard library's `{module}` module has `{name}`; "
-                        "I will write it the same way.",
-                        "content": f"```python\n{textwrap.dedent(' ' * node.col_offset + code)}\n```",
+                        "reasoning": "A short function in the standard library's style will do.",
+                        "content": f"```python\n{code}\n```",
                     },
                 ]
             }
         )
     return out
+
+
+def with_history(chats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every second conversation continues the one before it (a second request in the same chat),
+    so that the model also answers after a finished turn, as in `gptoss chat`. The loss stays on
+    the last turn; harmony drops the earlier turn's reasoning, as at inference."""
+    return [
+        {"messages": chats[i - 1]["messages"] + chat["messages"]} if i % 2 else chat
+        for i, chat in enumerate(chats)
+    ]
 
 
 def sft_data(out: Path, splits: dict[str, list[Path]]) -> dict[str, int]:
@@ -211,7 +243,7 @@ def sft_data(out: Path, splits: dict[str, list[Path]]) -> dict[str, int]:
             if "test" in path.relative_to(root).parts[:1] or path.name.startswith("test_"):
                 continue
             module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
-            rows += conversations(path, module)
+            rows += with_history(conversations(path, module))
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         sizes[split] = len(rows)
     return sizes
@@ -294,8 +326,10 @@ def main() -> None:
     model = load_model(result["output"], dtype=torch.float32)
     facts["val_loss"] = held_out_loss(model, out / "data")
     facts["sample"] = sample_answer(model)
+    facts["held_out_answers"] = answer_check(model, out / "sft" / "val.jsonl")
     facts["minutes"] = (time.time() - start) / 60
     (out / "facts.json").write_text(json.dumps(facts, indent=2))
+    model.config = model.config.replace(name=CONFIG.name)  # loading named it after its directory
     save_model(model.to(torch.bfloat16), out / "model", card=model_card(facts))
     print(json.dumps(facts, indent=2))
     print(f"wrote {out / 'model'}; bundle it with: cp {out / 'model'}/* src/gptoss/models/gptoss-nano/")
@@ -330,6 +364,24 @@ def sample_answer(model: GptOss) -> dict[str, str]:
     return {"prompt": SAMPLE_PROMPT} | {m.channel or "none": m.content[0].text for m in messages}
 
 
+def answer_check(model: GptOss, conversations: Path) -> dict[str, int]:
+    """Greedy answers (400 tokens at most) to the held-out requests: how many end their turn with
+    one final message that the harmony parser reads and that holds a `def`."""
+    requests = [
+        json.loads(line)["messages"][-2]["content"] for line in conversations.read_text().splitlines()
+    ]
+    prompts = [
+        render_for_completion(chat_messages_to_harmony([{"role": "user", "content": r}])) for r in requests
+    ]
+    answers = generate(
+        model, prompts, max_new_tokens=400, temperature=0.0, stop_token_ids=Tokenizer.STOP_TOKENS
+    )
+    ended = [a for a in answers if a[-1] == Tokenizer.RETURN]
+    finals = [[m for m in parse_completion(a) if m.channel == "final"] for a in ended]
+    with_code = sum(len(f) == 1 and "def " in f[0].content[0].text for f in finals)
+    return {"requests": len(requests), "ended_turn": len(ended), "final_with_def": with_code}
+
+
 def model_card(facts: dict[str, Any]) -> ModelCard:
     corpus = facts["corpus"]
     return ModelCard(
@@ -348,7 +400,8 @@ def model_card(facts: dict[str, Any]) -> ModelCard:
             f"source, then fully fine-tuned with `gptoss finetune` on "
             f"{facts['sft_conversations']['train']:,} harmony conversations made from its documented "
             "public functions and methods (request: signature and docstring summary; answer: the "
-            f"source; {facts['sft_conversations']['val']} held-out conversations come from the held-out "
+            f"source with its docstring cut to that summary, at most {MAX_ANSWER_CHARS} characters; "
+            f"{facts['sft_conversations']['val']} held-out conversations come from the held-out "
             "files). Vocabulary: the 12,288 most used o200k_harmony ids of the training files plus the "
             "256 byte tokens and the harmony tokens; any other token is spelled in bytes. Recipe: "
             "`recipes/gptoss_nano.py` in the gptoss repository."
@@ -358,6 +411,11 @@ def model_card(facts: dict[str, Any]) -> ModelCard:
             "held-out source, unigram baseline (nats/token)": f"{facts['corpus']['unigram_val_loss']:.3f}",
             "held-out conversations, answer cross-entropy (nats/token)": (
                 f"{facts['finetune'].get('val_loss', float('nan')):.3f}"
+            ),
+            "held-out requests answered greedily: turn ended within 400 tokens / with one final "
+            "`def` answer": (
+                f"{facts['held_out_answers']['ended_turn']} / {facts['held_out_answers']['final_with_def']} "
+                f"of {facts['held_out_answers']['requests']}"
             ),
             "recipe wall time (minutes, 2 CPU cores)": f"{facts['minutes']:.0f}",
         },
