@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
 import pytest
 import torch
 
@@ -50,3 +59,28 @@ def random_model(config: ModelConfig, seed: int = 0, spread: float = 0.5) -> Gpt
 @pytest.fixture
 def tiny() -> ModelConfig:
     return tiny_config()
+
+
+@contextlib.contextmanager
+def gptoss_serve(args: list[str], env: dict[str, str]) -> Iterator[int]:
+    """`gptoss serve ARGS` in its own process on a free 127.0.0.1 port: yields the port once
+    /health answers, then stops the server with Ctrl-C (SIGINT)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "gptoss.cli", "serve", *args, "--port", str(port)]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "gptoss serve did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield port
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)

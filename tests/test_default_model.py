@@ -2,18 +2,13 @@
 harmony with Python code (its domain), and serves through the official openai client."""
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import openai
 import pytest
 import torch
 from openai_harmony import Role
 
+from conftest import gptoss_serve
 from gptoss import load_model
 from gptoss.checkpoint import DEFAULT_MODEL, bundled_model_dir, checkpoint_facts
 from gptoss.cli import main
@@ -88,23 +83,8 @@ def test_cli_generate_uses_the_bundled_model_by_default(capsys):
 
 
 def test_gptoss_serve_with_no_model_serves_the_bundled_one(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "gptoss.cli", "serve", "--port", str(port), "--max-batch", "2"]
-    command += ["--responses-db", str(tmp_path / "r.db")]
     env = {k: v for k, v in os.environ.items() if k != "GPTOSS_API_KEY"}
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            assert time.monotonic() < deadline, "gptoss serve did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with gptoss_serve(["--max-batch", "2", "--responses-db", str(tmp_path / "r.db")], env) as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list()] == [DEFAULT_MODEL]
         reply = client.chat.completions.create(
@@ -116,6 +96,3 @@ def test_gptoss_serve_with_no_model_serves_the_bundled_one(tmp_path):
         choice = reply.choices[0]
         assert choice.finish_reason == "stop"
         assert "def " in choice.message.content
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)

@@ -10,16 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
 import pytest
 
+from conftest import gptoss_serve
 from gptoss import save_model
 from gptoss.harmony import chat_messages_to_harmony, render_for_completion
 from test_server_support import MODEL, ScriptedRunner, harmony, live_server, model_server, tiny_server_model
@@ -503,28 +499,11 @@ def test_response_format_is_validated_and_reported(scripted):
 def test_gptoss_serve_command_runs_the_real_server(tmp_path):
     """`gptoss serve CHECKPOINT` end to end in its own process: load, bind 127.0.0.1, answer."""
     checkpoint = save_model(tiny_server_model(), tmp_path / MODEL)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "gptoss.cli", "serve", str(checkpoint), "--port", str(port)]
-    command += ["--max-batch", "2", "--max-model-len", "256", "--responses-db", str(tmp_path / "r.db")]
-    env = os.environ | {"GPTOSS_API_KEY": "k3y"}
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            assert time.monotonic() < deadline, "gptoss serve did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    args = [str(checkpoint), "--max-batch", "2", "--max-model-len", "256"]
+    args += ["--responses-db", str(tmp_path / "r.db")]
+    with gptoss_serve(args, os.environ | {"GPTOSS_API_KEY": "k3y"}) as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k3y", max_retries=0)
         reply = client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=5)
         assert reply.usage.completion_tokens >= 1 and reply.model == MODEL
         assert client.models.retrieve(MODEL).model_extra["max_model_len"] == 256
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
