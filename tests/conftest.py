@@ -84,3 +84,13 @@ def gptoss_serve(args: list[str], env: dict[str, str]) -> Iterator[int]:
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """PyTorch on one thread for a whole test module (`pytestmark = pytest.mark.usefixtures(...)`):
+    training tests compare results bitwise, and stay fast beside other load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,12 +30,8 @@ from gptoss.train.lora import (
 ALL = ["self_attn.*", "mlp.experts.*"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread for every test here (the bitwise comparisons need equal thread counts everywhere).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids(seed: int = 0, shape: tuple[int, int] = (2, 12)) -> torch.Tensor:

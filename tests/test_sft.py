@@ -69,12 +69,8 @@ WEATHER = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread for every test here (the bitwise comparisons need equal thread counts everywhere).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sums(i: int) -> dict:

@@ -45,12 +45,8 @@ VOCAB = 320
 ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread for every test here (the bitwise comparisons need equal thread counts everywhere).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def markov_tokens(n: int, seed: int) -> np.ndarray:
