@@ -152,10 +152,13 @@ ROW_COUNTS = [1, 2, 3, 5, 8, 9, 13, 20]
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", ROW_COUNTS)
-@pytest.mark.parametrize("inp", [96, 128])  # 128: two blocks a step (mxfp4_pairs) with bf16 activations
+# with bf16 activations, rows of 64·k take mxfp4_quads (one activation row) or mxfp4_pairs (2 to 4):
+# 128 one quad; 192 a quad and a last pair of blocks; 448 three quads (the odd one after the two
+# chains) and a pair
+@pytest.mark.parametrize("inp", [96, 128, 192, 448])
 def test_mxfp4_linear_rows_and_dtypes(isa, dtype, n, inp):
     generator = torch.Generator().manual_seed(n)
-    out = 51  # odd output count: the two-rows-at-a-time kernels end on a single row
+    out = 51  # odd: the two-rows-at-a-time kernels end on a single row; quads sum 16 rows at a time
     blocks, scales = pack(torch.randn(1, inp, out, generator=generator))
     blocks, scales = blocks[0], scales[0]
     x = torch.randn(n, inp, generator=generator).to(dtype)
@@ -169,16 +172,18 @@ def test_mxfp4_linear_rows_and_dtypes(isa, dtype, n, inp):
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("groups", [3, 4])
-def test_mxfp4_extreme_scales(isa, dtype, groups):
+@pytest.mark.parametrize("groups", [3, 4, 10])
+@pytest.mark.parametrize("n", [1, 3])  # bf16: one row takes mxfp4_quads, three mxfp4_pairs
+def test_mxfp4_extreme_scales(isa, dtype, groups, n):
     # Scale bytes 0 and 1 make subnormal weights, which the bf16 kernel cannot build by adding to
-    # the exponent: those blocks take an fp32 detour (the two-block kernel, taken with 4 groups,
-    # scales fp32 sums instead). Large activations there make them count.
+    # the exponent: those blocks take an fp32 detour. The two- and four-block kernels (4 and 10
+    # groups) scale fp32 sums instead; the four-block one builds scales from their bits where no
+    # byte of the row is 0. Large activations there make them count.
     generator = torch.Generator().manual_seed(5)
     blocks = torch.randint(0, 256, (7, groups, 16), dtype=torch.uint8, generator=generator)
     scales = torch.full((7, groups), 127, dtype=torch.uint8)
     scales[:, 1] = torch.tensor([0, 1, 2, 1, 0, 126, 1], dtype=torch.uint8)
-    x = torch.randn(3, 32 * groups, generator=generator)
+    x = torch.randn(n, 32 * groups, generator=generator)
     x[:, 32:64] *= 2.0**120
     x = x.to(dtype)
     weight = unpack(blocks, scales, torch.float32).T
@@ -270,7 +275,8 @@ def moe_weights(experts: int, hidden: int, inter: int, generator: torch.Generato
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", [(1, 4), (3, 2), (11, 3), (20, 1)])
-@pytest.mark.parametrize("hidden,inter", [(64, 32), (128, 64)])  # (128, 64): two blocks a step
+# (128, 64), (256, 192): mxfp4_quads with bf16 activations, the SwiGLU written in its layout
+@pytest.mark.parametrize("hidden,inter", [(64, 32), (128, 64), (256, 192)])
 def test_mxfp4_moe_is_the_weighted_sum_of_chosen_experts(isa, dtype, n, k, hidden, inter):
     from gptoss.model import clamped_swiglu
 

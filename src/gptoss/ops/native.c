@@ -87,18 +87,25 @@ typedef struct {
 } weights;
 
 /* How a kernel wants its activation rows: bf16 as given; fp32 as given; fp32 with each group of 32
- * holding its 16 even-indexed values, then its 16 odd-indexed ones (a tail as it is); bf16 with each
- * pair of groups (64 values) holding the even-indexed values of the first group, then those of the
- * second, then the odd-indexed ones of each (the order in which mxfp4_pairs decodes weights). */
-enum layout { AS_BF16, AS_F32, AS_F32_SPLIT, AS_BF16_PAIRS };
+ * holding its 16 even-indexed values, then its 16 odd-indexed ones (a tail as it is); bf16 in the
+ * order in which mxfp4_pairs decodes weights: each pair of groups (64 values) as the even-indexed
+ * values of the first group, then those of the second, then the odd-indexed ones of each; bf16 in
+ * the order in which mxfp4_quads does: each run of 128 values (four groups) as four runs of 32,
+ * the values whose index is 0, 1, 2, 3 mod 4 in turn, and a last run of 64 (rows of 64·odd
+ * length) as in AS_BF16_PAIRS. */
+enum layout { AS_BF16, AS_F32, AS_F32_SPLIT, AS_BF16_PAIRS, AS_BF16_QUADS };
 
-/* Where column c of a row lies in `layout`. */
-static inline int64_t layout_column(int layout, int64_t c) {
+/* Where column c of a row of `width` values lies in `layout`. */
+static inline int64_t layout_column(int layout, int64_t c, int64_t width) {
     if (layout == AS_F32_SPLIT) {
         int64_t j = c % BLOCK;
         return c - j + (j % 2 ? BLOCK / 2 + j / 2 : j / 2);
     }
-    if (layout == AS_BF16_PAIRS) {
+    if (layout == AS_BF16_QUADS && c < width - width % (4 * BLOCK)) {
+        int64_t j = c % (4 * BLOCK);
+        return c - j + (j % 4) * BLOCK + j / 4;
+    }
+    if (layout == AS_BF16_PAIRS || layout == AS_BF16_QUADS) {
         int64_t j = c % (2 * BLOCK), i = j % BLOCK;
         return c - j + (i % 2) * BLOCK + (j / BLOCK) * (BLOCK / 2) + i / 2;
     }
@@ -145,7 +152,7 @@ static inline void finish_row(const epilogue *e, int64_t r, const float *sums, f
         } else if (r % 2 == 0) {
             gate[t] = v;
         } else {
-            int64_t c = layout_column(e->y_layout, r / 2);
+            int64_t c = layout_column(e->y_layout, r / 2, e->y_stride);
             float h = swiglu(gate[t], v, e->alpha, e->limit);
             store_val(e->y, e->y_dt, t * e->y_stride + c, e->round_bf16 ? bf16_to_f32(f32_to_bf16(h)) : h);
         }
@@ -553,8 +560,9 @@ AVX512BF16 static void mxfp4_bf16_avx512(const void *x, int64_t n, const weights
  * fp32 lanes (0-7: first block, 8-15: second), so the two scales multiply the partial sums in one
  * multiply-add: exact (powers of two), with no per-weight work and no check of extreme scales.
  * Half the instructions per weight of mxfp4_bf16_avx512, which is what decode needs to keep up
- * with memory on two cores. With more than PAIRS_MAX_ROWS rows (prefill) mxfp4_bf16_avx512's two
- * weight rows per pass over the activations win instead (about 1.3x the prefill rate). */
+ * with memory on two cores. Taken for 2 to PAIRS_MAX_ROWS activation rows (mxfp4_quads, faster
+ * for one row from cache, reads memory at half this rate with more rows); with more (prefill)
+ * mxfp4_bf16_avx512's two weight rows per pass over the activations win (about 1.3x the rate). */
 #define PAIRS_MAX_ROWS 4
 AVX512BF16_INLINE void mxfp4_pairs_row(const int N, const uint16_t *x, const weights *w, int64_t r,
                                        const epilogue *e, float *gate) {
@@ -604,6 +612,156 @@ AVX512BF16 static void mxfp4_pairs_avx512(const void *x, int64_t n, const weight
     float gate[MAX_ROWS];
 #define BODY(N)                                                                                \
     for (int64_t r = r0; r < r1; r++) mxfp4_pairs_row(N, x, w, r, e, gate)
+    SWITCH_ROWS(n, BODY)
+#undef BODY
+}
+
+/* Four blocks (128 weights, 64 code bytes) a step, for rows whose length is a multiple of 64.
+ * Word j of the 64 bytes holds weights 4j, 4j+1 (low byte: low, high nibble) and 4j+2, 4j+3 (high
+ * byte); vpermw reads the low 5 bits of each word as its index into the doubled table (the fifth
+ * bit is ignored), so the words shifted right by 0, 4, 8 and 12 decode the four weights of every
+ * word, in four registers, with no widening shuffle. The activations are laid out to match
+ * (AS_BF16_QUADS). An fp32 lane of vdpbf16ps sums words 2i and 2i+1, which lie in block i/4, so
+ * each block's products stay in its own four lanes and one multiply-add applies the four scales
+ * (powers of two: exact) to the partial sums, with no per-weight work. The scales come from one
+ * 4-byte broadcast: rotating lane group g by 23 - 8g (mod 32) and keeping bits 23-30 makes s << 23,
+ * the bit pattern of 2^(s - 127) for s ≥ 1 (255 gives inf, as SCALES does); a step with a zero
+ * byte (2^-127, a denormal) looks them up instead. A row of 64·odd length ends with one pair of
+ * blocks decoded as mxfp4_pairs does. For one activation row (decode at batch 1): about 1.4x the
+ * instruction throughput of mxfp4_pairs. */
+
+/* Whether any of a row's n scale bytes is 0 (2^-127, a denormal that s << 23 does not make); the
+ * bytes past the row read as 0xFF. */
+AVX512BF16_INLINE int has_zero_scale(const uint8_t *s, int64_t n) {
+    __mmask64 zero = 0;
+    for (int64_t i = 0; i < n; i += 64) {
+        __mmask64 have = n - i >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (n - i)) - 1;
+        __m512i bytes = _mm512_mask_loadu_epi8(_mm512_set1_epi8(-1), have, s + i);
+        zero |= _mm512_cmpeq_epi8_mask(bytes, _mm512_setzero_si512());
+    }
+    return zero != 0;
+}
+
+/* The scales of the four blocks at s, each in its four lanes. */
+AVX512BF16_INLINE __m512 quad_scales(const uint8_t *s, int exact) {
+    if (exact)
+        return _mm512_set_ps(SCALES[s[3]], SCALES[s[3]], SCALES[s[3]], SCALES[s[3]], SCALES[s[2]],
+                             SCALES[s[2]], SCALES[s[2]], SCALES[s[2]], SCALES[s[1]], SCALES[s[1]],
+                             SCALES[s[1]], SCALES[s[1]], SCALES[s[0]], SCALES[s[0]], SCALES[s[0]], SCALES[s[0]]);
+    int four;
+    memcpy(&four, s, 4);
+    const __m512i rotate = _mm512_set_epi32(31, 31, 31, 31, 7, 7, 7, 7, 15, 15, 15, 15, 23, 23, 23, 23);
+    __m512i bits = _mm512_rolv_epi32(_mm512_set1_epi32(four), rotate);
+    return _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(0x7F800000)));
+}
+
+/* Quad q of a row (codes rb, scales rs) against the N activation rows, into acc[t]. */
+AVX512BF16_INLINE void mxfp4_quad(const int N, const uint16_t *x, int64_t in, const uint8_t *rb,
+                                  const uint8_t *rs, int64_t q, int exact, __m512i table, __m512 *acc) {
+    _mm_prefetch((const char *)rb + q * 64 + PF_DIST, _MM_HINT_T0);
+    __m512 scale = quad_scales(rs + 4 * q, exact);
+    __m512i codes = _mm512_loadu_si512((const void *)(rb + q * 64));
+    __m512i v0 = _mm512_permutexvar_epi16(codes, table);
+    __m512i v1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table);
+    __m512i v2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 8), table);
+    __m512i v3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 12), table);
+#pragma GCC unroll 8
+    for (int t = 0; t < N; t++) {
+        const uint16_t *xt = x + t * in + q * 4 * BLOCK;
+        __m512 part = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v0), as_bh(_mm512_loadu_si512((const void *)xt)));
+        part = _mm512_dpbf16_ps(part, as_bh(v1), as_bh(_mm512_loadu_si512((const void *)(xt + BLOCK))));
+        part = _mm512_dpbf16_ps(part, as_bh(v2), as_bh(_mm512_loadu_si512((const void *)(xt + 2 * BLOCK))));
+        part = _mm512_dpbf16_ps(part, as_bh(v3), as_bh(_mm512_loadu_si512((const void *)(xt + 3 * BLOCK))));
+        acc[t] = _mm512_fmadd_ps(part, scale, acc[t]);
+    }
+}
+
+/* Row r against the N activation rows: the fp32 partial sums into lanes[t][slot]. */
+AVX512BF16_INLINE void mxfp4_quads_row(const int N, const uint16_t *x, const weights *w, int64_t r,
+                                       __m512 (*lanes)[16], int slot) {
+    const __m512i table = _mm512_loadu_si512((const void *)FP4_BF16);
+    int64_t in = w->in, groups = in / BLOCK, quads = groups / 4, q = 0;
+    const uint8_t *rb = (const uint8_t *)w->w + r * groups * 16;
+    const uint8_t *rs = (const uint8_t *)w->scales + r * groups;
+    __m512 acc[2][MAX_ROWS]; /* two chains of multiply-adds hide their latency */
+#pragma GCC unroll 8
+    for (int t = 0; t < N; t++) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
+    if (has_zero_scale(rs, groups)) {
+        for (; q + 2 <= quads; q += 2) {
+            mxfp4_quad(N, x, in, rb, rs, q, 1, table, acc[0]);
+            mxfp4_quad(N, x, in, rb, rs, q + 1, 1, table, acc[1]);
+        }
+    } else {
+        for (; q + 2 <= quads; q += 2) {
+            mxfp4_quad(N, x, in, rb, rs, q, 0, table, acc[0]);
+            mxfp4_quad(N, x, in, rb, rs, q + 1, 0, table, acc[1]);
+        }
+    }
+    if (q < quads) mxfp4_quad(N, x, in, rb, rs, q, 1, table, acc[0]);
+    if (groups % 4) { /* the last two blocks: even-indexed weights from the low nibbles, odd from the high */
+        int64_t g = 4 * quads;
+        __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(rb + g * 16)));
+        __m512i even = _mm512_permutexvar_epi16(codes, table);
+        __m512i odd = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table);
+        __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(SCALES[rs[g]]), _mm256_set1_ps(SCALES[rs[g + 1]]), 1);
+#pragma GCC unroll 8
+        for (int t = 0; t < N; t++) {
+            const uint16_t *xt = x + t * in + g * BLOCK;
+            __m512 part = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(even), as_bh(_mm512_loadu_si512((const void *)xt)));
+            part = _mm512_dpbf16_ps(part, as_bh(odd), as_bh(_mm512_loadu_si512((const void *)(xt + BLOCK))));
+            acc[0][t] = _mm512_fmadd_ps(part, scale, acc[0][t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < N; t++) lanes[t][slot] = _mm512_add_ps(acc[0][t], acc[1][t]);
+}
+
+/* The lane sums of 16 vectors, as one vector (lane i: the sum of v[i]'s lanes): pairs of vectors,
+ * then pairs of those, are interleaved and added, 45 instructions for the 16 sums where a
+ * horizontal sum of each would take 8 and leave a chain of dependent shuffles on every row. */
+AVX512BF16_INLINE __m512 lane_sums16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) /* 128-bit lane j: v[2i]'s and v[2i+1]'s lanes 4j..4j+3, alternating */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) { /* 128-bit lane j: the partial sums of rows 4i..4i+3 */
+        __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+        __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Rows [r0, r1) sixteen at a time: each row's partial sums wait in `lanes` for one lane_sums16. */
+AVX512BF16_INLINE void mxfp4_quads_rows(const int N, const uint16_t *x, const weights *w, int64_t r0,
+                                        int64_t r1, const epilogue *e, float *gate) {
+    __m512 lanes[MAX_ROWS][16];
+    for (int64_t r = r0; r < r1; r += 16) {
+        int count = r1 - r < 16 ? (int)(r1 - r) : 16;
+        for (int i = 0; i < count; i++) mxfp4_quads_row(N, x, w, r + i, lanes, i);
+        float sums[MAX_ROWS][16], row[MAX_ROWS];
+#pragma GCC unroll 8
+        for (int t = 0; t < N; t++) {
+            for (int i = count; i < 16; i++) lanes[t][i] = _mm512_setzero_ps();
+            _mm512_storeu_ps(sums[t], lane_sums16(lanes[t]));
+        }
+        for (int i = 0; i < count; i++) {
+            for (int t = 0; t < N; t++) row[t] = sums[t][i];
+            finish_row(e, r + i, row, gate);
+        }
+    }
+}
+
+AVX512BF16 static void mxfp4_quads_avx512(const void *x, int64_t n, const weights *w, int64_t r0,
+                                          int64_t r1, const epilogue *e) {
+    float gate[MAX_ROWS];
+#define BODY(N) mxfp4_quads_rows(N, x, w, r0, r1, e, gate)
     SWITCH_ROWS(n, BODY)
 #undef BODY
 }
@@ -856,11 +1014,11 @@ static enum isa active_isa = ISA_C;
 static const char *ISA_NAMES[] = {"c", "avx2", "avx512", "avx512bf16"};
 
 /* The kernel for a weight kind and activation dtype on the active ISA, and the layout it wants
- * its activations in. pairs: the rows' length is a multiple of 64 (MXFP4 can go two blocks a step). */
-static row_fn choose_kernel(int kind, int x_dt, int pairs, enum layout *layout) {
-    if (active_isa == ISA_AVX512BF16 && x_dt == BF16 && kind == MXFP4 && pairs) {
-        *layout = AS_BF16_PAIRS;
-        return mxfp4_pairs_avx512;
+ * its activations in, for n activation rows of length `in`. */
+static row_fn choose_kernel(int kind, int x_dt, int64_t n, int64_t in, enum layout *layout) {
+    if (active_isa == ISA_AVX512BF16 && x_dt == BF16 && kind == MXFP4 && in % (2 * BLOCK) == 0 && n <= PAIRS_MAX_ROWS) {
+        *layout = n == 1 ? AS_BF16_QUADS : AS_BF16_PAIRS;
+        return n == 1 ? mxfp4_quads_avx512 : mxfp4_pairs_avx512;
     }
     if (active_isa == ISA_AVX512BF16 && x_dt == BF16) {
         *layout = AS_BF16;
@@ -876,7 +1034,7 @@ static row_fn choose_kernel(int kind, int x_dt, int pairs, enum layout *layout) 
     return kind == MXFP4 ? mxfp4_c : kind == BF16W ? bf16w_c : int8w_c;
 }
 
-static size_t layout_size(enum layout layout) { return layout == AS_BF16 || layout == AS_BF16_PAIRS ? 2 : 4; }
+static size_t layout_size(enum layout layout) { return layout == AS_BF16 || layout == AS_BF16_PAIRS || layout == AS_BF16_QUADS ? 2 : 4; }
 
 /* Rows rows[0..n) of x (dtype x_dt, row length in; rows NULL: 0..n) into dst in `layout`. */
 static void write_activations(const void *x, int x_dt, int64_t in, const int64_t *rows, int64_t n,
@@ -887,9 +1045,9 @@ static void write_activations(const void *x, int x_dt, int64_t in, const int64_t
             memcpy((uint16_t *)dst + t * in, (const uint16_t *)x + base, 2 * in);
             continue;
         }
-        if (layout == AS_BF16_PAIRS) { /* bf16 input too */
+        if (layout == AS_BF16_PAIRS || layout == AS_BF16_QUADS) { /* bf16 input too */
             for (int64_t i = 0; i < in; i++)
-                ((uint16_t *)dst)[t * in + layout_column(AS_BF16_PAIRS, i)] = ((const uint16_t *)x)[base + i];
+                ((uint16_t *)dst)[t * in + layout_column(layout, i, in)] = ((const uint16_t *)x)[base + i];
             continue;
         }
         float *out = (float *)dst + t * in;
@@ -929,7 +1087,7 @@ static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
  * threads (guided, see the top of the file). */
 static int matmul(const weights *w, const void *x, int x_dt, const epilogue *e) {
     enum layout layout;
-    row_fn kernel = choose_kernel(w->kind, x_dt, w->in % (2 * BLOCK) == 0 && e->n <= PAIRS_MAX_ROWS, &layout);
+    row_fn kernel = choose_kernel(w->kind, x_dt, e->n, w->in, &layout);
     void *owned = NULL;
     const void *xa = x;
     if (!(layout == AS_BF16 || (layout == AS_F32 && x_dt == F32))) { /* rearranged or converted */
@@ -1033,8 +1191,8 @@ typedef struct {
 static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t k, const int64_t *idx,
                const void *route_weight, int weight_dt, void *y) {
     enum layout layout;
-    int pairs_ok = s->hidden % (2 * BLOCK) == 0 && s->inter % (2 * BLOCK) == 0 && n <= PAIRS_MAX_ROWS;
-    row_fn kernel = choose_kernel(MXFP4, dt, pairs_ok, &layout);
+    /* one kernel and layout for both projections: the rows of both must suit it */
+    row_fn kernel = choose_kernel(MXFP4, dt, n, s->inter % (2 * BLOCK) == 0 ? s->hidden : s->inter, &layout);
     size_t size = layout_size(layout), bias_size = s->bias_dt == BF16 ? 2 : 4;
     int64_t pairs = n * k, H = s->hidden, I = s->inter, E = s->experts;
     int64_t *start = calloc(E + 1, sizeof(int64_t)), *token = malloc(sizeof(int64_t) * pairs);
