@@ -379,6 +379,49 @@ def test_sink_attention_over_a_cache(isa, dtype, dim, tokens, keys):
 
 
 @native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3])
+def test_linears_equal_one_linear_each(isa, dtype, n):
+    # q, k and v of a layer in one call: the same kernels on the same rows, so the same bits
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 96, generator=g).to(dtype)
+    bf16 = [
+        (torch.randn(out, 96, generator=g).to(torch.bfloat16), None, torch.randn(out, generator=g).to(dtype))
+        for out in (50, 17, 17)
+    ]
+    int8 = [
+        (torch.randint(-127, 128, (out, 96), generator=g).to(torch.int8), torch.rand(out, generator=g), None)
+        for out in (40, 9)  # int8 weights with their row scales, no bias
+    ]
+    for layers in (bf16, int8):
+        together = ops.linears(x, layers)
+        apart = [ops.linear(x, w, b) if s is None else ops.int8_linear(x, w, s, b) for w, s, b in layers]
+        assert len(together) == len(layers)
+        for y, ref in zip(together, apart, strict=True):
+            assert y.dtype == dtype and torch.equal(y, ref)
+    mixed = ops.linears(x, [bf16[0], int8[0]])  # not one kind: one call each
+    assert torch.equal(mixed[1], ops.int8_linear(x, *int8[0][:2]))
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,tokens", [(1, 1), (2, 3), (3, 20)])  # (3, 20): prefill, PyTorch path
+def test_rotary_equals_the_reference(isa, dtype, batch, tokens):
+    from gptoss.model import apply_rotary
+
+    g = torch.Generator().manual_seed(batch * tokens)
+    q = (torch.randn(batch, tokens, 8, 64, generator=g) * 3).to(dtype)
+    k = (torch.randn(batch, tokens, 2, 64, generator=g) * 3).to(dtype)
+    angles = torch.rand(batch, tokens, 32, generator=g) * 100
+    cos, sin = angles.cos() * 1.3, angles.sin() * 1.3
+    ref_q, ref_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    out_q, out_k = ops.rotary_(q, k, cos, sin)
+    assert out_q is q and out_k is k  # in place
+    # the same fp32 products and differences, rounded once to the dtype: the same bits
+    assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
+
+
+@native
 def test_native_classes_replace_only_the_forward():
     from conftest import random_model, tiny_config
 

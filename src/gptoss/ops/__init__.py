@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptoss.model import Attention, RMSNorm, Router, clamped_swiglu
+from gptoss.model import Attention, RMSNorm, Router, apply_rotary, clamped_swiglu
 from gptoss.model import rms_norm as reference_rms_norm
 from gptoss.model import sink_attention as reference_sink_attention
 
@@ -30,6 +30,7 @@ except ImportError:  # built by `pip install` when a C compiler is present
     log.info("gptoss: native CPU kernels not built; using the PyTorch path (slower decode)")
 
 MAX_ROWS = _native.MAX_ROWS if _native else 0
+MAX_MANY = _native.MAX_MANY if _native else 0  # weights one `linears` call fuses
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the native module's F32 / BF16
 INT8_REFERENCE_ROWS = 8192  # output channels the int8 reference path dequantizes at a time
 
@@ -185,6 +186,36 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+DenseWeights = tuple[Tensor, Tensor | None, Tensor | None]  # weight, int8 row scales or None, bias
+
+
+def linears(x: Tensor, layers: list[DenseWeights]) -> list[Tensor]:
+    """[`linear`(x, W, bias) or `int8_linear`(x, W, scale, bias) for each layer], the layers all bf16
+    or all int8 (scale given) and of x's width: natively one call for decode-sized x, which lays
+    the activations out once and spreads the tiles of every weight over one pass of the threads
+    (a layer's q, k and v projections: one fork and join instead of three)."""
+    rows = x.reshape(-1, x.shape[-1])
+    int8 = layers[0][1] is not None
+    same_kind = all(
+        (scale is not None) == int8 and (int8 or w.dtype == torch.bfloat16) for w, scale, _ in layers
+    )
+    biases = [bias for _, _, bias in layers]
+    if same_kind and len(layers) <= MAX_MANY and _native_ok(rows, *biases, max_rows=MAX_ROWS):
+        xa, code = _native_dtype(rows), _DTYPE_CODES[_native_dtype(rows).dtype]
+        alive, items, outs = [], [], []
+        for weight, scale, bias in layers:
+            w = weight.contiguous()
+            s32 = None if scale is None else scale.detach().float().contiguous()
+            b = None if bias is None else _native_dtype(bias)
+            y = torch.empty(rows.shape[0], w.shape[0], dtype=xa.dtype)
+            alive += [w, s32, b]
+            outs.append(y)
+            items.append((w.data_ptr(), _ptr(s32), w.shape[0], _ptr(b), _code(b), y.data_ptr()))
+        _native.matmul_many(2 if int8 else 1, xa.data_ptr(), code, rows.shape[0], rows.shape[1], items, code)
+        return [y.to(x.dtype).view(*x.shape[:-1], y.shape[1]) for y in outs]
+    return [linear(x, w, b) if scale is None else int8_linear(x, w, scale, b) for w, scale, b in layers]
+
+
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ (weight (out, in) int8 · scale (out,))ᵀ + bias: weight-only int8, one scale per output row."""
     rows = x.reshape(-1, x.shape[-1])
@@ -226,6 +257,30 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         _native.rms_norm(xa.data_ptr(), code, rows, dim, w.data_ptr(), _code(w), eps, y.data_ptr())
         return y
     return reference_rms_norm(x, weight, eps)
+
+
+def rotary_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """`gptoss.model.apply_rotary` of queries and keys (B, T, heads, D), in place; returns (q, k).
+    Natively for decode-sized inputs (up to `MAX_ROWS` tokens): the same fp32 products and sums,
+    without the dozen operators per call."""
+    B, T = q.shape[:2]
+    if (
+        _native_ok(q, k, max_rows=MAX_ROWS)
+        and B * T <= MAX_ROWS
+        and q.dtype in _DTYPE_CODES
+        and k.dtype == q.dtype
+        and q.is_contiguous()
+        and k.is_contiguous()
+    ):
+        c, s = cos.detach().float().contiguous(), sin.detach().float().contiguous()
+        for t in (q, k):
+            code, heads, dim = _DTYPE_CODES[t.dtype], t.shape[2], t.shape[3]
+            _native.rotary(t.data_ptr(), code, B * T, heads, dim, c.data_ptr(), s.data_ptr())
+        return q, k
+    with torch.no_grad():
+        q.copy_(apply_rotary(q, cos, sin))
+        k.copy_(apply_rotary(k, cos, sin))
+    return q, k
 
 
 def _keys_layout(t: Tensor) -> Tensor:
@@ -272,7 +327,29 @@ class NativeRMSNorm(RMSNorm):
         return rms_norm(x, self.weight, self.eps)
 
 
+def _dense_weights(layer: nn.Module) -> DenseWeights | None:
+    """A projection's weights as `linears` takes them: native bf16 linears and weight-only int8 ones."""
+    if type(layer) is NativeLinear:
+        return layer.weight, None, layer.bias
+    weight, scale = getattr(layer, "weight", None), getattr(layer, "scale", None)
+    if isinstance(weight, Tensor) and weight.dtype == torch.int8 and isinstance(scale, Tensor):
+        return weight, scale, layer.bias
+    return None
+
+
 class NativeAttention(Attention):
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        layers = [_dense_weights(layer) for layer in (self.q_proj, self.k_proj, self.v_proj)]
+        if any(layer is None for layer in layers):  # e.g. LoRA-wrapped projections
+            return super().project(x)
+        q, k, v = linears(x, layers)
+        return q, k, v
+
+    def rotate(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            return super().rotate(q, k, cos, sin)
+        return rotary_(q, k, cos, sin)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         return sink_attention(q, k, v, mask, self.sinks)
 

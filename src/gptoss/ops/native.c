@@ -1083,24 +1083,34 @@ static int64_t tile_count(int64_t rows) { return (rows + TILE - 1) / TILE; }
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* y = epilogue(x @ W^T) for n rows; 0 on success, -1 when memory ran out. Weight tiles go to
- * threads (guided, see the top of the file). */
-static int matmul(const weights *w, const void *x, int x_dt, const epilogue *e) {
+#define MAX_MANY 4 /* weights one matmul_many call takes */
+
+/* y_i = epilogue_i(x @ W_i^T) for n rows, for `count` weights of one kind and row length that read
+ * the same activations (a layer's q, k and v projections): the activations are laid out once and
+ * the tiles of all the weights share one parallel region, so a decode step pays one fork and join
+ * for the three. 0 on success, -1 when memory ran out. Weight tiles go to threads (guided, see the
+ * top of the file). */
+static int matmul_many(const weights *w, const epilogue *e, int count, const void *x, int x_dt) {
     enum layout layout;
-    row_fn kernel = choose_kernel(w->kind, x_dt, e->n, w->in, &layout);
+    row_fn kernel = choose_kernel(w[0].kind, x_dt, e[0].n, w[0].in, &layout);
     void *owned = NULL;
     const void *xa = x;
     if (!(layout == AS_BF16 || (layout == AS_F32 && x_dt == F32))) { /* rearranged or converted */
-        if (!(owned = malloc(layout_size(layout) * e->n * w->in))) return -1;
-        write_activations(x, x_dt, w->in, NULL, e->n, layout, owned);
+        if (!(owned = malloc(layout_size(layout) * e[0].n * w[0].in))) return -1;
+        write_activations(x, x_dt, w[0].in, NULL, e[0].n, layout, owned);
         xa = owned;
     }
-    int64_t tiles = tile_count(w->out);
+    int64_t first[MAX_MANY + 1] = {0}; /* weight i's tiles are first[i] .. first[i + 1] - 1 */
+    for (int i = 0; i < count; i++) first[i + 1] = first[i] + tile_count(w[i].out);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(guided)
 #endif
-    for (int64_t tile = 0; tile < tiles; tile++)
-        tile_chunks(kernel, xa, layout_size(layout), e->n, w, tile * TILE, min64(w->out, (tile + 1) * TILE), e);
+    for (int64_t tile = 0; tile < first[count]; tile++) {
+        int i = 0;
+        while (tile >= first[i + 1]) i++;
+        int64_t r0 = (tile - first[i]) * TILE;
+        tile_chunks(kernel, xa, layout_size(layout), e[i].n, &w[i], r0, min64(w[i].out, r0 + TILE), &e[i]);
+    }
     free(owned);
     return 0;
 }
@@ -1128,7 +1138,7 @@ static PyObject *run_matmul(weights *w, unsigned long long xp, int x_dt, long lo
                   .y = (void *)yp, .y_dt = y_dt, .y_stride = w->out};
     int status;
     Py_BEGIN_ALLOW_THREADS;
-    status = matmul(w, (const void *)xp, x_dt, &e);
+    status = matmul_many(w, &e, 1, (const void *)xp, x_dt);
     Py_END_ALLOW_THREADS;
     if (status) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -1171,6 +1181,40 @@ static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
         return NULL;
     weights w = {INT8W, (const void *)wp, (const void *)wsp, out, in};
     return run_matmul(&w, xp, x_dt, n, biasp, bias_dt, yp, y_dt);
+}
+
+/* matmul_many(kind, x, x_dt, n, in, [(w, wscale, out, bias, bias_dt, y), ...], y_dt): for each
+ * weight, y = x @ W[out, in]^T (int8 kind: times wscale, fp32 per row) + bias; kind 1 (bf16) or 2
+ * (int8), up to MAX_MANY weights, in one parallel region. */
+static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
+    unsigned long long xp;
+    long long n, in;
+    int kind, x_dt, y_dt;
+    PyObject *items;
+    if (!PyArg_ParseTuple(args, "iKiLLO!i", &kind, &xp, &x_dt, &n, &in, &PyList_Type, &items, &y_dt)) return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(items);
+    if (kind != BF16W && kind != INT8W) return PyErr_Format(PyExc_ValueError, "kind is 1 (bf16) or 2 (int8), got %d", kind);
+    if (count < 1 || count > MAX_MANY)
+        return PyErr_Format(PyExc_ValueError, "1 to %d weights, got %zd", MAX_MANY, count);
+    weights w[MAX_MANY];
+    epilogue e[MAX_MANY];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        unsigned long long wp, sp, biasp, yp;
+        long long out;
+        int bias_dt;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(items, i), "KKLKiK", &wp, &sp, &out, &biasp, &bias_dt, &yp))
+            return NULL;
+        if (!check_sizes(n, in, out) || !check_dtypes(x_dt, bias_dt, y_dt)) return NULL;
+        w[i] = (weights){kind, (const void *)wp, (const void *)sp, out, in};
+        e[i] = (epilogue){.n = n, .bias = (const void *)biasp, .bias_dt = bias_dt, .mode = STORE,
+                          .y = (void *)yp, .y_dt = y_dt, .y_stride = out};
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS;
+    status = matmul_many(w, e, (int)count, (const void *)xp, x_dt);
+    Py_END_ALLOW_THREADS;
+    if (status) return PyErr_NoMemory();
+    Py_RETURN_NONE;
 }
 
 /* ------------------------------------------------------------------ mixture of MXFP4 experts */
@@ -1546,6 +1590,38 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
 
 /* sink_attention(q, q_dt, batch, heads, tokens, dim, k, v, kv_dt, kv_heads, keys, kv_batch_stride,
  *                kv_head_stride, mask, mask_batch, sinks, out) */
+/* The NeoX "halves" rotation of rows x (tokens, heads, dim) in place: with (a, b) the values i and
+ * i + dim/2 of a head, a·cos - b·sin and b·cos + a·sin, each product rounded to fp32 before the sum
+ * as the reference's separate operators do (this file is compiled without contraction into fused
+ * multiply-adds, -std=c11), then to x's dtype. cos, sin: fp32 (tokens, dim/2). */
+static void rotary(void *x, int dt, int64_t tokens, int64_t heads, int64_t dim, const float *cos,
+                   const float *sin) {
+    int64_t half = dim / 2;
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t h = 0; h < heads; h++) {
+            int64_t row = (t * heads + h) * dim;
+            for (int64_t i = 0; i < half; i++) {
+                float a = load_val(x, dt, row + i), b = load_val(x, dt, row + half + i);
+                float c = cos[t * half + i], s = sin[t * half + i];
+                float ac = a * c, bs = b * s, bc = b * c, as = a * s;
+                store_val(x, dt, row + i, ac - bs);
+                store_val(x, dt, row + half + i, bc + as);
+            }
+        }
+}
+
+/* rotary(x, dt, tokens, heads, dim, cos, sin): see rotary; dim even. */
+static PyObject *py_rotary(PyObject *self, PyObject *args) {
+    unsigned long long xp, cp, sp;
+    long long tokens, heads, dim;
+    int dt;
+    if (!PyArg_ParseTuple(args, "KiLLLKK", &xp, &dt, &tokens, &heads, &dim, &cp, &sp)) return NULL;
+    if (!check_sizes(tokens, heads, dim) || !check_dtypes(dt, dt, dt)) return NULL;
+    if (dim % 2) return PyErr_Format(PyExc_ValueError, "head dim (%lld) must be even", dim);
+    rotary((void *)xp, dt, tokens, heads, dim, (const float *)cp, (const float *)sp);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_sink_attention(PyObject *self, PyObject *args) {
     attention a;
     unsigned long long qp, kp, vp, mp, sp, op;
@@ -1607,8 +1683,10 @@ static PyMethodDef METHODS[] = {
     {"mxfp4_matmul", py_mxfp4_matmul, METH_VARARGS, "y = x @ dequant(blocks, scales)^T + bias"},
     {"bf16_matmul", py_bf16_matmul, METH_VARARGS, "y = x @ W^T + bias, W bf16"},
     {"int8_matmul", py_int8_matmul, METH_VARARGS, "y = x @ (W * scale)^T + bias, W int8"},
+    {"matmul_many", py_matmul_many, METH_VARARGS, "several bf16 or int8 matmuls of the same x in one call"},
     {"mxfp4_moe", py_mxfp4_moe, METH_VARARGS, "routed clamped-SwiGLU MXFP4 experts"},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows, fp32 inside"},
+    {"rotary", py_rotary, METH_VARARGS, "NeoX rotary embedding of (tokens, heads, dim) rows, in place"},
     {"sink_attention", py_sink_attention, METH_VARARGS, "attention with per-head sinks over a KV cache"},
     {"set_isa", py_set_isa, METH_VARARGS, "choose 'best', 'avx512bf16', 'avx512', 'avx2' or 'c'"},
     {"num_threads", py_num_threads, METH_VARARGS, "get (or set) the kernels' thread count"},
@@ -1631,6 +1709,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (!isa) return NULL;
     Py_DECREF(isa);
     PyModule_AddIntConstant(module, "MAX_ROWS", MAX_ROWS);
+    PyModule_AddIntConstant(module, "MAX_MANY", MAX_MANY);
     PyModule_AddIntConstant(module, "F32", F32);
     PyModule_AddIntConstant(module, "BF16", BF16);
     return module;
