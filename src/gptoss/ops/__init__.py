@@ -172,21 +172,34 @@ def mxfp4_moe(
     return out.to(x.dtype)
 
 
+DenseWeights = tuple[Tensor, Tensor | None, Tensor | None]  # weight, int8 row scales or None, bias
+
+
+def _native_dense(x: Tensor, rows: Tensor, layers: list[DenseWeights]) -> list[Tensor]:
+    """rows (N, in) through the native bf16 (scales None) or int8 matvec of every layer, in one
+    call; each result shaped like x with the layer's output width, in x's dtype."""
+    xa = _native_dtype(rows)
+    code = _DTYPE_CODES[xa.dtype]
+    alive, items, outs = [], [], []
+    for weight, scale, bias in layers:
+        w = weight.contiguous()
+        s32 = None if scale is None else scale.detach().float().contiguous()
+        b = None if bias is None else _native_dtype(bias)
+        y = torch.empty(rows.shape[0], w.shape[0], dtype=xa.dtype)
+        alive += [w, s32, b]
+        outs.append(y)
+        items.append((w.data_ptr(), _ptr(s32), w.shape[0], _ptr(b), _code(b), y.data_ptr()))
+    kind = 1 if layers[0][1] is None else 2  # the native module's BF16W / INT8W
+    _native.matmul_many(kind, xa.data_ptr(), code, rows.shape[0], rows.shape[1], items, code)
+    return [y.to(x.dtype).view(*x.shape[:-1], y.shape[1]) for y in outs]
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, with the native bf16 matvec for decode-sized calls on bf16 CPU weights."""
     rows = x.reshape(-1, x.shape[-1])
     if weight.dtype == torch.bfloat16 and _native_ok(rows, weight, bias, max_rows=MAX_ROWS):
-        xa, b, w = _native_dtype(rows), None if bias is None else _native_dtype(bias), weight.contiguous()
-        y = torch.empty(rows.shape[0], weight.shape[0], dtype=xa.dtype)
-        _native.bf16_matmul(
-            xa.data_ptr(), _DTYPE_CODES[xa.dtype], rows.shape[0], rows.shape[1],
-            w.data_ptr(), weight.shape[0], _ptr(b), _code(b), y.data_ptr(), _DTYPE_CODES[y.dtype],
-        )  # fmt: skip
-        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        return _native_dense(x, rows, [(weight, None, bias)])[0]
     return F.linear(x, weight, bias)
-
-
-DenseWeights = tuple[Tensor, Tensor | None, Tensor | None]  # weight, int8 row scales or None, bias
 
 
 def linears(x: Tensor, layers: list[DenseWeights]) -> list[Tensor]:
@@ -199,20 +212,9 @@ def linears(x: Tensor, layers: list[DenseWeights]) -> list[Tensor]:
     same_kind = all(
         (scale is not None) == int8 and (int8 or w.dtype == torch.bfloat16) for w, scale, _ in layers
     )
-    biases = [bias for _, _, bias in layers]
-    if same_kind and len(layers) <= MAX_MANY and _native_ok(rows, *biases, max_rows=MAX_ROWS):
-        xa, code = _native_dtype(rows), _DTYPE_CODES[_native_dtype(rows).dtype]
-        alive, items, outs = [], [], []
-        for weight, scale, bias in layers:
-            w = weight.contiguous()
-            s32 = None if scale is None else scale.detach().float().contiguous()
-            b = None if bias is None else _native_dtype(bias)
-            y = torch.empty(rows.shape[0], w.shape[0], dtype=xa.dtype)
-            alive += [w, s32, b]
-            outs.append(y)
-            items.append((w.data_ptr(), _ptr(s32), w.shape[0], _ptr(b), _code(b), y.data_ptr()))
-        _native.matmul_many(2 if int8 else 1, xa.data_ptr(), code, rows.shape[0], rows.shape[1], items, code)
-        return [y.to(x.dtype).view(*x.shape[:-1], y.shape[1]) for y in outs]
+    tensors = [t for w, _, bias in layers for t in (w, bias)]
+    if same_kind and len(layers) <= MAX_MANY and _native_ok(rows, *tensors, max_rows=MAX_ROWS):
+        return _native_dense(x, rows, layers)
     return [linear(x, w, b) if scale is None else int8_linear(x, w, scale, b) for w, scale, b in layers]
 
 
@@ -220,15 +222,7 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = 
     """x @ (weight (out, in) int8 · scale (out,))ᵀ + bias: weight-only int8, one scale per output row."""
     rows = x.reshape(-1, x.shape[-1])
     if _native_ok(rows, bias, max_rows=MAX_ROWS):
-        xa, b, w = _native_dtype(rows), None if bias is None else _native_dtype(bias), weight.contiguous()
-        s32 = scale.detach().float().contiguous()
-        y = torch.empty(rows.shape[0], weight.shape[0], dtype=xa.dtype)
-        _native.int8_matmul(
-            xa.data_ptr(), _DTYPE_CODES[xa.dtype], rows.shape[0], rows.shape[1],
-            w.data_ptr(), s32.data_ptr(), weight.shape[0], _ptr(b), _code(b), y.data_ptr(),
-            _DTYPE_CODES[y.dtype],
-        )  # fmt: skip
-        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        return _native_dense(x, rows, [(weight, scale, bias)])[0]
     # dequantized a block of output channels at a time: no full-size copy of a large matrix (the
     # 1.1 GiB head would need two)
     parts = []

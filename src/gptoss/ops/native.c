@@ -1158,31 +1158,6 @@ static PyObject *py_mxfp4_matmul(PyObject *self, PyObject *args) {
     return run_matmul(&w, xp, x_dt, n, biasp, bias_dt, yp, y_dt);
 }
 
-/* bf16_matmul(x, x_dt, n, in, w, out, bias, bias_dt, y, y_dt): y = x @ W[out, in]^T + bias */
-static PyObject *py_bf16_matmul(PyObject *self, PyObject *args) {
-    unsigned long long xp, wp, biasp, yp;
-    long long n, in, out;
-    int x_dt, bias_dt, y_dt;
-    if (!PyArg_ParseTuple(args, "KiLLKLKiKi", &xp, &x_dt, &n, &in, &wp, &out, &biasp, &bias_dt, &yp,
-                          &y_dt))
-        return NULL;
-    weights w = {BF16W, (const void *)wp, NULL, out, in};
-    return run_matmul(&w, xp, x_dt, n, biasp, bias_dt, yp, y_dt);
-}
-
-/* int8_matmul(x, x_dt, n, in, w, wscale, out, bias, bias_dt, y, y_dt):
- * y = x @ (W[out, in] * wscale[out, None])^T + bias, wscale fp32 */
-static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
-    unsigned long long xp, wp, wsp, biasp, yp;
-    long long n, in, out;
-    int x_dt, bias_dt, y_dt;
-    if (!PyArg_ParseTuple(args, "KiLLKKLKiKi", &xp, &x_dt, &n, &in, &wp, &wsp, &out, &biasp, &bias_dt,
-                          &yp, &y_dt))
-        return NULL;
-    weights w = {INT8W, (const void *)wp, (const void *)wsp, out, in};
-    return run_matmul(&w, xp, x_dt, n, biasp, bias_dt, yp, y_dt);
-}
-
 /* matmul_many(kind, x, x_dt, n, in, [(w, wscale, out, bias, bias_dt, y), ...], y_dt): for each
  * weight, y = x @ W[out, in]^T (int8 kind: times wscale, fp32 per row) + bias; kind 1 (bf16) or 2
  * (int8), up to MAX_MANY weights, in one parallel region. */
@@ -1681,9 +1656,7 @@ static PyObject *py_num_threads(PyObject *self, PyObject *args) {
 
 static PyMethodDef METHODS[] = {
     {"mxfp4_matmul", py_mxfp4_matmul, METH_VARARGS, "y = x @ dequant(blocks, scales)^T + bias"},
-    {"bf16_matmul", py_bf16_matmul, METH_VARARGS, "y = x @ W^T + bias, W bf16"},
-    {"int8_matmul", py_int8_matmul, METH_VARARGS, "y = x @ (W * scale)^T + bias, W int8"},
-    {"matmul_many", py_matmul_many, METH_VARARGS, "several bf16 or int8 matmuls of the same x in one call"},
+    {"matmul_many", py_matmul_many, METH_VARARGS, "y = x @ W^T + bias (W bf16, or int8 times row scales) for one or more W, in one call"},
     {"mxfp4_moe", py_mxfp4_moe, METH_VARARGS, "routed clamped-SwiGLU MXFP4 experts"},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows, fp32 inside"},
     {"rotary", py_rotary, METH_VARARGS, "NeoX rotary embedding of (tokens, heads, dim) rows, in place"},
