@@ -561,9 +561,25 @@ AVX512BF16 static void mxfp4_bf16_avx512(const void *x, int64_t n, const weights
  * multiply-add: exact (powers of two), with no per-weight work and no check of extreme scales.
  * Half the instructions per weight of mxfp4_bf16_avx512, which is what decode needs to keep up
  * with memory on two cores. Taken for 2 to PAIRS_MAX_ROWS activation rows (mxfp4_quads, faster
- * for one row from cache, reads memory at half this rate with more rows); with more (prefill)
+ * for one row and from cache, read memory ~30% slower with more rows); with more (prefill)
  * mxfp4_bf16_avx512's two weight rows per pass over the activations win (about 1.3x the rate). */
 #define PAIRS_MAX_ROWS 4
+/* Pair p of a row (codes rb, scales rs) against the N activation rows, into acc[t]. */
+AVX512BF16_INLINE void mxfp4_pair(const int N, const uint16_t *x, int64_t in, const uint8_t *rb,
+                                  const uint8_t *rs, int64_t p, __m512i table, __m512 *acc) {
+    __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(rb + p * 32)));
+    __m512i even = _mm512_permutexvar_epi16(codes, table);
+    __m512i odd = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table);
+    __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(SCALES[rs[2 * p]]), _mm256_set1_ps(SCALES[rs[2 * p + 1]]), 1);
+#pragma GCC unroll 8
+    for (int t = 0; t < N; t++) {
+        const uint16_t *xt = x + t * in + p * 2 * BLOCK;
+        __m512 part = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(even), as_bh(_mm512_loadu_si512((const void *)xt)));
+        part = _mm512_dpbf16_ps(part, as_bh(odd), as_bh(_mm512_loadu_si512((const void *)(xt + BLOCK))));
+        acc[t] = _mm512_fmadd_ps(part, scale, acc[t]);
+    }
+}
+
 AVX512BF16_INLINE void mxfp4_pairs_row(const int N, const uint16_t *x, const weights *w, int64_t r,
                                        const epilogue *e, float *gate) {
     const __m512i table = _mm512_loadu_si512((const void *)FP4_BF16);
@@ -582,19 +598,7 @@ AVX512BF16_INLINE void mxfp4_pairs_row(const int N, const uint16_t *x, const wei
         for (int u = 0; u < U; u++) {
             int64_t p = p0 + u;
             if (U > 1 && p >= pairs) break;
-            __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(rb + p * 32)));
-            __m512i even = _mm512_permutexvar_epi16(codes, table);
-            __m512i odd = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table);
-            __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(SCALES[rs[2 * p]]),
-                                              _mm256_set1_ps(SCALES[rs[2 * p + 1]]), 1);
-#pragma GCC unroll 8
-            for (int t = 0; t < N; t++) {
-                const uint16_t *xt = x + t * in + p * 2 * BLOCK;
-                __m512 part = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(even),
-                                               as_bh(_mm512_loadu_si512((const void *)xt)));
-                part = _mm512_dpbf16_ps(part, as_bh(odd), as_bh(_mm512_loadu_si512((const void *)(xt + BLOCK))));
-                acc[u][t] = _mm512_fmadd_ps(part, scale, acc[u][t]);
-            }
+            mxfp4_pair(N, x, in, rb, rs, p, table, acc[u]);
         }
     }
     float sums[MAX_ROWS];
@@ -625,7 +629,7 @@ AVX512BF16 static void mxfp4_pairs_avx512(const void *x, int64_t n, const weight
  * each block's products stay in its own four lanes and one multiply-add applies the four scales
  * (powers of two: exact) to the partial sums, with no per-weight work. The scales come from one
  * 4-byte broadcast: rotating lane group g by 23 - 8g (mod 32) and keeping bits 23-30 makes s << 23,
- * the bit pattern of 2^(s - 127) for s ≥ 1 (255 gives inf, as SCALES does); a step with a zero
+ * the bit pattern of 2^(s - 127) for s ≥ 1 (255 gives inf, as SCALES does); a row with a zero
  * byte (2^-127, a denormal) looks them up instead. A row of 64·odd length ends with one pair of
  * blocks decoded as mxfp4_pairs does. For one activation row (decode at batch 1): about 1.4x the
  * instruction throughput of mxfp4_pairs. */
@@ -698,20 +702,7 @@ AVX512BF16_INLINE void mxfp4_quads_row(const int N, const uint16_t *x, const wei
         }
     }
     if (q < quads) mxfp4_quad(N, x, in, rb, rs, q, 1, table, acc[0]);
-    if (groups % 4) { /* the last two blocks: even-indexed weights from the low nibbles, odd from the high */
-        int64_t g = 4 * quads;
-        __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(rb + g * 16)));
-        __m512i even = _mm512_permutexvar_epi16(codes, table);
-        __m512i odd = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table);
-        __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(SCALES[rs[g]]), _mm256_set1_ps(SCALES[rs[g + 1]]), 1);
-#pragma GCC unroll 8
-        for (int t = 0; t < N; t++) {
-            const uint16_t *xt = x + t * in + g * BLOCK;
-            __m512 part = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(even), as_bh(_mm512_loadu_si512((const void *)xt)));
-            part = _mm512_dpbf16_ps(part, as_bh(odd), as_bh(_mm512_loadu_si512((const void *)(xt + BLOCK))));
-            acc[0][t] = _mm512_fmadd_ps(part, scale, acc[0][t]);
-        }
-    }
+    if (groups % 4) mxfp4_pair(N, x, in, rb, rs, 2 * quads, table, acc[0]); /* the last two blocks */
 #pragma GCC unroll 8
     for (int t = 0; t < N; t++) lanes[t][slot] = _mm512_add_ps(acc[0][t], acc[1][t]);
 }
