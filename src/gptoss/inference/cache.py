@@ -25,9 +25,10 @@ class ContextFullError(ValueError):
 class _Step:
     rows: slice
     positions: Tensor  # (R, T) position (= full-layer slot) of every new token
+    start: int | None  # the rows' common length before the pass, if they share one
     full_len: int  # full layers attend over slots [0, full_len)
     full_mask: Tensor  # (R, 1, T, full_len)
-    sliding_mask: Tensor  # (R, 1, T, ring + T)
+    sliding_mask: Tensor  # (R, 1, T, ring + T), or (R, 1, 1, ring) for one token (see begin)
 
 
 class KVCache:
@@ -101,14 +102,20 @@ class KVCache:
         full_mask = torch.arange(full_len, device=device) <= query  # causal; slot = position
 
         # Sliding layers attend over the ring as it was before this pass, then the new tokens:
-        # a chunk longer than the window would otherwise overwrite keys its first tokens need.
+        # a chunk longer than the window would otherwise overwrite keys its first tokens need. One
+        # token (decode) is written first and the ring alone attended over, without a copy: its
+        # slot held the one position that has just left the window.
         slot = torch.arange(self.ring, device=device)
-        ring_positions = slot + self.ring * torch.div(start - 1 - slot, self.ring, rounding_mode="floor")
-        key_positions = torch.cat([ring_positions, positions], dim=1)[:, None, None, :]  # (R, 1, 1, ring+T)
+        newest = start - 1 + (num_tokens == 1)  # the latest position in the ring the pass reads
+        ring_positions = slot + self.ring * torch.div(newest - slot, self.ring, rounding_mode="floor")
+        if num_tokens > 1:
+            ring_positions = torch.cat([ring_positions, positions], dim=1)
+        key_positions = ring_positions[:, None, None, :]  # (R, 1, 1, ring [+ T])
         distance = query - key_positions
         sliding_mask = (key_positions >= 0) & (distance >= 0) & (distance < self.window)
 
-        self._step = _Step(rows, positions, full_len, full_mask, sliding_mask)
+        common = starts[0] if len(set(starts)) == 1 else None
+        self._step = _Step(rows, positions, common, full_len, full_mask, sliding_mask)
         return positions
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -117,17 +124,24 @@ class KVCache:
         if step is None:
             raise RuntimeError("KVCache.update called outside begin()/end()")
         cached_k, cached_v = self.keys[layer_idx][step.rows], self.values[layer_idx][step.rows]  # views
+        T = k.shape[2]
         if not self.sliding[layer_idx]:
-            _write(cached_k, step.positions, k)
-            _write(cached_v, step.positions, v)
+            _write(cached_k, step.positions, step.start, k)
+            _write(cached_v, step.positions, step.start, v)
             n = step.full_len
             return cached_k[:, :, :n], cached_v[:, :, :n], step.full_mask
+        if T == 1:
+            slots = step.positions % self.ring
+            start = None if step.start is None else step.start % self.ring
+            _write(cached_k, slots, start, k)
+            _write(cached_v, slots, start, v)
+            return cached_k, cached_v, step.sliding_mask
         keys = torch.cat([cached_k, k], dim=2)  # (R, KVH, ring + T, D)
         values = torch.cat([cached_v, v], dim=2)
-        last = min(k.shape[2], self.ring)  # only the newest `ring` tokens stay
+        last = min(T, self.ring)  # only the newest `ring` tokens stay
         slots = step.positions[:, -last:] % self.ring
-        _write(cached_k, slots, k[:, :, -last:])
-        _write(cached_v, slots, v[:, :, -last:])
+        _write(cached_k, slots, None, k[:, :, -last:])
+        _write(cached_v, slots, None, v[:, :, -last:])
         return keys, values, step.sliding_mask
 
     def end(self) -> None:
@@ -160,8 +174,15 @@ class KVCache:
         self._step = None
 
 
-def _write(cache: Tensor, slots: Tensor, new: Tensor) -> None:
-    """cache[r, :, slots[r, t]] = new[r, :, t] for cache (R, KVH, S, D), slots (R, T), new (R, KVH, T, D)."""
+def _write(cache: Tensor, slots: Tensor, first: int | None, new: Tensor) -> None:
+    """cache[r, :, slots[r, t]] = new[r, :, t] for cache (R, KVH, S, D), slots (R, T), new (R, KVH, T, D).
+
+    `first`: the slot of every row's first new token when they share one and the rest follow it
+    (no wrap), which makes the write one slice copy (a decode step, most prefills)."""
+    T = new.shape[2]
+    if first is not None and first + T <= cache.shape[2]:
+        cache[:, :, first : first + T].copy_(new)
+        return
     rows = torch.arange(cache.shape[0], device=cache.device)[:, None]
     # Advanced indices around a slice put their dims first: the target reads (R, T, KVH, D).
     cache[rows, :, slots] = new.transpose(1, 2)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptoss.model import Attention, RMSNorm, Router, apply_rotary, clamped_swiglu
+from gptoss.model import Attention, Block, RMSNorm, Router, apply_rotary, clamped_swiglu
 from gptoss.model import rms_norm as reference_rms_norm
 from gptoss.model import sink_attention as reference_sink_attention
 
@@ -359,6 +359,10 @@ _NATIVE_CLASSES: dict[type, type] = {
     Attention: NativeAttention,
     Router: NativeRouter,
 }
+
+from gptoss.ops.decode import NativeBlock  # noqa: E402  (decode.py builds on the classes above)
+
+_NATIVE_CLASSES[Block] = NativeBlock
 
 
 def use_native_kernels(model: nn.Module) -> nn.Module:

@@ -1,0 +1,118 @@
+"""The native decode step of a block (ops.decode.NativeBlock) computes what the general path of the
+same prepared model computes, bit for bit, and steps aside whenever it cannot."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from gptoss import ops
+from gptoss.inference import KVCache
+from gptoss.inference.engine import forward_hidden
+from gptoss.inference.optimize import prepare_for_inference
+from gptoss.model import Block
+from gptoss.mxfp4 import quantize_experts
+
+# Without the native module every block takes the general path (there is nothing to compare);
+# CI sets GPTOSS_REQUIRE_NATIVE, where test_ops.py fails on a missing build.
+pytestmark = pytest.mark.skipif(
+    not ops.native_available() and not os.environ.get("GPTOSS_REQUIRE_NATIVE"),
+    reason="native kernels not built",
+)
+
+
+def released_layout(config=None, seed=7):
+    """MXFP4 experts, bf16 elsewhere (the released checkpoints' layout), hidden 128 so that the MXFP4
+    rows take the four-block kernel."""
+    config = config or tiny_config(hidden_size=128, intermediate_size=96, sliding_window=4)
+    return quantize_experts(random_model(config, seed=seed)).to(torch.bfloat16)
+
+
+def general_path(model):
+    """The same prepared model with its blocks back on Block.forward (native sub-modules kept)."""
+    model = copy.deepcopy(model)
+    for block in model.model.layers:
+        block.__class__ = Block
+    return model
+
+
+def decode_hidden(model, prompts, steps):
+    """Prefill each prompt into its own cache row, then `steps` batched decode steps; the hidden
+    states of every decode step (R, 1, H), in order."""
+    cache = KVCache(model.config, len(prompts), capacity=max(map(len, prompts)) + steps, dtype=torch.bfloat16)
+    out = []
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            forward_hidden(model, cache, torch.tensor([prompt]), slice(row, row + 1))
+        for step in range(steps):
+            new = torch.tensor([[(37 * step + 11 * row) % 300 + 5] for row in range(len(prompts))])
+            out.append(forward_hidden(model, cache, new, slice(0, len(prompts))))
+    return out
+
+
+def took_the_decode_step(model):
+    return all(getattr(block, "_plan", None) is not None for block in model.model.layers)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("lengths", [[3], [9, 2, 6]])
+def test_decode_step_equals_the_general_path_bit_for_bit(int8, lengths):
+    """Rows at different positions, past the sliding window (4) and around its ring."""
+    model = prepare_for_inference(released_layout(), int8=int8)
+    prompts = [[(5 * i + 3 * n) % 300 + 2 for i in range(n)] for n in lengths]
+    ours = decode_hidden(model, prompts, steps=7)
+    assert took_the_decode_step(model)
+    theirs = decode_hidden(general_path(model), prompts, steps=7)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_decode_step_follows_weights_changed_in_place_or_replaced():
+    model = prepare_for_inference(released_layout())
+    prompts = [[4, 8, 15, 16, 23]]
+    decode_hidden(model, prompts, steps=2)  # plans built
+    block = model.model.layers[1]
+
+    def change_in_place():  # the sinks are converted to fp32 in the plan: the change must be seen
+        with torch.no_grad():
+            block.self_attn.sinks.add_(1.5)
+
+    def replace():
+        block.self_attn.o_proj.weight = torch.nn.Parameter(block.self_attn.o_proj.weight.detach() * 2)
+
+    for change in (change_in_place, replace):
+        before = decode_hidden(model, prompts, steps=3)
+        change()
+        ours = decode_hidden(model, prompts, steps=3)
+        theirs = decode_hidden(general_path(model), prompts, steps=3)
+        assert not torch.equal(ours[-1], before[-1]), change.__name__
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b), change.__name__
+
+
+def test_what_the_decode_step_cannot_take_goes_the_general_way():
+    # float32 weights (no bf16 matvec), dense MLP, experts not in MXFP4: each leaves every block on
+    # Block.forward, and the results are the general path's.
+    cases = {
+        "fp32": quantize_experts(random_model(tiny_config(hidden_size=128), seed=3)),
+        "dense": random_model(tiny_config(num_local_experts=0), seed=3).to(torch.bfloat16),
+        "bf16 experts": random_model(tiny_config(), seed=3).to(torch.bfloat16),
+    }
+    for name, model in cases.items():
+        model = prepare_for_inference(model)
+        dtype = model.model.embed_tokens.weight.dtype
+        cache = KVCache(model.config, 1, capacity=8, dtype=dtype)
+        with torch.no_grad():
+            forward_hidden(model, cache, torch.tensor([[3, 4, 5]]), slice(0, 1))
+            forward_hidden(model, cache, torch.tensor([[6]]), slice(0, 1))
+        assert all(getattr(b, "_plan", None) is None for b in model.model.layers), name
+
+
+def test_autograd_takes_the_general_path():
+    model = prepare_for_inference(released_layout())
+    cache = KVCache(model.config, 1, capacity=8, dtype=torch.bfloat16)
+    forward_hidden(model, cache, torch.tensor([[4, 8, 15]]), slice(0, 1))
+    hidden = forward_hidden(model, cache, torch.tensor([[16]]), slice(0, 1))  # grad enabled
+    assert hidden.requires_grad and not took_the_decode_step(model)
