@@ -5,7 +5,8 @@ The kernels live in `gptoss.ops`; this module decides which layers use them:
 - bf16 linear layers (attention projections, routers, output head) go through `ops.linear`, whose
   native matvec serves decode-sized calls (prefill-sized ones stay with PyTorch's GEMM); RMSNorm
   and attention over the KV cache (decode-sized queries) are one native call each instead of a
-  dozen small PyTorch operators (`ops.use_native_kernels`). MXFP4 experts
+  dozen small PyTorch operators, and a block's whole decode step is a fixed run of native calls
+  (`ops.use_native_kernels`, `ops.decode.NativeBlock`). MXFP4 experts
   already run natively: `MXFP4Experts.forward` is one `ops.mxfp4_moe` call per layer, straight
   from the packed bytes, for decode and prefill alike; nothing to do for them.
 - Weight-only int8 (opt-in) for the attention projections and the output head: per-output-channel

@@ -367,7 +367,7 @@ _NATIVE_CLASSES[Block] = NativeBlock
 
 def use_native_kernels(model: nn.Module) -> nn.Module:
     """Route `model`'s linear layers, RMSNorms, attention and routers through this module's
-    kernels, in place.
+    kernels, and its blocks' decode steps through `gptoss.ops.decode`, in place.
 
     Changing the classes keeps the parameter objects (and any tying) untouched; the model file
     stays plain PyTorch, as DESIGN.md asks: kernels are applied from outside.

@@ -49,7 +49,6 @@ class _Dense:
 @dataclass
 class _Plan:
     tensors: list[Tensor]  # everything the addresses below point into, kept alive
-    key: tuple  # what the plan was built from (see _plan_key)
     norms: tuple[tuple[int, int, float], tuple[int, int, float]]  # (weight, dtype code, eps) x 2
     qkv: _Dense
     o: _Dense
@@ -150,7 +149,6 @@ def _build_plan(block: Block) -> _Plan | None:
     )  # fmt: skip
     return _Plan(
         tensors=tensors,
-        key=_plan_key(block),
         norms=tuple((n.weight.data_ptr(), _DTYPE_CODES[n.weight.dtype], n.eps) for n in norms),
         qkv=qkv,
         o=o,
@@ -209,10 +207,10 @@ class NativeBlock(Block):
             )
         ):
             return None
-        plan = getattr(self, "_plan", None)
-        if plan is None or plan.key != _plan_key(self):
-            plan = self._plan = _build_plan(self)
-        return plan
+        key = _plan_key(self)
+        if getattr(self, "_plan_built_from", None) != key:  # (a block it cannot take is remembered too)
+            self._plan, self._plan_built_from = _build_plan(self), key
+        return self._plan
 
     def _decode(self, plan: _Plan, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
         attn = self.self_attn
