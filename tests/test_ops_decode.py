@@ -94,7 +94,7 @@ def test_decode_step_follows_weights_changed_in_place_or_replaced():
 
 def test_what_the_decode_step_cannot_take_goes_the_general_way():
     # float32 weights (no bf16 matvec), dense MLP, experts not in MXFP4: each leaves every block on
-    # Block.forward, and the results are the general path's.
+    # Block.forward (no plan), the path the other tests compare against.
     cases = {
         "fp32": quantize_experts(random_model(tiny_config(hidden_size=128), seed=3)),
         "dense": random_model(tiny_config(num_local_experts=0), seed=3).to(torch.bfloat16),
