@@ -822,8 +822,9 @@ AVX512BF16 static void bf16w_bf16_avx512(const void *x, int64_t n, const weights
 /* int8 weights become bf16 exactly (|w| ≤ 127 needs 7 significant bits, bf16 has 8): sign-extend
  * and convert 32 of them to fp32, pack to bf16, then the same dot products; the row's scale
  * multiplies the sum. The conversion makes this as busy per byte as the MXFP4 kernels, so it asks
- * for its weights PF_DIST ahead as they do: +9% from memory at ~46 GB/s, +17% at ~70 GB/s (the bf16
- * kernel, with a fraction of the work per byte, is left to the hardware prefetchers). */
+ * for its weights PF_DIST ahead as they do: +9-13% from memory at ~45 GB/s, +12-18% at ~70 GB/s in
+ * two A/B runs (the bf16 kernel, a fraction of the work per byte, keeps up with the hardware
+ * prefetchers alone). */
 AVX512BF16_INLINE __m512i int8_to_bf16(const int8_t *p) {
     __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
     __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
