@@ -294,19 +294,26 @@ def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor)
         and k.dtype == v.dtype
         and k.dtype in _DTYPE_CODES
     ):
-        qa, ka, va = q.detach().contiguous(), _keys_layout(k.detach()), _keys_layout(v.detach())
-        if ka.stride()[:2] != va.stride()[:2]:
-            ka, va = ka.contiguous(), va.contiguous()
-        m = mask.to(torch.bool).expand(-1, 1, T, k.shape[2]).contiguous()
-        s32 = sinks.detach().float().contiguous()
+        qa, s32 = q.detach().contiguous(), sinks.detach().float().contiguous()
         out = torch.empty(B, H, T, D, dtype=v.dtype)
-        _native.sink_attention(
-            qa.data_ptr(), _DTYPE_CODES[qa.dtype], B, H, T, D,
-            ka.data_ptr(), va.data_ptr(), _DTYPE_CODES[va.dtype], k.shape[1], k.shape[2],
-            ka.stride(0), ka.stride(1), m.data_ptr(), m.shape[0], s32.data_ptr(), out.data_ptr(),
-        )  # fmt: skip
+        _native_attention(qa, k.detach(), v.detach(), mask, s32.data_ptr(), out)
         return out
     return reference_sink_attention(q, k, v, mask, sinks)
+
+
+def _native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: int, out: Tensor) -> None:
+    """The native sink attention of contiguous queries q (B, H, T, D) into out, over k and v as
+    `sink_attention` takes them; `sinks`: the address of the heads' fp32 sink logits."""
+    B, H, T, D = q.shape
+    ka, va = _keys_layout(k), _keys_layout(v)
+    if ka.stride()[:2] != va.stride()[:2]:
+        ka, va = ka.contiguous(), va.contiguous()
+    m = mask.to(torch.bool).expand(-1, 1, T, k.shape[2]).contiguous()
+    _native.sink_attention(
+        q.data_ptr(), _DTYPE_CODES[q.dtype], B, H, T, D,
+        ka.data_ptr(), va.data_ptr(), _DTYPE_CODES[va.dtype], k.shape[1], k.shape[2],
+        ka.stride(0), ka.stride(1), m.data_ptr(), m.shape[0], sinks, out.data_ptr(),
+    )  # fmt: skip
 
 
 class NativeLinear(nn.Linear):

@@ -30,8 +30,8 @@ from gptoss.ops import (
     NativeRMSNorm,
     NativeRouter,
     _dense_weights,
-    _keys_layout,
     _native,
+    _native_attention,
 )
 
 _DENSE_KIND = {False: 1, True: 2}  # int8 or not → the native module's BF16W / INT8W
@@ -227,16 +227,8 @@ class NativeBlock(Block):
             k.view(B, 1, kv_heads, dim).transpose(1, 2),
             v.view(B, 1, kv_heads, dim).transpose(1, 2),
         )
-        keys, values = _keys_layout(keys), _keys_layout(values)
-        if keys.stride()[:2] != values.stride()[:2]:
-            keys, values = keys.contiguous(), values.contiguous()
-        m = mask if mask.dtype == torch.bool and mask.is_contiguous() else mask.to(torch.bool).contiguous()
-        out = torch.empty(B, heads * dim, dtype=x.dtype)
-        _native.sink_attention(
-            q.data_ptr(), code, B, heads, 1, dim, keys.data_ptr(), values.data_ptr(), code, kv_heads,
-            keys.shape[2], keys.stride(0), keys.stride(1), m.data_ptr(), m.shape[0], plan.sinks,
-            out.data_ptr(),
-        )  # fmt: skip
+        out = torch.empty(B, heads * dim, dtype=x.dtype)  # (B, heads, 1, dim) as o_proj reads it
+        _native_attention(q.view(B, heads, 1, dim), keys, values, mask, plan.sinks, out)
         rows = rows + _matmul(plan.o, out, code)[0]
         h = _rms_norm(plan.norms[1], rows, code)
         (logits,) = _matmul(plan.router, h, code)
