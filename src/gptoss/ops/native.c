@@ -453,7 +453,6 @@ AVX512BF16_INLINE __m512bh as_bh(__m512i v) {
 #define SAFE_SCALE(s) ((s) >= 2 && (s) <= 252)
 
 AVX512BF16_INLINE int rows_safe(const uint8_t *scales, int64_t count) {
-    if (getenv("NOCHECK")) return 1;
     __mmask64 bad = 0;
     for (int64_t i = 0; i < count; i += 64) {
         __mmask64 valid = count - i >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (count - i)) - 1;
@@ -1195,6 +1194,26 @@ static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
 
 /* ------------------------------------------------------------------ mixture of MXFP4 experts */
 /* The stacked expert tensors (E experts), as the checkpoint stores them. */
+/* The next run of tiles [first, *end) of `total` for the calling thread, guided as OpenMP's schedule
+ * is (each run the rest divided by the thread count), or first == total when none is left. By hand
+ * because a run is wanted whole: moe walks a run's rows expert by expert. */
+static int64_t take_run(int64_t *next, int64_t total, int64_t *end) {
+    int64_t first;
+#ifdef _OPENMP
+#pragma omp critical(gptoss_take_run)
+#endif
+    {
+        first = *next;
+#ifdef _OPENMP
+        int64_t threads = omp_get_num_threads();
+#else
+        int64_t threads = 1;
+#endif
+        *next = *end = first < total ? first + (total - first + threads - 1) / threads : total;
+    }
+    return first;
+}
+
 typedef struct {
     int64_t experts, hidden, inter;
     const uint8_t *gate_up_blocks, *gate_up_scales, *down_blocks, *down_scales; /* (E, out, in/32[, 16]) */
@@ -1206,8 +1225,12 @@ typedef struct {
 /* y (n, hidden) = Σ_j weight[t, j] · expert_{idx[t, j]}(x[t]) for every token t, each expert a
  * clamped-SwiGLU MLP. Tokens are grouped by expert (counting sort); each chosen expert's gate_up
  * projection runs with its SwiGLU applied as the sums are made, then one pass over down-projection
- * tiles adds every expert's weighted output (fp32) into the token rows: a tile is one thread's, so
- * no two threads write the same output. One parallel region in all. 0, or -1 when memory ran out. */
+ * rows adds every expert's weighted output (fp32) into the token rows. The rows go to threads in
+ * runs of tiles (take_run); a run is one thread's, so no two threads write the same output and each
+ * output sums its experts in the same order whatever the schedule. A run is walked expert by expert,
+ * one sequential stream each, rather than every expert a tile at a time (a jump every 32 rows):
+ * MoE decode +4% at ~41 GB/s, +5-8% at ~70. One parallel region in all. 0, or -1 when memory ran
+ * out. */
 static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t k, const int64_t *idx,
                const void *route_weight, int weight_dt, void *y) {
     enum layout layout;
@@ -1235,7 +1258,7 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
             if (start[e + 1] > start[e]) active[m++] = e;
         write_activations(x, dt, H, token, pairs, layout, xs);
         int64_t gate_up_tiles = tile_count(2 * I), down_tiles = tile_count(H);
-        int64_t gate_up_blocks = 2 * I * (H / BLOCK), down_blocks = H * (I / BLOCK);
+        int64_t gate_up_blocks = 2 * I * (H / BLOCK), down_blocks = H * (I / BLOCK), next_tile = 0;
 #ifdef _OPENMP
 #pragma omp parallel
 #endif
@@ -1258,10 +1281,7 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
                             min64(2 * I, (tile + 1) * TILE), &ep);
             }
             /* (the loop's implicit barrier: every hidden activation is written) */
-#ifdef _OPENMP
-#pragma omp for schedule(guided)
-#endif
-            for (int64_t tile = 0; tile < down_tiles; tile++)
+            for (int64_t t0, t1; (t0 = take_run(&next_tile, down_tiles, &t1)) < down_tiles;)
                 for (int64_t j = 0; j < m; j++) {
                     int64_t e = active[j], first = start[e], count = start[e + 1] - first;
                     weights w = {MXFP4, s->down_blocks + e * down_blocks * 16, s->down_scales + e * down_blocks,
@@ -1269,10 +1289,12 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
                     epilogue ep = {.bias = (const char *)s->down_bias + e * H * bias_size,
                                    .bias_dt = s->bias_dt, .mode = ACCUMULATE, .y = acc, .y_stride = H,
                                    .token = token + first, .weight = weight + first};
-                    tile_chunks(kernel, (const char *)hs + first * I * size, size, count, &w, tile * TILE,
-                                min64(H, (tile + 1) * TILE), &ep);
+                    for (int64_t tile = t0; tile < t1; tile++) /* a tile in cache for every chunk of tokens */
+                        tile_chunks(kernel, (const char *)hs + first * I * size, size, count, &w, tile * TILE,
+                                    min64(H, (tile + 1) * TILE), &ep);
                 }
 #ifdef _OPENMP
+#pragma omp barrier /* every down-projection sum is made */
 #pragma omp for
 #endif
             for (int64_t i = 0; i < n * H; i++) store_val(y, dt, i, acc[i]);
