@@ -307,6 +307,29 @@ def test_mxfp4_moe_is_the_weighted_sum_of_chosen_experts(isa, dtype, n, k, hidde
 
 
 @native
+@pytest.mark.parametrize("n", [1, 13])
+def test_mxfp4_moe_sums_the_same_whatever_the_thread_count(n):
+    """Down-projection rows are handed out in runs that depend on the thread count; each output
+    must still add its experts in one order, so the results are equal bit for bit."""
+    generator = torch.Generator().manual_seed(n)
+    experts, k, hidden, inter = 6, 4, 256, 192  # 8 down-projection tiles, several runs per thread
+    stacks = moe_weights(experts, hidden, inter, generator, torch.bfloat16)
+    x = torch.randn(n, hidden, generator=generator).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(n)])
+    weight = torch.softmax(torch.randn(n, k, generator=generator), dim=-1).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, 2, 3):
+            ops.set_num_threads(threads)
+            with torch.no_grad():
+                outputs.append(ops.mxfp4_moe(x, idx, weight, *stacks, alpha=1.702, limit=7.0))
+    finally:
+        ops.set_num_threads(before)
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+
+
+@native
 def test_mxfp4_moe_refuses_an_expert_it_does_not_have():
     stacks = moe_weights(2, 32, 32, torch.Generator().manual_seed(0), torch.float32)
     with torch.no_grad(), pytest.raises(ValueError, match="expert index 2 is outside 0..1"):
