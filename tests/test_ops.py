@@ -171,6 +171,36 @@ def test_mxfp4_linear_rows_and_dtypes(isa, dtype, n, inp):
 
 
 @native
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3])  # one row: mxfp4_quads (its epilogue 16 rows at a time); three: pairs
+def test_mxfp4_bf16_activations_with_any_bias_and_output_dtype(isa, bias_dtype, out_dtype, n):
+    """The native module takes the bias and the output in either dtype, whatever the activations'."""
+    generator = torch.Generator().manual_seed(n)
+    inp, out = 192, 51  # 51 rows: groups of 16 and a last one of 3
+    blocks, scales = pack(torch.randn(1, inp, out, generator=generator))
+    blocks, scales = blocks[0].contiguous(), scales[0].contiguous()
+    x = torch.randn(n, inp, generator=generator).to(torch.bfloat16)
+    bias = None if bias_dtype is None else torch.randn(out, generator=generator).to(bias_dtype)
+
+    def matmul(dtype: torch.dtype) -> torch.Tensor:
+        y = torch.full((n, out), float("nan"), dtype=dtype)
+        ops._native.mxfp4_matmul(
+            x.data_ptr(), ops._DTYPE_CODES[x.dtype], n, inp, blocks.data_ptr(), scales.data_ptr(), out,
+            0 if bias is None else bias.data_ptr(), 0 if bias is None else ops._DTYPE_CODES[bias.dtype],
+            y.data_ptr(), ops._DTYPE_CODES[dtype],
+        )  # fmt: skip
+        return y
+
+    y = matmul(out_dtype)
+    weight = unpack(blocks, scales, torch.float32).T
+    ref = x.float() @ weight.T + (0 if bias is None else bias.float())
+    assert close(y, x, weight, ref)
+    if out_dtype == torch.bfloat16:  # the same sums, rounded as PyTorch rounds them
+        assert torch.equal(y, matmul(torch.float32).to(torch.bfloat16))
+
+
+@native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("groups", [3, 4, 10])
 @pytest.mark.parametrize("n", [1, 3])  # bf16: one row takes mxfp4_quads, three mxfp4_pairs
