@@ -236,7 +236,8 @@ def test_bf16_linear_bf16_activations(isa, n, inp, out):
 
 
 @native
-@pytest.mark.parametrize("n,inp,out", [(1, 45, 7), (4, 2880, 67), (6, 77, 9)])
+# (7, 64, 33): rows of 32·k in pairs
+@pytest.mark.parametrize("n,inp,out", [(1, 45, 7), (4, 2880, 67), (6, 77, 9), (7, 64, 33)])
 def test_int8_linear_bf16_activations(isa, n, inp, out):
     generator = torch.Generator().manual_seed(inp)
     weight = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=generator)
