@@ -807,12 +807,11 @@ AVX512BF16_INLINE void finish_rows16(const int N, const epilogue *e, int64_t r, 
     }
 }
 
-/* Rows [r0, r1) sixteen at a time (inside a kernel: x, w, r0, r1 and e in scope): ROW(N, i, r) leaves
- * row r's fp32 partial sums, one vector per activation row, in lanes[t][i]; one lane_sums16 makes
- * the sixteen rows' sums, ROW_SCALES (fp32, one per weight row, or NULL) multiplies them, and
- * finish_rows16 finishes them: per row far fewer instructions than a horizontal sum and the
- * scalar finish_row. */
-#define SIXTEEN_ROWS(N, ROW, ROW_SCALES)                                                          \
+/* Rows [r0, r1) sixteen at a time (inside a kernel: r0, r1 and e in scope): ROW(N, i, r) leaves row
+ * r's fp32 partial sums, one vector per activation row, in lanes[t][i]; one lane_sums16 makes the
+ * sixteen rows' sums and finish_rows16 finishes them: per row far fewer instructions than a
+ * horizontal sum and the scalar finish_row. */
+#define SIXTEEN_ROWS(N, ROW)                                                                      \
     do {                                                                                          \
         __m512 lanes[MAX_ROWS][16], sums[MAX_ROWS];                                               \
         for (int64_t r = r0; r < r1; r += 16) {                                                   \
@@ -821,9 +820,6 @@ AVX512BF16_INLINE void finish_rows16(const int N, const epilogue *e, int64_t r, 
             for (int t = 0; t < (N); t++) {                                                       \
                 for (int i = count; i < 16; i++) lanes[t][i] = _mm512_setzero_ps();               \
                 sums[t] = lane_sums16(lanes[t]);                                                  \
-                if (ROW_SCALES)                                                                   \
-                    sums[t] = _mm512_mul_ps(sums[t], _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), \
-                                                                           (ROW_SCALES) + r));    \
             }                                                                                     \
             finish_rows16(N, e, r, count, sums);                                                  \
         }                                                                                         \
@@ -832,7 +828,7 @@ AVX512BF16_INLINE void finish_rows16(const int N, const epilogue *e, int64_t r, 
 AVX512BF16 static void mxfp4_quads_avx512(const void *x, int64_t n, const weights *w, int64_t r0,
                                           int64_t r1, const epilogue *e) {
 #define ROW(N, i, r) mxfp4_quads_row(N, x, w, r, lanes, i)
-#define BODY(N) SIXTEEN_ROWS(N, ROW, (const float *)NULL)
+#define BODY(N) SIXTEEN_ROWS(N, ROW)
     SWITCH_ROWS(n, BODY)
 #undef BODY
 #undef ROW
@@ -912,7 +908,7 @@ AVX512BF16 static void bf16w_bf16_avx512(const void *x, int64_t n, const weights
         finish_rows_reduced(N, R, s, NULL, e, r, gate);                                            \
     } while (0)
 #define BODY(N)                                                                                    \
-    if ((N) <= 4) SIXTEEN_ROWS(N, ROW, (const float *)NULL);                                       \
+    if ((N) <= 4) SIXTEEN_ROWS(N, ROW);                                       \
     else ROW_PAIRS(N, ROWS)
     SWITCH_ROWS(n, BODY)
 #undef BODY
@@ -1322,7 +1318,6 @@ static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
 }
 
 /* ------------------------------------------------------------------ mixture of MXFP4 experts */
-/* The stacked expert tensors (E experts), as the checkpoint stores them. */
 /* The next run of tiles [first, *end) of `total` for the calling thread, guided as OpenMP's schedule
  * is (each run the rest divided by the thread count), or first == total when none is left. By hand
  * because a run is wanted whole: moe walks a run's rows expert by expert. */
@@ -1343,6 +1338,7 @@ static int64_t take_run(int64_t *next, int64_t total, int64_t *end) {
     return first;
 }
 
+/* The stacked expert tensors (E experts), as the checkpoint stores them. */
 typedef struct {
     int64_t experts, hidden, inter;
     const uint8_t *gate_up_blocks, *gate_up_scales, *down_blocks, *down_scales; /* (E, out, in/32[, 16]) */
