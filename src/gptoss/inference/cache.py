@@ -26,6 +26,8 @@ class _Step:
     rows: slice
     positions: Tensor  # (R, T) position (= full-layer slot) of every new token
     start: int | None  # the rows' common length before the pass, if they share one
+    ring_slots: Tensor  # (R, T) the sliding layers' ring slot of every new token
+    ring_start: int | None  # the ring slot of `start`, if the rows share one
     full_len: int  # full layers attend over slots [0, full_len)
     full_mask: Tensor  # (R, 1, T, full_len)
     sliding_mask: Tensor  # (R, 1, T, ring + T), or (R, 1, 1, ring) for one token (see begin)
@@ -115,7 +117,10 @@ class KVCache:
         sliding_mask = (key_positions >= 0) & (distance >= 0) & (distance < self.window)
 
         common = starts[0] if len(set(starts)) == 1 else None
-        self._step = _Step(rows, positions, common, full_len, full_mask, sliding_mask)
+        ring_start = None if common is None else common % self.ring
+        self._step = _Step(
+            rows, positions, common, positions % self.ring, ring_start, full_len, full_mask, sliding_mask
+        )
         return positions
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -131,15 +136,13 @@ class KVCache:
             n = step.full_len
             return cached_k[:, :, :n], cached_v[:, :, :n], step.full_mask
         if T == 1:
-            slots = step.positions % self.ring
-            start = None if step.start is None else step.start % self.ring
-            _write(cached_k, slots, start, k)
-            _write(cached_v, slots, start, v)
+            _write(cached_k, step.ring_slots, step.ring_start, k)
+            _write(cached_v, step.ring_slots, step.ring_start, v)
             return cached_k, cached_v, step.sliding_mask
         keys = torch.cat([cached_k, k], dim=2)  # (R, KVH, ring + T, D)
         values = torch.cat([cached_v, v], dim=2)
         last = min(T, self.ring)  # only the newest `ring` tokens stay
-        slots = step.positions[:, -last:] % self.ring
+        slots = step.ring_slots[:, -last:]
         _write(cached_k, slots, None, k[:, :, -last:])
         _write(cached_v, slots, None, v[:, :, -last:])
         return keys, values, step.sliding_mask
