@@ -1204,6 +1204,11 @@ static void tile_chunks(row_fn kernel, const void *x, size_t x_size, int64_t n, 
     }
 }
 
+/* Memory the kernels read 64 bytes at a time: on a cache line's start, as malloc's 16-byte alignment
+ * is not. A load across two lines cost the MXFP4 decode kernel ~17% of its rate from memory
+ * (single thread: 34-36 GB/s aligned against 28-30 with the activations 16 bytes off). */
+static void *line_aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
 static int64_t tile_count(int64_t rows) { return (rows + TILE - 1) / TILE; }
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -1221,7 +1226,7 @@ static int matmul_many(const weights *w, const epilogue *e, int count, const voi
     void *owned = NULL;
     const void *xa = x;
     if (!(layout == AS_BF16 || (layout == AS_F32 && x_dt == F32))) { /* rearranged or converted */
-        if (!(owned = malloc(layout_size(layout) * e[0].n * w[0].in))) return -1;
+        if (!(owned = line_aligned(layout_size(layout) * e[0].n * w[0].in))) return -1;
         write_activations(x, x_dt, w[0].in, NULL, e[0].n, layout, owned);
         xa = owned;
     }
@@ -1365,10 +1370,11 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
     int64_t pairs = n * k, H = s->hidden, I = s->inter, E = s->experts;
     int64_t *start = calloc(E + 1, sizeof(int64_t)), *token = malloc(sizeof(int64_t) * pairs);
     int64_t *active = malloc(sizeof(int64_t) * E);
-    float *weight = malloc(sizeof(float) * pairs), *acc = calloc(n * H, sizeof(float));
-    void *xs = malloc(size * pairs * H), *hs = malloc(size * pairs * I);
+    float *weight = malloc(sizeof(float) * pairs), *acc = line_aligned(sizeof(float) * n * H);
+    void *xs = line_aligned(size * pairs * H), *hs = line_aligned(size * pairs * I);
     int ok = start && token && active && weight && acc && xs && hs;
     if (ok) {
+        memset(acc, 0, sizeof(float) * n * H);
         for (int64_t p = 0; p < pairs; p++) start[idx[p] + 1]++;
         for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
         int64_t *fill = active; /* borrowed as the per-expert write position, then overwritten */
