@@ -145,6 +145,39 @@ def test_cache_memory_follows_the_config_and_sliding_layers_keep_only_the_window
     assert {tuple(k.shape) for k in sliding} == {(2, 8, 128, 64)}
 
 
+def test_shared_slot_names_what_update_writes_and_returns_for_one_token_steps():
+    """A one-token pass of every row at one length: the slot `update` writes and the keys it returns;
+    any other pass (several tokens, rows at different lengths, part of the rows) gets None."""
+    config = tiny_config(sliding_window=3)
+    kinds = list(config.layer_types)
+    full, sliding = kinds.index(FULL), kinds.index(SLIDING)
+    cache = KVCache(config, 2, capacity=12)
+    heads, dim = config.num_key_value_heads, config.head_dim
+    cache.begin(slice(0, 2), 5)
+    assert cache.shared_slot(full) is None
+    cache.end()
+    for length in (5, 6, 7):  # around the sliding layers' ring
+        cache.begin(slice(0, 2), 1)
+        for layer in (full, sliding):
+            keys, values, slot, attended, mask = cache.shared_slot(layer)
+            new = torch.randn(2, heads, 1, dim)
+            got_k, got_v, got_mask = cache.update(layer, new, new + 1)
+            assert keys is cache.keys[layer] and values is cache.values[layer]
+            assert torch.equal(keys[:, :, slot], new[:, :, 0])
+            assert torch.equal(values[:, :, slot], new[:, :, 0] + 1)
+            assert got_k.data_ptr() == keys.data_ptr() and got_k.shape[2] == attended
+            assert torch.equal(got_mask, mask)
+        assert cache.shared_slot(full)[2] == length
+        assert cache.shared_slot(sliding)[2] == length % cache.ring
+        cache.end()
+    cache.begin(slice(1, 2), 1)  # one row of two
+    assert cache.shared_slot(full) is None
+    cache.end()
+    cache.begin(slice(0, 2), 1)  # now at lengths 8 and 9
+    assert cache.shared_slot(sliding) is None
+    cache.end()
+
+
 def test_long_prompt_past_the_original_context_prefills_in_bounded_chunks():
     """nano beyond YaRN's original 4096 positions: a chunked prefill equals one uncached pass."""
     model = random_model(get_config("gpt-oss-nano").replace(vocab_size=512), seed=6)

@@ -57,9 +57,10 @@ def took_the_decode_step(model):
 
 
 @pytest.mark.parametrize("int8", [False, True])
-@pytest.mark.parametrize("lengths", [[3], [9, 2, 6]])
+@pytest.mark.parametrize("lengths", [[3], [6, 6], [9, 2, 6]])
 def test_decode_step_equals_the_general_path_bit_for_bit(int8, lengths):
-    """Rows at different positions, past the sliding window (4) and around its ring."""
+    """Rows at one position (each step one native call for rotary, cache write and attention) and at
+    different positions, past the sliding window (4) and around its ring."""
     model = prepare_for_inference(released_layout(), int8=int8)
     prompts = [[(5 * i + 3 * n) % 300 + 2 for i in range(n)] for n in lengths]
     ours = decode_hidden(model, prompts, steps=7)

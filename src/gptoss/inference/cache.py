@@ -31,6 +31,7 @@ class _Step:
     full_len: int  # full layers attend over slots [0, full_len)
     full_mask: Tensor  # (R, 1, T, full_len)
     sliding_mask: Tensor  # (R, 1, T, ring + T), or (R, 1, 1, ring) for one token (see begin)
+    shared_slot: bool  # one token for every row of the cache, all at the common length `start`
 
 
 class KVCache:
@@ -118,9 +119,12 @@ class KVCache:
 
         common = starts[0] if len(set(starts)) == 1 else None
         ring_start = None if common is None else common % self.ring
+        every_row = rows.indices(self.batch_size) == (0, self.batch_size, 1)
+        shared_slot = num_tokens == 1 and common is not None and every_row
         self._step = _Step(
-            rows, positions, common, positions % self.ring, ring_start, full_len, full_mask, sliding_mask
-        )
+            rows, positions, common, positions % self.ring, ring_start, full_len, full_mask, sliding_mask,
+            shared_slot,
+        )  # fmt: skip
         return positions
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,6 +150,18 @@ class KVCache:
         _write(cached_k, slots, None, k[:, :, -last:])
         _write(cached_v, slots, None, v[:, :, -last:])
         return keys, values, step.sliding_mask
+
+    def shared_slot(self, layer_idx: int) -> tuple[Tensor, Tensor, int, int, Tensor] | None:
+        """For a kernel that stores a one-token pass's key and value itself (`ops.decode`): layer
+        `layer_idx`'s whole key and value tensors, the slot that every row's new token goes to, how
+        many slots from the first the layer attends over, and its mask; the same writes and reads
+        as `update`. None unless the pass is one token for every row of the cache, all at one length."""
+        step = self._step
+        if step is None or not step.shared_slot:
+            return None
+        if self.sliding[layer_idx]:
+            return self.keys[layer_idx], self.values[layer_idx], step.ring_start, self.ring, step.sliding_mask
+        return self.keys[layer_idx], self.values[layer_idx], step.start, step.full_len, step.full_mask
 
     def end(self) -> None:
         """Finish the pass: the rows now hold their new tokens."""

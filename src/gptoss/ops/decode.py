@@ -225,15 +225,24 @@ class NativeBlock(Block):
         rows = x.detach().reshape(B, H).contiguous()
         q, k, v = _matmul(plan.qkv, _rms_norm(plan.norms[0], rows, code), code)
         c, s = cos.contiguous(), sin.contiguous()
-        _native.rotary(q.data_ptr(), code, B, heads, dim, c.data_ptr(), s.data_ptr())
-        _native.rotary(k.data_ptr(), code, B, kv_heads, dim, c.data_ptr(), s.data_ptr())
-        keys, values, mask = cache.update(
-            attn.layer_idx,
-            k.view(B, 1, kv_heads, dim).transpose(1, 2),
-            v.view(B, 1, kv_heads, dim).transpose(1, 2),
-        )
         out = torch.empty(B, heads * dim, dtype=x.dtype)  # (B, heads, 1, dim) as o_proj reads it
-        _native_attention(q.view(B, heads, 1, dim), keys, values, mask, plan.sinks, out)
+        shared = cache.shared_slot(attn.layer_idx)
+        if shared is not None:  # the usual step: rotary, cache write and attention in one call
+            keys, values, slot, attended, mask = shared
+            _native.decode_attention(
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), code, B, heads, kv_heads, dim, c.data_ptr(),
+                s.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[2], slot, attended,
+                mask.data_ptr(), mask.shape[0], plan.sinks, out.data_ptr(),
+            )  # fmt: skip
+        else:
+            _native.rotary(q.data_ptr(), code, B, heads, dim, c.data_ptr(), s.data_ptr())
+            _native.rotary(k.data_ptr(), code, B, kv_heads, dim, c.data_ptr(), s.data_ptr())
+            keys, values, mask = cache.update(
+                attn.layer_idx,
+                k.view(B, 1, kv_heads, dim).transpose(1, 2),
+                v.view(B, 1, kv_heads, dim).transpose(1, 2),
+            )
+            _native_attention(q.view(B, heads, 1, dim), keys, values, mask, plan.sinks, out)
         rows = rows + _matmul(plan.o, out, code)[0]
         h = _rms_norm(plan.norms[1], rows, code)
         (logits,) = _matmul(plan.router, h, code)

@@ -1757,6 +1757,49 @@ static PyObject *py_sink_attention(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* decode_attention(q, k, v, dt, batch, heads, kv_heads, dim, cos, sin, cache_k, cache_v, slots, slot,
+ *                  keys, mask, mask_batch, sinks, out): one decode step's attention in one call, for
+ * the Python and PyTorch operators it replaces (~60 µs a layer between the weight reads). q (batch,
+ * heads·dim) and the new k, v (batch, kv_heads·dim) rows in dt; q and k are rotated in place (rotary),
+ * k and v written into slot `slot` of every row of the caches (batch, kv_heads, slots, dim), and
+ * out (batch, heads·dim) is the sink attention of q over the caches' first `keys` slots under mask
+ * (mask_batch, 1, 1, keys): what rotary, KVCache.update and sink_attention compute one by one. */
+static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
+    unsigned long long qp, kp, vp, cp, sp, ckp, cvp, mp, sinkp, op;
+    long long batch, heads, kv_heads, dim, slots, slot, keys, mask_batch;
+    int dt;
+    if (!PyArg_ParseTuple(args, "KKKiLLLLKKKKLLLKLKK", &qp, &kp, &vp, &dt, &batch, &heads, &kv_heads, &dim,
+                          &cp, &sp, &ckp, &cvp, &slots, &slot, &keys, &mp, &mask_batch, &sinkp, &op))
+        return NULL;
+    if (!check_sizes(batch * heads, dim, keys) || !check_dtypes(dt, dt, F32)) return NULL;
+    if (dim % 2 || kv_heads < 1 || heads % kv_heads || slot < 0 || slot >= slots || keys > slots ||
+        (mask_batch != 1 && mask_batch != batch))
+        return PyErr_Format(PyExc_ValueError,
+                            "bad decode attention shapes: dim %lld, heads %lld / %lld, slot %lld, keys "
+                            "%lld of %lld slots, mask batch %lld of %lld",
+                            dim, heads, kv_heads, slot, keys, slots, mask_batch, batch);
+    size_t size = dt == BF16 ? 2 : 4;
+    attention a = {.batch = batch, .heads = heads, .kv_heads = kv_heads, .tokens = 1, .keys = keys, .dim = dim,
+                   .q = (const void *)qp, .q_dt = dt, .k = (const void *)ckp, .v = (const void *)cvp,
+                   .kv_batch_stride = kv_heads * slots * dim, .kv_head_stride = slots * dim, .kv_dt = dt,
+                   .mask = (const uint8_t *)mp, .mask_batch = mask_batch, .sinks = (const float *)sinkp,
+                   .out = (void *)op};
+    int status;
+    Py_BEGIN_ALLOW_THREADS;
+    rotary((void *)qp, dt, batch, heads, dim, (const float *)cp, (const float *)sp);
+    rotary((void *)kp, dt, batch, kv_heads, dim, (const float *)cp, (const float *)sp);
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < kv_heads; h++) {
+            size_t from = (b * kv_heads + h) * dim * size, to = (b * a.kv_batch_stride + h * a.kv_head_stride + slot * dim) * size;
+            memcpy((char *)ckp + to, (const char *)kp + from, dim * size);
+            memcpy((char *)cvp + to, (const char *)vp + from, dim * size);
+        }
+    status = sink_attention(&a);
+    Py_END_ALLOW_THREADS;
+    if (status) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* set_isa(name) -> name actually in use: lets tests run every path the CPU supports. */
 static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     const char *name;
@@ -1791,6 +1834,7 @@ static PyMethodDef METHODS[] = {
     {"mxfp4_matmul", py_mxfp4_matmul, METH_VARARGS, "y = x @ dequant(blocks, scales)^T + bias"},
     {"matmul_many", py_matmul_many, METH_VARARGS, "y = x @ W^T + bias (W bf16, or int8 times row scales) for one or more W, in one call"},
     {"mxfp4_moe", py_mxfp4_moe, METH_VARARGS, "routed clamped-SwiGLU MXFP4 experts"},
+    {"decode_attention", py_decode_attention, METH_VARARGS, "one decode step's rotary, cache write and sink attention"},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows, fp32 inside"},
     {"rotary", py_rotary, METH_VARARGS, "NeoX rotary embedding of (tokens, heads, dim) rows, in place"},
     {"sink_attention", py_sink_attention, METH_VARARGS, "attention with per-head sinks over a KV cache"},
