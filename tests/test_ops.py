@@ -152,9 +152,8 @@ ROW_COUNTS = [1, 2, 3, 5, 8, 9, 13, 20]
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", ROW_COUNTS)
-# with bf16 activations, rows of 64·k take mxfp4_quads (one activation row) or mxfp4_pairs (2 to 4):
-# 128 one quad; 192 a quad and a last pair of blocks; 448 three quads (the odd one after the two
-# chains) and a pair
+# with bf16 activations, rows of 64·k take mxfp4_quads (1 to 4 activation rows): 128 one quad; 192 a
+# quad and a last pair of blocks; 448 three quads (the odd one after the two chains) and a pair
 @pytest.mark.parametrize("inp", [96, 128, 192, 448])
 def test_mxfp4_linear_rows_and_dtypes(isa, dtype, n, inp):
     generator = torch.Generator().manual_seed(n)
@@ -173,7 +172,7 @@ def test_mxfp4_linear_rows_and_dtypes(isa, dtype, n, inp):
 @native
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", [1, 3])  # one row: mxfp4_quads (its epilogue 16 rows at a time); three: pairs
+@pytest.mark.parametrize("n", [1, 3])  # mxfp4_quads (its epilogue 16 rows at a time) with 1 and 3 rows
 def test_mxfp4_bf16_activations_with_any_bias_and_output_dtype(isa, bias_dtype, out_dtype, n):
     """The native module takes the bias and the output in either dtype, whatever the activations'."""
     generator = torch.Generator().manual_seed(n)
@@ -203,12 +202,12 @@ def test_mxfp4_bf16_activations_with_any_bias_and_output_dtype(isa, bias_dtype, 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("groups", [3, 4, 10])
-@pytest.mark.parametrize("n", [1, 3])  # bf16: one row takes mxfp4_quads, three mxfp4_pairs
+@pytest.mark.parametrize("n", [1, 3])  # bf16: mxfp4_quads with 1 and 3 rows
 def test_mxfp4_extreme_scales(isa, dtype, groups, n):
     # Scale bytes 0 and 1 make subnormal weights, which the bf16 kernel cannot build by adding to
-    # the exponent: those blocks take an fp32 detour. The two- and four-block kernels (4 and 10
-    # groups) scale fp32 sums instead; the four-block one builds scales from their bits where no
-    # byte of the row is 0. Large activations there make them count.
+    # the exponent: those blocks take an fp32 detour. The four-block kernel (4 and 10 groups, the
+    # latter ending on a pair of blocks) scales fp32 sums instead, building the scales from their
+    # bits where no byte of the row is 0. Large activations there make them count.
     generator = torch.Generator().manual_seed(5)
     blocks = torch.randint(0, 256, (7, groups, 16), dtype=torch.uint8, generator=generator)
     scales = torch.full((7, groups), 127, dtype=torch.uint8)

@@ -5,8 +5,10 @@ Python and small PyTorch operators between the kernels (module calls, wrappers c
 converting their arguments, views, allocations): 24 layers x ~40 operators. A decode step (one new
 token for each of up to `MAX_ROWS` sequences, over a KV cache, outside autograd) always takes the
 same path, so `NativeBlock` resolves it once: the block's weights, as the kernels read them, are
-gathered into a `_Plan` kept until one of them changes; a step is then eleven native calls and a
-handful of operators (the cache's writes, the router's top-k and softmax, the residual adds).
+gathered into a `_Plan` kept until one of them changes; a step is then seven native calls and a
+handful of operators (the router's top-k and softmax, the residual adds), the rotary embedding, the
+cache write and the attention being one call when every row of the cache takes its token at one
+length (`KVCache.shared_slot`), else nine and the cache's own writes (`KVCache.update`).
 
 The kernels, their inputs and their order are those of the general path (`Block.forward` through
 `NativeAttention`, `NativeRouter`, `ops.mxfp4_moe`), so the results are the same numbers, bit for

@@ -90,12 +90,11 @@ typedef struct {
 
 /* How a kernel wants its activation rows: bf16 as given; fp32 as given; fp32 with each group of 32
  * holding its 16 even-indexed values, then its 16 odd-indexed ones (a tail as it is); bf16 in the
- * order in which mxfp4_pairs decodes weights: each pair of groups (64 values) as the even-indexed
- * values of the first group, then those of the second, then the odd-indexed ones of each; bf16 in
- * the order in which mxfp4_quads does: each run of 128 values (four groups) as four runs of 32,
- * the values whose index is 0, 1, 2, 3 mod 4 in turn, and a last run of 64 (rows of 64·odd
- * length) as in AS_BF16_PAIRS. */
-enum layout { AS_BF16, AS_F32, AS_F32_SPLIT, AS_BF16_PAIRS, AS_BF16_QUADS };
+ * order in which mxfp4_quads decodes weights: each run of 128 values (four groups) as four runs of
+ * 32, the values whose index is 0, 1, 2, 3 mod 4 in turn, and a last run of 64 (rows of 64·odd
+ * length) in the order of mxfp4_pair: the even-indexed values of its first group, then those of
+ * the second, then the odd-indexed ones of each. */
+enum layout { AS_BF16, AS_F32, AS_F32_SPLIT, AS_BF16_QUADS };
 
 /* Where column c of a row of `width` values lies in `layout`. */
 static inline int64_t layout_column(int layout, int64_t c, int64_t width) {
@@ -107,7 +106,7 @@ static inline int64_t layout_column(int layout, int64_t c, int64_t width) {
         int64_t j = c % (4 * BLOCK);
         return c - j + (j % 4) * BLOCK + j / 4;
     }
-    if (layout == AS_BF16_PAIRS || layout == AS_BF16_QUADS) {
+    if (layout == AS_BF16_QUADS) { /* the last 64 of a row of 64·odd length */
         int64_t j = c % (2 * BLOCK), i = j % BLOCK;
         return c - j + (i % 2) * BLOCK + (j / BLOCK) * (BLOCK / 2) + i / 2;
     }
@@ -553,18 +552,13 @@ AVX512BF16 static void mxfp4_bf16_avx512(const void *x, int64_t n, const weights
 #undef ROWS
 }
 
-/* Two blocks (64 weights) a step, for rows whose length is a multiple of 64: 32 code bytes are
- * zero-extended to 32 words; vpermw looks up the low nibbles directly (it reads 5 index bits and
- * the doubled table ignores the fifth) and the high nibbles after a shift. The even-indexed
- * weights of both blocks land in one register and the odd-indexed in another, and the activations
- * are laid out the same way (AS_BF16_PAIRS). Each block's products stay in its own half of the
- * fp32 lanes (0-7: first block, 8-15: second), so the two scales multiply the partial sums in one
- * multiply-add: exact (powers of two), with no per-weight work and no check of extreme scales.
- * Half the instructions per weight of mxfp4_bf16_avx512, which is what decode needs to keep up
- * with memory on two cores. Taken for 2 to PAIRS_MAX_ROWS activation rows (mxfp4_quads, faster
- * for one row and from cache, read memory ~30% slower with more rows); with more (prefill)
- * mxfp4_bf16_avx512's two weight rows per pass over the activations win (about 1.3x the rate). */
-#define PAIRS_MAX_ROWS 4
+/* The last two blocks (64 weights) of a row of 64·odd length, after mxfp4_quads' quads: 32 code
+ * bytes are zero-extended to 32 words; vpermw looks up the low nibbles directly (it reads 5 index
+ * bits and the doubled table ignores the fifth) and the high nibbles after a shift. The
+ * even-indexed weights of both blocks land in one register and the odd-indexed in another, and
+ * the activations are laid out the same way (AS_BF16_QUADS' last 64). Each block's products stay
+ * in its own half of the fp32 lanes (0-7: first block, 8-15: second), so the two scales multiply
+ * the partial sums in one multiply-add: exact (powers of two). */
 /* Pair p of a row (codes rb, scales rs) against the N activation rows, into acc[t]. */
 AVX512BF16_INLINE void mxfp4_pair(const int N, const uint16_t *x, int64_t in, const uint8_t *rb,
                                   const uint8_t *rs, int64_t p, __m512i table, __m512 *acc) {
@@ -581,47 +575,6 @@ AVX512BF16_INLINE void mxfp4_pair(const int N, const uint16_t *x, int64_t in, co
     }
 }
 
-AVX512BF16_INLINE void mxfp4_pairs_row(const int N, const uint16_t *x, const weights *w, int64_t r,
-                                       const epilogue *e, float *gate) {
-    const __m512i table = _mm512_loadu_si512((const void *)FP4_BF16);
-    const int U = STREAMS(N);
-    int64_t in = w->in, groups = in / BLOCK, pairs = groups / 2;
-    const uint8_t *rb = (const uint8_t *)w->w + r * groups * 16;
-    const uint8_t *rs = (const uint8_t *)w->scales + r * groups;
-    __m512 acc[4][MAX_ROWS];
-#pragma GCC unroll 8
-    for (int t = 0; t < N; t++)
-        for (int u = 0; u < U; u++) acc[u][t] = _mm512_setzero_ps();
-    for (int64_t p0 = 0; p0 < pairs; p0 += U) {
-        _mm_prefetch((const char *)rb + p0 * 32 + PF_DIST, _MM_HINT_T0);
-        if (U > 2) _mm_prefetch((const char *)rb + p0 * 32 + 64 + PF_DIST, _MM_HINT_T0);
-        if (p0 % 32 == 0) _mm_prefetch((const char *)rs + 2 * p0 + PF_DIST / 16, _MM_HINT_T0);
-#pragma GCC unroll 4
-        for (int u = 0; u < U; u++) {
-            int64_t p = p0 + u;
-            if (U > 1 && p >= pairs) break;
-            mxfp4_pair(N, x, in, rb, rs, p, table, acc[u]);
-        }
-    }
-    float sums[MAX_ROWS];
-#pragma GCC unroll 8
-    for (int t = 0; t < N; t++) {
-        __m512 s = acc[0][t];
-        for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[u][t]);
-        sums[t] = _mm512_reduce_add_ps(s);
-    }
-    finish_row(e, r, sums, gate);
-}
-
-AVX512BF16 static void mxfp4_pairs_avx512(const void *x, int64_t n, const weights *w, int64_t r0,
-                                          int64_t r1, const epilogue *e) {
-    float gate[MAX_ROWS];
-#define BODY(N)                                                                                \
-    for (int64_t r = r0; r < r1; r++) mxfp4_pairs_row(N, x, w, r, e, gate)
-    SWITCH_ROWS(n, BODY)
-#undef BODY
-}
-
 /* Four blocks (128 weights, 64 code bytes) a step, for rows whose length is a multiple of 64.
  * Word j of the 64 bytes holds weights 4j, 4j+1 (low byte: low, high nibble) and 4j+2, 4j+3 (high
  * byte); vpermw reads the low 5 bits of each word as its index into the doubled table (the fifth
@@ -633,8 +586,11 @@ AVX512BF16 static void mxfp4_pairs_avx512(const void *x, int64_t n, const weight
  * 4-byte broadcast: rotating lane group g by 23 - 8g (mod 32) and keeping bits 23-30 makes s << 23,
  * the bit pattern of 2^(s - 127) for s ≥ 1 (255 gives inf, as SCALES does); a row with a zero
  * byte (2^-127, a denormal) looks them up instead. A row of 64·odd length ends with one pair of
- * blocks decoded as mxfp4_pairs does. For one activation row (decode at batch 1): about 1.4x the
- * instruction throughput of mxfp4_pairs. */
+ * blocks (mxfp4_pair). Taken for 1 to QUADS_MAX_ROWS activation rows (decode); with more (prefill)
+ * mxfp4_bf16_avx512's two weight rows per pass over the activations win (about 1.3x the rate of a
+ * two-block kernel this file had for 2-4 rows, which the quads now beat: MoE decode with 2-4 tokens
+ * +15-17% at ~78 GB/s, +0-6% at ~49, once the activations were cache-line aligned). */
+#define QUADS_MAX_ROWS 4
 
 /* Whether any of a row's n scale bytes is 0 (2^-127, a denormal that s << 23 does not make); the
  * bytes past the row read as 0xFF. */
@@ -1141,9 +1097,9 @@ static const char *ISA_NAMES[] = {"c", "avx2", "avx512", "avx512bf16"};
 /* The kernel for a weight kind and activation dtype on the active ISA, and the layout it wants
  * its activations in, for n activation rows of length `in`. */
 static row_fn choose_kernel(int kind, int x_dt, int64_t n, int64_t in, enum layout *layout) {
-    if (active_isa == ISA_AVX512BF16 && x_dt == BF16 && kind == MXFP4 && in % (2 * BLOCK) == 0 && n <= PAIRS_MAX_ROWS) {
-        *layout = n == 1 ? AS_BF16_QUADS : AS_BF16_PAIRS;
-        return n == 1 ? mxfp4_quads_avx512 : mxfp4_pairs_avx512;
+    if (active_isa == ISA_AVX512BF16 && x_dt == BF16 && kind == MXFP4 && in % (2 * BLOCK) == 0 && n <= QUADS_MAX_ROWS) {
+        *layout = AS_BF16_QUADS;
+        return mxfp4_quads_avx512;
     }
     if (active_isa == ISA_AVX512BF16 && x_dt == BF16) {
         *layout = AS_BF16;
@@ -1159,7 +1115,7 @@ static row_fn choose_kernel(int kind, int x_dt, int64_t n, int64_t in, enum layo
     return kind == MXFP4 ? mxfp4_c : kind == BF16W ? bf16w_c : int8w_c;
 }
 
-static size_t layout_size(enum layout layout) { return layout == AS_BF16 || layout == AS_BF16_PAIRS || layout == AS_BF16_QUADS ? 2 : 4; }
+static size_t layout_size(enum layout layout) { return layout == AS_BF16 || layout == AS_BF16_QUADS ? 2 : 4; }
 
 /* Rows rows[0..n) of x (dtype x_dt, row length in; rows NULL: 0..n) into dst in `layout`. */
 static void write_activations(const void *x, int x_dt, int64_t in, const int64_t *rows, int64_t n,
@@ -1170,7 +1126,7 @@ static void write_activations(const void *x, int x_dt, int64_t in, const int64_t
             memcpy((uint16_t *)dst + t * in, (const uint16_t *)x + base, 2 * in);
             continue;
         }
-        if (layout == AS_BF16_PAIRS || layout == AS_BF16_QUADS) { /* bf16 input too */
+        if (layout == AS_BF16_QUADS) { /* bf16 input too */
             for (int64_t i = 0; i < in; i++)
                 ((uint16_t *)dst)[t * in + layout_column(layout, i, in)] = ((const uint16_t *)x)[base + i];
             continue;
