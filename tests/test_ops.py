@@ -337,6 +337,26 @@ def test_mxfp4_moe_is_the_weighted_sum_of_chosen_experts(isa, dtype, n, k, hidde
 
 
 @native
+def test_mxfp4_moe_tokens_spread_over_the_experts_compute_what_each_alone_does():
+    """Eight tokens on different experts take the decode kernel (an expert has at most four
+    tokens), as each token alone does: the same numbers, bit for bit. (The prefill kernel sums in
+    another order: with these weights one output of the 4096 differs by a bf16 step.)"""
+    generator = torch.Generator().manual_seed(3)
+    experts, k, hidden, inter = 16, 2, 512, 384
+    stacks = moe_weights(experts, hidden, inter, generator, torch.bfloat16)
+    x = torch.randn(8, hidden, generator=generator).to(torch.bfloat16)
+    idx = torch.randperm(experts, generator=generator).view(8, k)
+    weight = torch.softmax(torch.randn(8, k, generator=generator), dim=-1).to(torch.bfloat16)
+    with torch.no_grad():
+        batch = ops.mxfp4_moe(x, idx, weight, *stacks, alpha=1.702, limit=7.0)
+        alone = [
+            ops.mxfp4_moe(x[t : t + 1], idx[t : t + 1], weight[t : t + 1], *stacks, alpha=1.702, limit=7.0)
+            for t in range(8)
+        ]
+    assert torch.equal(batch, torch.cat(alone))
+
+
+@native
 @pytest.mark.parametrize("n", [1, 13])
 def test_mxfp4_moe_sums_the_same_whatever_the_thread_count(n):
     """Down-projection rows are handed out in runs that depend on the thread count; each output
