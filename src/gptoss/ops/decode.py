@@ -228,7 +228,8 @@ class NativeBlock(Block):
         q, k, v = _matmul(plan.qkv, _rms_norm(plan.norms[0], rows, code), code)
         c, s = cos.contiguous(), sin.contiguous()
         out = torch.empty(B, heads * dim, dtype=x.dtype)  # (B, heads, 1, dim) as o_proj reads it
-        shared = cache.shared_slot(attn.layer_idx)
+        shared_slot = getattr(cache, "shared_slot", None)  # (a cache alike without it: update)
+        shared = shared_slot(attn.layer_idx) if shared_slot is not None else None
         if shared is not None:  # the usual step: rotary, cache write and attention in one call
             keys, values, slot, attended, mask = shared
             _native.decode_attention(
