@@ -38,10 +38,11 @@ def general_path(model):
     return model
 
 
-def decode_hidden(model, prompts, steps):
+def decode_hidden(model, prompts, steps, cache_type=KVCache):
     """Prefill each prompt into its own cache row, then `steps` batched decode steps; the hidden
     states of every decode step (R, 1, H), in order."""
-    cache = KVCache(model.config, len(prompts), capacity=max(map(len, prompts)) + steps, dtype=torch.bfloat16)
+    capacity = max(map(len, prompts)) + steps
+    cache = cache_type(model.config, len(prompts), capacity=capacity, dtype=torch.bfloat16)
     out = []
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
@@ -66,6 +67,22 @@ def test_decode_step_equals_the_general_path_bit_for_bit(int8, lengths):
     ours = decode_hidden(model, prompts, steps=7)
     assert took_the_decode_step(model)
     theirs = decode_hidden(general_path(model), prompts, steps=7)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+class CacheWithoutSharedSlot(KVCache):
+    """A cache that offers only `update` (as the model's KVCache protocol asks)."""
+
+    shared_slot = None
+
+
+def test_a_cache_without_shared_slot_gets_its_writes_through_update():
+    model = prepare_for_inference(released_layout())
+    prompts = [[4, 8, 15, 16, 23]]
+    ours = decode_hidden(model, prompts, steps=6, cache_type=CacheWithoutSharedSlot)
+    assert took_the_decode_step(model)
+    theirs = decode_hidden(general_path(model), prompts, steps=6)
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a, b)
 
