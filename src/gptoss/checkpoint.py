@@ -28,6 +28,7 @@ from gptoss.config import PRESETS, ModelConfig, get_config
 from gptoss.model import MLP, GptOss
 from gptoss.model_card import ModelCard, read_license_name, write_card
 from gptoss.mxfp4 import MXFP4Experts
+from gptoss.ops.pages import use_huge_pages
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,7 @@ def load_checkpoint(
     model = model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    use_huge_pages([*model.parameters(), *model.buffers()])  # before the reads fill them: ops/pages.py
 
     expected = hf_tensor_map(model)
     ignorable = {n for n in files if not config.is_moe and n.endswith(_DENSE_ROUTER_NAMES)}

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from gptoss import ops
 from gptoss.model import GptOss
+from gptoss.ops.pages import use_huge_pages
 
 QUANTIZE_ROWS = 1024  # rows quantized at a time: the fp32 working copies stay ~12 MB for a 2880-wide head
 
@@ -35,6 +36,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         weight = linear.weight.detach()
         quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        use_huge_pages([quantized])  # read every token, as the loader's weights (ops/pages.py)
         scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
         for start in range(0, weight.shape[0], QUANTIZE_ROWS):
             rows = weight[start : start + QUANTIZE_ROWS].to(torch.float32, copy=True)  # divided in place

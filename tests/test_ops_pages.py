@@ -1,0 +1,60 @@
+"""Weights the loader fills land on 2 MiB pages (Linux THP), with their contents unchanged."""
+
+import re
+import sys
+
+import pytest
+import torch
+
+from gptoss import load_model
+from gptoss.inference.optimize import Int8Linear
+from gptoss.ops.pages import HUGE_PAGE, huge_pages_enabled, use_huge_pages
+
+needs_thp = pytest.mark.skipif(
+    sys.platform != "linux" or not huge_pages_enabled(),
+    reason="transparent huge pages are off on this system (use_huge_pages does nothing there)",
+)
+
+
+def huge_bytes(t: torch.Tensor) -> int:
+    """Bytes of huge pages in the memory maps that lie inside t's storage, from /proc/self/smaps."""
+    start = t.untyped_storage().data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    start, end = start // 4096 * 4096, -(-end // 4096) * 4096
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if span := re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line):
+                inside = start <= int(span[1], 16) and int(span[2], 16) <= end
+            elif inside and line.startswith("AnonHugePages:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@needs_thp
+def test_a_fresh_tensor_gets_huge_pages_and_keeps_its_contents():
+    t = torch.empty(5 * HUGE_PAGE + 12345, dtype=torch.uint8)
+    advised = use_huge_pages([t, t[10:]])  # a view of the same storage is advised once
+    assert 4 * HUGE_PAGE <= advised <= 5 * HUGE_PAGE
+    assert huge_bytes(t) >= HUGE_PAGE
+    t.copy_(torch.arange(t.numel()) % 251)
+    assert torch.equal(t, torch.arange(t.numel()) % 251)
+
+
+def test_written_memory_keeps_its_contents():
+    t = torch.randn(3 * HUGE_PAGE // 4)
+    before = t.clone()
+    use_huge_pages([t])
+    assert torch.equal(t, before)
+
+
+def test_small_tensors_are_left_alone():
+    assert use_huge_pages([torch.empty(HUGE_PAGE // 2, dtype=torch.uint8), torch.zeros(3)]) == 0
+
+
+@needs_thp
+def test_the_loader_and_int8_quantization_put_weights_on_huge_pages():
+    model = load_model("gptoss-nano")  # its embedding is 6 MiB of bf16
+    assert huge_bytes(model.model.embed_tokens.weight) >= HUGE_PAGE
+    layer = Int8Linear(torch.nn.Linear(2048, 3000))  # 6 MB of int8
+    assert huge_bytes(layer.weight) >= HUGE_PAGE
