@@ -58,6 +58,7 @@ class _Plan:
     top_k: int
     sinks: int  # fp32 copy
     moe: tuple  # mxfp4_moe's arguments from `experts` to `bias dtype`, then alpha, limit
+    attention: object | None  # the native attention_plan: the above for attention_step, when it fits
 
 
 def _dense(weights: list[DenseWeights | None], tensors: list[Tensor]) -> _Dense | None:
@@ -154,15 +155,23 @@ def _build_plan(block: Block) -> _Plan | None:
         down_blocks.data_ptr(), down_scales.data_ptr(), down_bias.data_ptr(),
         _DTYPE_CODES[gate_up_bias.dtype], experts.alpha, experts.limit,
     )  # fmt: skip
+    norm_args = tuple((n.weight.data_ptr(), _DTYPE_CODES[n.weight.dtype], n.eps) for n in norms)
+    attention = None
+    if qkv.kind == o.kind:  # (one step takes one kind: bf16 or int8 attention)
+        attention = _native.attention_plan(
+            block.input_layernorm.weight.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim,
+            *norm_args, qkv.kind, tuple(qkv.items), o.items[0], route.items[0], sinks.data_ptr(),
+        )  # fmt: skip
     return _Plan(
         tensors=tensors,
-        norms=tuple((n.weight.data_ptr(), _DTYPE_CODES[n.weight.dtype], n.eps) for n in norms),
+        norms=norm_args,
         qkv=qkv,
         o=o,
         router=route,
         top_k=router.top_k,
         sinks=sinks.data_ptr(),
         moe=moe,
+        attention=attention,
     )
 
 
@@ -190,6 +199,14 @@ def _rms_norm(norm: tuple[int, int, float], x: Tensor, code: int) -> Tensor:
 
 
 class NativeBlock(Block):
+    def __getstate__(self) -> dict:
+        """Without the plan: it holds addresses (and a native object) of this block's tensors, so a
+        copy or an unpickled block builds its own."""
+        state = self.__dict__.copy()
+        for name in ("_plan", "_plan_built_from"):
+            state.pop(name, None)
+        return state
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
         plan = self._decode_plan(x, cos, cache)
         if plan is None:
@@ -220,40 +237,48 @@ class NativeBlock(Block):
         return self._plan
 
     def _decode(self, plan: _Plan, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
-        attn = self.self_attn
         B, H = x.shape[0], x.shape[2]
-        heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         code = _DTYPE_CODES[x.dtype]
         rows = x.detach().reshape(B, H).contiguous()
-        q, k, v = _matmul(plan.qkv, _rms_norm(plan.norms[0], rows, code), code)
         c, s = cos.contiguous(), sin.contiguous()
-        out = torch.empty(B, heads * dim, dtype=x.dtype)  # (B, heads, 1, dim) as o_proj reads it
         shared_slot = getattr(cache, "shared_slot", None)  # (a cache alike without it: update)
-        shared = shared_slot(attn.layer_idx) if shared_slot is not None else None
-        if shared is not None:  # the usual step: rotary, cache write and attention in one call
+        shared = shared_slot(self.self_attn.layer_idx) if shared_slot is not None else None
+        if shared is not None and plan.attention is not None:  # the usual step: one call to the experts
             keys, values, slot, attended, mask = shared
-            _native.decode_attention(
-                q.data_ptr(), k.data_ptr(), v.data_ptr(), code, B, heads, kv_heads, dim, c.data_ptr(),
-                s.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[2], slot, attended,
-                mask.data_ptr(), mask.shape[0], plan.sinks, out.data_ptr(),
+            h, logits = torch.empty_like(rows), torch.empty(B, plan.router.items[0][2], dtype=x.dtype)
+            residual = torch.empty_like(rows)
+            _native.attention_step(
+                plan.attention, rows.data_ptr(), code, B, c.data_ptr(), s.data_ptr(), keys.data_ptr(),
+                values.data_ptr(), keys.shape[2], slot, attended, mask.data_ptr(), mask.shape[0],
+                residual.data_ptr(), h.data_ptr(), logits.data_ptr(),
             )  # fmt: skip
         else:
-            _native.rotary(q.data_ptr(), code, B, heads, dim, c.data_ptr(), s.data_ptr())
-            _native.rotary(k.data_ptr(), code, B, kv_heads, dim, c.data_ptr(), s.data_ptr())
-            keys, values, mask = cache.update(
-                attn.layer_idx,
-                k.view(B, 1, kv_heads, dim).transpose(1, 2),
-                v.view(B, 1, kv_heads, dim).transpose(1, 2),
-            )
-            _native_attention(q.view(B, heads, 1, dim), keys, values, mask, plan.sinks, out)
-        rows = rows + _matmul(plan.o, out, code)[0]
-        h = _rms_norm(plan.norms[1], rows, code)
-        (logits,) = _matmul(plan.router, h, code)
+            residual = rows + _matmul(plan.o, self._attention(plan, rows, c, s, cache, code), code)[0]
+            h = _rms_norm(plan.norms[1], residual, code)
+            (logits,) = _matmul(plan.router, h, code)
         top_logits, expert_idx = torch.topk(logits, plan.top_k, dim=-1)
         expert_weight = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)
-        y = torch.empty_like(rows)
+        y = torch.empty_like(residual)
         _native.mxfp4_moe(
             h.data_ptr(), code, B, plan.top_k, expert_idx.data_ptr(), expert_weight.data_ptr(), code,
             *plan.moe, y.data_ptr(),
         )  # fmt: skip
-        return (rows + y).view(B, 1, H)
+        return (residual + y).view(B, 1, H)
+
+    def _attention(
+        self, plan: _Plan, rows: Tensor, c: Tensor, s: Tensor, cache: KVCache, code: int
+    ) -> Tensor:
+        """The attention of a step that attention_step does not take, call by call, before o_proj."""
+        attn = self.self_attn
+        B, heads, kv_heads, dim = rows.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim
+        q, k, v = _matmul(plan.qkv, _rms_norm(plan.norms[0], rows, code), code)
+        _native.rotary(q.data_ptr(), code, B, heads, dim, c.data_ptr(), s.data_ptr())
+        _native.rotary(k.data_ptr(), code, B, kv_heads, dim, c.data_ptr(), s.data_ptr())
+        keys, values, mask = cache.update(
+            attn.layer_idx,
+            k.view(B, 1, kv_heads, dim).transpose(1, 2),
+            v.view(B, 1, kv_heads, dim).transpose(1, 2),
+        )
+        out = torch.empty(B, heads * dim, dtype=rows.dtype)  # (B, heads, 1, dim) as o_proj reads it
+        _native_attention(q.view(B, heads, 1, dim), keys, values, mask, plan.sinks, out)
+        return out

@@ -1729,45 +1729,150 @@ static PyObject *py_sink_attention(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* decode_attention(q, k, v, dt, batch, heads, kv_heads, dim, cos, sin, cache_k, cache_v, slots, slot,
- *                  keys, mask, mask_batch, sinks, out): one decode step's attention in one call, for
- * the Python and PyTorch operators it replaces (~0.7 ms of a 20b token, ~30 µs a layer). q (batch,
- * heads·dim) and the new k, v (batch, kv_heads·dim) rows in dt; q and k are rotated in place (rotary),
- * k and v written into slot `slot` of every row of the caches (batch, kv_heads, slots, dim), and
- * out (batch, heads·dim) is the sink attention of q over the caches' first `keys` slots under mask
- * (mask_batch, 1, 1, keys): what rotary, KVCache.update and sink_attention compute one by one. */
-static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
-    unsigned long long qp, kp, vp, cp, sp, ckp, cvp, mp, sinkp, op;
-    long long batch, heads, kv_heads, dim, slots, slot, keys, mask_batch;
-    int dt;
-    if (!PyArg_ParseTuple(args, "KKKiLLLLKKKKLLLKLKK", &qp, &kp, &vp, &dt, &batch, &heads, &kv_heads, &dim,
-                          &cp, &sp, &ckp, &cvp, &slots, &slot, &keys, &mp, &mask_batch, &sinkp, &op))
+/* ------------------------------------------------------------- a block's decode step, attention half */
+/* Everything a block's decode step does before its experts, in one call: RMSNorm, the q, k and v
+ * projections, the rotary embedding of q and k, the write of k and v into the KV cache, the sink
+ * attention over the cache, the o projection and the residual add, the second RMSNorm and the
+ * router's logits. The same kernels in the same order as the separate calls (so the same bits); what
+ * one call saves is the Python and PyTorch between them, which at batch 1 costs more than the small
+ * kernels themselves: every layer's weight reads have evicted the interpreter's objects from the
+ * caches by the time the next layer's glue touches them. The weights and sizes, fixed for a block,
+ * go into an attention_plan once (`attention_plan`); a step passes only what changes. */
+typedef struct {
+    int64_t width, heads, kv_heads, dim;
+    const void *norm_w[2];
+    int norm_dt[2];
+    float eps[2];
+    weights qkv[3], o, router; /* o: heads·dim → width; router: width → experts */
+    const void *bias[5];       /* q, k, v, o, router: (out,) or NULL */
+    int bias_dt[5];
+    const float *sinks; /* (heads,) fp32 */
+} attention_plan;
+
+#define PLAN_CAPSULE "gptoss.ops._native.attention_plan"
+
+/* (w, wscale, out, bias, bias_dt) of one weight of `kind` reading rows of `in` values. */
+static int parse_weight(PyObject *item, int kind, int64_t in, weights *w, const void **bias, int *bias_dt) {
+    unsigned long long wp, sp, biasp;
+    long long out;
+    if (!PyArg_ParseTuple(item, "KKLKi", &wp, &sp, &out, &biasp, bias_dt)) return 0;
+    if (!check_sizes(1, in, out) || !check_dtypes(*bias_dt, F32, F32)) return 0;
+    *w = (weights){kind, (const void *)wp, (const void *)sp, out, in};
+    *bias = (const void *)biasp;
+    return 1;
+}
+
+static void free_plan(PyObject *capsule) { free(PyCapsule_GetPointer(capsule, PLAN_CAPSULE)); }
+
+/* attention_plan(width, heads, kv_heads, dim, (norm1, dt, eps), (norm2, dt, eps), kind, (q, k, v),
+ *                o, router, sinks) -> capsule; weights as matmul_many's items without y, q k v o of
+ * `kind` (1 bf16, 2 int8), the router bf16. The tensors must outlive the capsule. */
+static PyObject *py_attention_plan(PyObject *self, PyObject *args) {
+    attention_plan p;
+    long long width, heads, kv_heads, dim;
+    unsigned long long n1, n2, sinks;
+    int kind;
+    PyObject *q, *k, *v, *o, *router;
+    if (!PyArg_ParseTuple(args, "LLLL(Kif)(Kif)i(OOO)OOK", &width, &heads, &kv_heads, &dim, &n1, &p.norm_dt[0],
+                          &p.eps[0], &n2, &p.norm_dt[1], &p.eps[1], &kind, &q, &k, &v, &o, &router, &sinks))
         return NULL;
-    if (!check_sizes(batch * heads, dim, keys) || !check_dtypes(dt, dt, F32)) return NULL;
-    if (dim % 2 || kv_heads < 1 || heads % kv_heads || slot < 0 || slot >= slots || keys > slots ||
-        (mask_batch != 1 && mask_batch != batch))
+    if (kind != BF16W && kind != INT8W) return PyErr_Format(PyExc_ValueError, "kind is 1 (bf16) or 2 (int8), got %d", kind);
+    if (!check_sizes(width, heads, dim) || !check_dtypes(p.norm_dt[0], p.norm_dt[1], F32)) return NULL;
+    if (dim % 2 || kv_heads < 1 || heads % kv_heads)
+        return PyErr_Format(PyExc_ValueError, "bad attention shapes: dim %lld, heads %lld / %lld", dim, heads, kv_heads);
+    p.width = width, p.heads = heads, p.kv_heads = kv_heads, p.dim = dim;
+    p.norm_w[0] = (const void *)n1, p.norm_w[1] = (const void *)n2, p.sinks = (const float *)sinks;
+    PyObject *items[3] = {q, k, v};
+    for (int i = 0; i < 3; i++)
+        if (!parse_weight(items[i], kind, width, &p.qkv[i], &p.bias[i], &p.bias_dt[i])) return NULL;
+    if (!parse_weight(o, kind, heads * dim, &p.o, &p.bias[3], &p.bias_dt[3]) ||
+        !parse_weight(router, BF16W, width, &p.router, &p.bias[4], &p.bias_dt[4]))
+        return NULL;
+    if (p.qkv[0].out != heads * dim || p.qkv[1].out != kv_heads * dim || p.qkv[2].out != kv_heads * dim ||
+        p.o.out != width)
         return PyErr_Format(PyExc_ValueError,
-                            "bad decode attention shapes: dim %lld, heads %lld / %lld, slot %lld, keys "
-                            "%lld of %lld slots, mask batch %lld of %lld",
-                            dim, heads, kv_heads, slot, keys, slots, mask_batch, batch);
+                            "projections (q %lld, k %lld, v %lld, o %lld) do not fit %lld heads, %lld kv "
+                            "heads of %lld and width %lld",
+                            (long long)p.qkv[0].out, (long long)p.qkv[1].out, (long long)p.qkv[2].out,
+                            (long long)p.o.out, heads, kv_heads, dim, width);
+    attention_plan *owned = malloc(sizeof p);
+    if (!owned) return PyErr_NoMemory();
+    *owned = p;
+    PyObject *capsule = PyCapsule_New(owned, PLAN_CAPSULE, free_plan);
+    if (!capsule) free(owned);
+    return capsule;
+}
+
+/* y (n, out) = x @ w^T + bias in dt: matmul_many's STORE epilogue. */
+static int project(const weights *w, const void *bias, int bias_dt, const void *x, int dt, int64_t n, void *y) {
+    epilogue e = {.n = n, .bias = bias, .bias_dt = bias_dt, .mode = STORE, .y = y, .y_dt = dt, .y_stride = w->out};
+    return matmul_many(w, &e, 1, x, dt);
+}
+
+/* attention_step(plan, x, dt, batch, cos, sin, cache_k, cache_v, slots, slot, keys, mask, mask_batch,
+ *                rows, h, logits): x (batch, width) in dt, one token a row; cos, sin fp32 (dim/2,) of
+ * its position; caches (batch, kv_heads, slots, dim) in dt, the new k and v written into `slot`, the
+ * queries attending their first `keys` slots under mask (mask_batch, 1, 1, keys). Out, in dt: rows =
+ * x + o(attention), h = RMSNorm2(rows), logits = router(h). */
+static PyObject *py_attention_step(PyObject *self, PyObject *args) {
+    PyObject *capsule;
+    unsigned long long xp, cp, sp, ckp, cvp, mp, rowsp, hp, logitsp;
+    long long batch, slots, slot, keys, mask_batch;
+    int dt;
+    if (!PyArg_ParseTuple(args, "OKiLKKKKLLLKLKKK", &capsule, &xp, &dt, &batch, &cp, &sp, &ckp, &cvp, &slots,
+                          &slot, &keys, &mp, &mask_batch, &rowsp, &hp, &logitsp))
+        return NULL;
+    const attention_plan *p = PyCapsule_GetPointer(capsule, PLAN_CAPSULE);
+    if (!p || !check_sizes(batch, 1, keys) || !check_dtypes(dt, dt, dt)) return NULL;
+    if (slot < 0 || slot >= slots || keys > slots || (mask_batch != 1 && mask_batch != batch))
+        return PyErr_Format(PyExc_ValueError,
+                            "bad decode step: slot %lld, keys %lld of %lld slots, mask batch %lld of %lld",
+                            slot, keys, slots, mask_batch, batch);
     size_t size = dt == BF16 ? 2 : 4;
-    attention a = {.batch = batch, .heads = heads, .kv_heads = kv_heads, .tokens = 1, .keys = keys, .dim = dim,
-                   .q = (const void *)qp, .q_dt = dt, .k = (const void *)ckp, .v = (const void *)cvp,
-                   .kv_batch_stride = kv_heads * slots * dim, .kv_head_stride = slots * dim, .kv_dt = dt,
-                   .mask = (const uint8_t *)mp, .mask_batch = mask_batch, .sinks = (const float *)sinkp,
-                   .out = (void *)op};
+    int64_t W = p->width, H = p->heads, KV = p->kv_heads, D = p->dim;
+    int64_t width[5] = {W, H * D, KV * D, KV * D, H * D}; /* normed x, q, k, v, attention out */
+    int64_t total = 0;
+    for (int i = 0; i < 5; i++) total += width[i];
+    char *scratch = malloc(size * batch * (total + W)), *buf[6];
+    if (!scratch) return PyErr_NoMemory();
+    buf[0] = scratch;
+    for (int i = 1; i < 6; i++) buf[i] = buf[i - 1] + size * batch * width[i - 1];
+    char *normed = buf[0], *q = buf[1], *k = buf[2], *v = buf[3], *out = buf[4], *o = buf[5];
+    const void *x = (const void *)xp;
+    void *rows = (void *)rowsp, *h = (void *)hp, *ck = (void *)ckp, *cv = (void *)cvp;
+    attention a = {.batch = batch, .heads = H, .kv_heads = KV, .tokens = 1, .keys = keys, .dim = D,
+                   .q = q, .q_dt = dt, .k = ck, .v = cv, .kv_batch_stride = KV * slots * D,
+                   .kv_head_stride = slots * D, .kv_dt = dt, .mask = (const uint8_t *)mp,
+                   .mask_batch = mask_batch, .sinks = p->sinks, .out = out};
+    epilogue e[3];
+    for (int i = 0; i < 3; i++)
+        e[i] = (epilogue){.n = batch, .bias = p->bias[i], .bias_dt = p->bias_dt[i], .mode = STORE,
+                          .y = buf[i + 1], .y_dt = dt, .y_stride = p->qkv[i].out};
     int status;
     Py_BEGIN_ALLOW_THREADS;
-    rotary((void *)qp, dt, batch, heads, dim, (const float *)cp, (const float *)sp);
-    rotary((void *)kp, dt, batch, kv_heads, dim, (const float *)cp, (const float *)sp);
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t h = 0; h < kv_heads; h++) {
-            size_t from = (b * kv_heads + h) * dim * size, to = (b * a.kv_batch_stride + h * a.kv_head_stride + slot * dim) * size;
-            memcpy((char *)ckp + to, (const char *)kp + from, dim * size);
-            memcpy((char *)cvp + to, (const char *)vp + from, dim * size);
-        }
-    status = sink_attention(&a);
+    rms_norm(x, dt, batch, W, p->norm_w[0], p->norm_dt[0], p->eps[0], normed);
+    status = matmul_many(p->qkv, e, 3, normed, dt);
+    if (!status) { /* (the cache is written only once q, k and v are there) */
+        rotary(q, dt, batch, H, D, (const float *)cp, (const float *)sp);
+        rotary(k, dt, batch, KV, D, (const float *)cp, (const float *)sp);
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t j = 0; j < KV; j++) {
+                size_t from = (b * KV + j) * D * size;
+                size_t to = (b * a.kv_batch_stride + j * a.kv_head_stride + slot * D) * size;
+                memcpy((char *)ck + to, k + from, D * size);
+                memcpy((char *)cv + to, v + from, D * size);
+            }
+        status = sink_attention(&a);
+    }
+    if (!status) status = project(&p->o, p->bias[3], p->bias_dt[3], out, dt, batch, o);
+    if (!status) {
+        for (int64_t i = 0; i < batch * W; i++) /* one rounding of the fp32 sum, as PyTorch adds */
+            store_val(rows, dt, i, load_val(x, dt, i) + load_val(o, dt, i));
+        rms_norm(rows, dt, batch, W, p->norm_w[1], p->norm_dt[1], p->eps[1], h);
+        status = project(&p->router, p->bias[4], p->bias_dt[4], h, dt, batch, (void *)logitsp);
+    }
     Py_END_ALLOW_THREADS;
+    free(scratch);
     if (status) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -1806,7 +1911,8 @@ static PyMethodDef METHODS[] = {
     {"mxfp4_matmul", py_mxfp4_matmul, METH_VARARGS, "y = x @ dequant(blocks, scales)^T + bias"},
     {"matmul_many", py_matmul_many, METH_VARARGS, "y = x @ W^T + bias (W bf16, or int8 times row scales) for one or more W, in one call"},
     {"mxfp4_moe", py_mxfp4_moe, METH_VARARGS, "routed clamped-SwiGLU MXFP4 experts"},
-    {"decode_attention", py_decode_attention, METH_VARARGS, "one decode step's rotary, cache write and sink attention"},
+    {"attention_plan", py_attention_plan, METH_VARARGS, "a block's attention weights for attention_step"},
+    {"attention_step", py_attention_step, METH_VARARGS, "a block's decode step up to its experts, in one call"},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows, fp32 inside"},
     {"rotary", py_rotary, METH_VARARGS, "NeoX rotary embedding of (tokens, heads, dim) rows, in place"},
     {"sink_attention", py_sink_attention, METH_VARARGS, "attention with per-head sinks over a KV cache"},
