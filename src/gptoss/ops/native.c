@@ -54,6 +54,7 @@ enum kind { MXFP4 = 0, BF16W = 1, INT8W = 2 };
 static const float FP4_VALUES[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 static float SCALES[256];       /* 2^(s - 127) for every scale byte */
+static float SCALES_TOP[256];   /* 2^(s - 152) (s >= 3): the AVX2 kernel's scale, see mxfp4_avx2_block */
 static int16_t EXP_SHIFT[256];  /* (s - 127) << 7: added to a bf16 it multiplies by 2^(s - 127) */
 static uint16_t FP4_BF16[32]; /* the table as bf16 bits, twice: entry k is code k & 15 */
 
@@ -79,6 +80,8 @@ static inline void store_val(void *p, int dt, int64_t i, float v) {
     if (dt == BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
     else ((float *)p)[i] = v;
 }
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* ------------------------------------------------------------------ what a kernel reads and writes */
 typedef struct {
@@ -978,70 +981,171 @@ AVX2_INLINE float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* Without AVX-512 the kernels are bound by their own instructions long before memory: two cores at
+ * ~2.4 GHz must take ~4.4 bytes a cycle each to keep up with ~22 GB/s. So every kernel here keeps
+ * several independent accumulator chains per (activation row, weight row) when rows are few (an
+ * FMA's result is ready 4 cycles after it starts; one chain per row had the bf16 matvec waiting on
+ * it), and decodes its weights with as few instructions per byte as the format allows. */
+#define AVX2_CHAINS(N) ((N) == 1 ? 4 : (N) <= 4 ? 2 : 1) /* at most 2 from 2 rows on */
+
+AVX2_INLINE float chains_sum(const int C, const __m256 *acc) {
+    __m256 s = C == 4 ? _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))
+               : C == 2 ? _mm256_add_ps(acc[0], acc[1])
+                        : acc[0];
+    return hsum256(s);
+}
+
+/* dword i (i = 0..3) of each 128-bit lane takes byte a..d (low lane) or e..h (high lane) of its lane
+ * in its top byte, zeros below: as an int32 that is the signed byte times 2^24. */
+#define TOP_BYTES(a, b, c, d, e, f, g, h)                                                          \
+    _mm256_setr_epi8(-128, -128, -128, a, -128, -128, -128, b, -128, -128, -128, c, -128, -128, -128, d, \
+                     -128, -128, -128, e, -128, -128, -128, f, -128, -128, -128, g, -128, -128, -128, h)
+
+/* The 32 weights of a block in fp32, as four vectors that multiply the activations of the block
+ * split as AS_F32_SPLIT lays them out: evens 0-7, evens 8-15, odds 0-7, odds 8-15. The block is
+ * broadcast to both 128-bit lanes; one byte shuffle looks its low nibbles up in a table of twice the
+ * FP4 values (integers -12..12) and another its high nibbles; two more per half move four values of
+ * each lane to the top bytes of dwords, which vcvtdq2ps turns into floats 2^24 times too large.
+ * SCALES_TOP[s] = 2^(s - 127) / 2 / 2^24 undoes both and applies the block's scale in one multiply,
+ * exactly while it is representable (s >= 3; below that, two multiplies: a subnormal weight, as
+ * the reference makes it). 13 instructions a block where widening and permuting took 26. */
+AVX2_INLINE void mxfp4_avx2_block(const uint8_t *b, uint8_t s, __m256 *wv) {
+    const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3, 4, 6,
+                                           8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i top[2] = {TOP_BYTES(0, 1, 2, 3, 4, 5, 6, 7), TOP_BYTES(8, 9, 10, 11, 12, 13, 14, 15)};
+    __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)b));
+    __m256i halves[2] = {_mm256_shuffle_epi8(table, _mm256_and_si256(packed, low4)),
+                         _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4))};
+    int exact = s >= 3;
+    __m256 scale = _mm256_set1_ps(exact ? SCALES_TOP[s] : 0x1p-25f);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+        __m256 v = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(halves[q / 2], top[q % 2]));
+        wv[q] = _mm256_mul_ps(v, scale);
+        if (!exact) wv[q] = _mm256_mul_ps(wv[q], _mm256_set1_ps(SCALES[s]));
+    }
+}
+
 AVX2_INLINE void mxfp4_f32_avx2_n(const int N, const float *x, const weights *w, int64_t r0,
                                   int64_t r1, const epilogue *e) {
-    const __m256 magnitudes = _mm256_loadu_ps(FP4_VALUES); /* codes 0-7; bit 3 is the sign */
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    const __m256i seven = _mm256_set1_epi32(7);
+    const int C = AVX2_CHAINS(N);
     int64_t in = w->in, groups = in / BLOCK;
     float sums[MAX_ROWS], gate[MAX_ROWS];
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *rb = (const uint8_t *)w->w + r * groups * 16;
         const uint8_t *rs = (const uint8_t *)w->scales + r * groups;
-        __m256 acc[MAX_ROWS];
+        __m256 acc[MAX_ROWS][4];
 #pragma GCC unroll 8
-        for (int t = 0; t < N; t++) acc[t] = _mm256_setzero_ps();
+        for (int t = 0; t < N; t++)
+            for (int c = 0; c < C; c++) acc[t][c] = _mm256_setzero_ps();
         for (int64_t g = 0; g < groups; g++) {
-            __m128i packed = _mm_loadu_si128((const __m128i *)(rb + g * 16));
-            __m128i lo = _mm_and_si128(packed, low4);
-            __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low4);
-            __m128i codes[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
-            __m256 scale = _mm256_set1_ps(SCALES[rs[g]]);
-            __m256 wq[4];
-            for (int q = 0; q < 4; q++) {
-                __m128i c8 = q % 2 ? _mm_srli_si128(codes[q / 2], 8) : codes[q / 2];
-                __m256i c = _mm256_cvtepu8_epi32(c8);
-                __m256 mag = _mm256_permutevar8x32_ps(magnitudes, _mm256_and_si256(c, seven));
-                __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(c, 3), 31);
-                wq[q] = _mm256_mul_ps(_mm256_xor_ps(mag, _mm256_castsi256_ps(sign)), scale);
+            if (g % 4 == 0) {
+                _mm_prefetch((const char *)(rb + g * 16) + PF_DIST, _MM_HINT_T0);
+                if (g % 64 == 0) _mm_prefetch((const char *)(rs + g) + PF_DIST / 16, _MM_HINT_T0);
             }
+            __m256 wv[4];
+            mxfp4_avx2_block(rb + g * 16, rs[g], wv);
 #pragma GCC unroll 8
             for (int t = 0; t < N; t++) {
                 const float *xg = x + t * in + g * BLOCK;
-                for (int q = 0; q < 4; q++) acc[t] = _mm256_fmadd_ps(wq[q], _mm256_loadu_ps(xg + 8 * q), acc[t]);
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; q++) acc[t][q % C] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(xg + 8 * q), acc[t][q % C]);
             }
         }
 #pragma GCC unroll 8
-        for (int t = 0; t < N; t++) sums[t] = hsum256(acc[t]);
+        for (int t = 0; t < N; t++) sums[t] = chains_sum(C, acc[t]);
         finish_row(e, r, sums, gate);
+    }
+}
+
+/* With several activation rows their fp32 copies outgrow L1 (8 rows of 2880: 92 KB against 32 KB),
+ * and a kernel that walks a weight row from end to end reads them from L2 once per weight row; from
+ * 3 rows on that, not the arithmetic, set its pace (8 rows: ~11 ns a block, twice the FMAs' time).
+ * So with more rows the tile's weight rows are walked a column chunk at a time: AVX2_CHUNK blocks of
+ * every activation row (16 KiB at 8 rows) stay in L1 while each weight row of the tile passes over
+ * them, and the partial sums wait as vectors (8 KiB) for the next chunk. */
+#define AVX2_CHUNK 16
+#define AVX2_CHUNKED(N) ((N) >= 3)
+
+AVX2_INLINE void mxfp4_f32_avx2_chunked(const int N, const float *x, const weights *w, int64_t r0,
+                                        int64_t r1, const epilogue *e) {
+    const int C = AVX2_CHAINS(N);
+    int64_t in = w->in, groups = in / BLOCK;
+    const uint8_t *blocks = w->w, *scales = w->scales;
+    float sums[MAX_ROWS], gate[MAX_ROWS];
+    __m256 part[TILE][MAX_ROWS][2];
+    for (int64_t t0 = r0; t0 < r1; t0 += TILE) {
+        int64_t t1 = min64(r1, t0 + TILE);
+        for (int64_t g0 = 0; g0 < groups; g0 += AVX2_CHUNK) {
+            int64_t g1 = min64(groups, g0 + AVX2_CHUNK);
+            for (int64_t r = t0; r < t1; r++) {
+                __m256 acc[MAX_ROWS][2];
+#pragma GCC unroll 8
+                for (int t = 0; t < N; t++)
+                    for (int c = 0; c < C; c++) acc[t][c] = g0 ? part[r - t0][t][c] : _mm256_setzero_ps();
+                for (int64_t g = g0; g < g1; g++) {
+                    __m256 wv[4];
+                    mxfp4_avx2_block(blocks + (r * groups + g) * 16, scales[r * groups + g], wv);
+#pragma GCC unroll 8
+                    for (int t = 0; t < N; t++) {
+                        const float *xg = x + t * in + g * BLOCK;
+#pragma GCC unroll 4
+                        for (int q = 0; q < 4; q++)
+                            acc[t][q % C] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(xg + 8 * q), acc[t][q % C]);
+                    }
+                }
+#pragma GCC unroll 8
+                for (int t = 0; t < N; t++)
+                    for (int c = 0; c < C; c++) part[r - t0][t][c] = acc[t][c];
+            }
+        }
+        for (int64_t r = t0; r < t1; r++) {
+#pragma GCC unroll 8
+            for (int t = 0; t < N; t++) sums[t] = chains_sum(C, part[r - t0][t]);
+            finish_row(e, r, sums, gate);
+        }
     }
 }
 
 AVX2 static void mxfp4_f32_avx2(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
                                 const epilogue *e) {
-#define BODY(N) mxfp4_f32_avx2_n(N, x, w, r0, r1, e)
+#define BODY(N) (AVX2_CHUNKED(N) ? mxfp4_f32_avx2_chunked(N, x, w, r0, r1, e) : mxfp4_f32_avx2_n(N, x, w, r0, r1, e))
     SWITCH_ROWS(n, BODY)
 #undef BODY
 }
 
+/* bf16 → fp32 is a 16-bit left shift: even halves of a dword by shifting, odd ones by masking, 16
+ * weights per load pair against activations split as AS_F32_SPLIT lays them out. */
 AVX2_INLINE void bf16w_f32_avx2_n(const int N, const float *x, const weights *w, int64_t r0,
                                   int64_t r1, const epilogue *e) {
-    int64_t in = w->in, full = in - in % 8;
+    const int C = AVX2_CHAINS(N);
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
+    int64_t in = w->in, full = in - in % BLOCK;
     float sums[MAX_ROWS], gate[MAX_ROWS];
     for (int64_t r = r0; r < r1; r++) {
         const uint16_t *wr = (const uint16_t *)w->w + r * in;
-        __m256 acc[MAX_ROWS];
+        __m256 acc[MAX_ROWS][4];
 #pragma GCC unroll 8
-        for (int t = 0; t < N; t++) acc[t] = _mm256_setzero_ps();
-        for (int64_t i = 0; i < full; i += 8) {
-            __m128i raw = _mm_loadu_si128((const __m128i *)(wr + i));
-            __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+        for (int t = 0; t < N; t++)
+            for (int c = 0; c < C; c++) acc[t][c] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < full; i += BLOCK) {
+            __m256i raw[2] = {_mm256_loadu_si256((const __m256i *)(wr + i)),
+                              _mm256_loadu_si256((const __m256i *)(wr + i + 16))};
+            __m256 wv[4] = {_mm256_castsi256_ps(_mm256_slli_epi32(raw[0], 16)),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(raw[1], 16)),
+                            _mm256_castsi256_ps(_mm256_and_si256(raw[0], high)),
+                            _mm256_castsi256_ps(_mm256_and_si256(raw[1], high))};
 #pragma GCC unroll 8
-            for (int t = 0; t < N; t++) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * in + i), acc[t]);
+            for (int t = 0; t < N; t++) {
+                const float *xg = x + t * in + i;
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; q++) acc[t][q % C] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(xg + 8 * q), acc[t][q % C]);
+            }
         }
 #pragma GCC unroll 8
         for (int t = 0; t < N; t++) {
-            float s = hsum256(acc[t]);
+            float s = chains_sum(C, acc[t]);
             for (int64_t i = full; i < in; i++) s += bf16_to_f32(wr[i]) * x[t * in + i];
             sums[t] = s;
         }
@@ -1058,24 +1162,38 @@ AVX2 static void bf16w_f32_avx2(const void *x, int64_t n, const weights *w, int6
 
 AVX2_INLINE void int8w_f32_avx2_n(const int N, const float *x, const weights *w, int64_t r0,
                                   int64_t r1, const epilogue *e) {
-    int64_t in = w->in, full = in - in % 8;
+    const int C = AVX2_CHAINS(N);
+    int64_t in = w->in, full = in - in % 32;
     float sums[MAX_ROWS], gate[MAX_ROWS];
     for (int64_t r = r0; r < r1; r++) {
         const int8_t *wr = (const int8_t *)w->w + r * in;
-        __m256 acc[MAX_ROWS];
+        __m256 acc[MAX_ROWS][4];
 #pragma GCC unroll 8
-        for (int t = 0; t < N; t++) acc[t] = _mm256_setzero_ps();
-        for (int64_t i = 0; i < full; i += 8) {
-            __m128i raw = _mm_loadl_epi64((const __m128i *)(wr + i));
-            __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+        for (int t = 0; t < N; t++)
+            for (int c = 0; c < C; c++) acc[t][c] = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i < full; i += 32) {
+            if (i % 64 == 0) _mm_prefetch((const char *)(wr + i) + PF_DIST, _MM_HINT_T0);
+            __m256 wv[4];
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++)
+                wv[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wr + i + 8 * q))));
 #pragma GCC unroll 8
-            for (int t = 0; t < N; t++) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * in + i), acc[t]);
+            for (int t = 0; t < N; t++)
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; q++)
+                    acc[t][q % C] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(x + t * in + i + 8 * q), acc[t][q % C]);
+        }
+        for (; i + 8 <= in; i += 8) {
+            __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wr + i))));
+#pragma GCC unroll 8
+            for (int t = 0; t < N; t++) acc[t][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * in + i), acc[t][0]);
         }
         float scale = ((const float *)w->scales)[r];
 #pragma GCC unroll 8
         for (int t = 0; t < N; t++) {
-            float s = hsum256(acc[t]);
-            for (int64_t i = full; i < in; i++) s += (float)wr[i] * x[t * in + i];
+            float s = chains_sum(C, acc[t]);
+            for (int64_t j = i; j < in; j++) s += (float)wr[j] * x[t * in + j];
             sums[t] = s * scale;
         }
         finish_row(e, r, sums, gate);
@@ -1109,9 +1227,11 @@ static row_fn choose_kernel(int kind, int x_dt, int64_t n, int64_t in, enum layo
         *layout = kind == INT8W ? AS_F32 : AS_F32_SPLIT;
         return kind == MXFP4 ? mxfp4_f32_avx512 : kind == BF16W ? bf16w_f32_avx512 : int8w_f32_avx512;
     }
-    *layout = AS_F32;
-    if (active_isa == ISA_AVX2)
+    if (active_isa == ISA_AVX2) {
+        *layout = kind == INT8W ? AS_F32 : AS_F32_SPLIT;
         return kind == MXFP4 ? mxfp4_f32_avx2 : kind == BF16W ? bf16w_f32_avx2 : int8w_f32_avx2;
+    }
+    *layout = AS_F32;
     return kind == MXFP4 ? mxfp4_c : kind == BF16W ? bf16w_c : int8w_c;
 }
 
@@ -1166,8 +1286,6 @@ static void tile_chunks(row_fn kernel, const void *x, size_t x_size, int64_t n, 
 static void *line_aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
 static int64_t tile_count(int64_t rows) { return (rows + TILE - 1) / TILE; }
-
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 #define MAX_MANY 4 /* weights one matmul_many call takes */
 
@@ -1926,6 +2044,7 @@ static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 PyMODINIT_FUNC PyInit__native(void) {
     for (int s = 0; s < 256; s++) {
         SCALES[s] = ldexpf(1.0f, s - 127);
+        SCALES_TOP[s] = ldexpf(1.0f, s - 152);
         EXP_SHIFT[s] = (int16_t)((s - 127) * 128);
     }
     for (int k = 0; k < 32; k++) FP4_BF16[k] = f32_to_bf16(FP4_VALUES[k & 15]);
