@@ -118,7 +118,8 @@ def test_bf16_activations_come_back_in_their_dtype():
     assert torch.allclose(y.float(), F.linear(x, weight).float(), rtol=1e-2, atol=1e-2)
 
 
-def test_training_and_large_batches_take_the_reference_path():
+def test_training_and_large_batches_take_the_reference_path(monkeypatch):
+    monkeypatch.setattr(ops, "BF16_GEMM_IN_HARDWARE", True)  # (else: test_fp32_gemm_linear)
     weight = torch.randn(16, 32).bfloat16()
     x = torch.randn(20, 32).bfloat16()  # more rows than the native kernels serve
     assert torch.equal(ops.linear(x, weight), F.linear(x, weight))
@@ -126,6 +127,26 @@ def test_training_and_large_batches_take_the_reference_path():
     x_grad = torch.randn(2, 32, requires_grad=True)
     ops.mxfp4_linear(x_grad, blocks[0], scales[0]).sum().backward()  # autograd flows through
     assert x_grad.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(9, 96), (2, 13, 160)])
+def test_fp32_gemm_linear(monkeypatch, shape):
+    """Without bf16 dot products in the CPU, bf16 products larger than the native kernels take
+    PyTorch's fp32 GEMM a block of output channels at a time: the bf16 product up to the order of
+    its fp32 sums, rounded once."""
+    generator = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=generator).bfloat16()
+    weight = torch.randn(50, shape[-1], generator=generator).bfloat16()
+    bias = torch.randn(50, generator=generator).bfloat16()
+    monkeypatch.setattr(ops, "FP32_GEMM_BLOCK", 7 * shape[-1])  # blocks of 7 output channels
+    with torch.no_grad():
+        y = ops.fp32_gemm_linear(x, weight, bias)
+        monkeypatch.setattr(ops, "BF16_GEMM_IN_HARDWARE", False)
+        assert torch.equal(ops.linear(x, weight, bias), y)  # what `linear` takes on such CPUs
+    ref = F.linear(x.float(), weight.float(), bias.float())
+    assert y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 50)
+    rows = x.reshape(-1, shape[-1])
+    assert close(y.reshape(rows.shape[0], 50), rows, weight.float(), ref.reshape(rows.shape[0], 50))
 
 
 @native
