@@ -147,6 +147,15 @@ def test_fp32_gemm_linear(monkeypatch, shape):
     assert y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 50)
     rows = x.reshape(-1, shape[-1])
     assert close(y.reshape(rows.shape[0], 50), rows, weight.float(), ref.reshape(rows.shape[0], 50))
+    # int8 weights the same way, their scales applied in fp32
+    w8 = torch.randint(-127, 128, (50, shape[-1]), dtype=torch.int8, generator=generator)
+    scale = torch.rand(50, generator=generator) / 64
+    with torch.no_grad():
+        y8 = ops.int8_linear(x, w8, scale, bias)
+    dequantized = w8.float() * scale[:, None]
+    assert torch.equal(y8, ops.fp32_gemm_linear(x, w8, bias, scale))
+    ref8 = F.linear(rows.float(), dequantized, bias.float())
+    assert close(y8.reshape(rows.shape[0], 50), rows, dequantized, ref8)
 
 
 @native

@@ -223,16 +223,22 @@ BF16_GEMM_IN_HARDWARE = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_a
 FP32_GEMM_BLOCK = 1 << 24  # weight values converted to fp32 at a time (64 MiB)
 
 
-def fp32_gemm_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias) through PyTorch's fp32 GEMM, a block of output channels at a time
-    (no fp32 copy of a whole large matrix), rounded once to x's dtype. bf16 products are exact in
-    fp32 and both GEMMs sum in fp32, so only the order of the sums differs from the bf16 GEMM."""
+def fp32_gemm_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None
+) -> Tensor:
+    """F.linear(x, weight · scale, bias) through PyTorch's fp32 GEMM, a block of output channels at
+    a time (no fp32 copy of a whole large matrix), rounded once to x's dtype; `scale` (out,) is an
+    int8 weight's per-channel scale. bf16 products are exact in fp32 and both GEMMs sum in fp32, so
+    only the order of the sums differs from the bf16 GEMM."""
     xf = x.float()
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
     step = max(1, FP32_GEMM_BLOCK // weight.shape[1])
     for start in range(0, weight.shape[0], step):
         block = slice(start, start + step)
-        out[..., block] = F.linear(xf, weight[block].float(), None if bias is None else bias[block].float())
+        w = weight[block].float()
+        if scale is not None:
+            w *= scale[block].float()[:, None]
+        out[..., block] = F.linear(xf, w, None if bias is None else bias[block].float())
     return out
 
 
@@ -257,6 +263,8 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = 
     rows = x.reshape(-1, x.shape[-1])
     if _native_ok(rows, bias, max_rows=MAX_ROWS):
         return _native_dense(x, rows, [(weight, scale, bias)])[0]
+    if not BF16_GEMM_IN_HARDWARE and x.dtype == torch.bfloat16 and _cpu_inference(rows, bias):
+        return fp32_gemm_linear(x, weight, bias, scale)
     # dequantized a block of output channels at a time: no full-size copy of a large matrix (the
     # 1.1 GiB head would need two)
     parts = []
