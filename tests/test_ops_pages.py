@@ -17,21 +17,21 @@ needs_thp = pytest.mark.skipif(
 
 
 def advised_bytes(t: torch.Tensor) -> int:
-    """Bytes of the memory maps inside t's storage that carry MADV_HUGEPAGE ("hg" in their VmFlags
-    in /proc/self/smaps). Whether Linux then finds free 2 MiB pages for them depends on the state of
-    the machine's memory and on whether the allocator handed out fresh memory (written memory keeps
-    its 4 KiB pages), so the tests check the advice, which is ours; the benchmark reports how much
-    of a loaded model actually landed on huge pages."""
+    """Bytes of t's storage in memory maps that carry MADV_HUGEPAGE ("hg" in their VmFlags in
+    /proc/self/smaps); a map may reach beyond the storage, as Linux merges neighbouring maps advised
+    alike. Whether Linux then finds free 2 MiB pages for them depends on the machine's memory and on
+    whether the allocator handed out fresh memory (written memory keeps its 4 KiB pages), so the
+    tests check the advice, which is ours; the benchmark reports how much of a loaded model actually
+    landed on huge pages."""
     start = t.untyped_storage().data_ptr()
     end = start + t.untyped_storage().nbytes()
-    total, size = 0, 0
+    total, overlap = 0, 0
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             if span := re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line):
-                low, high = int(span[1], 16), int(span[2], 16)
-                size = high - low if start <= low and high <= end else 0
-            elif size and line.startswith("VmFlags:") and "hg" in line.split()[1:]:
-                total += size
+                overlap = max(0, min(end, int(span[2], 16)) - max(start, int(span[1], 16)))
+            elif overlap and line.startswith("VmFlags:") and "hg" in line.split()[1:]:
+                total += overlap
     return total
 
 
@@ -40,7 +40,7 @@ def test_a_fresh_tensor_gets_huge_pages_and_keeps_its_contents():
     t = torch.empty(5 * HUGE_PAGE + 12345, dtype=torch.uint8)
     advised = use_huge_pages([t, t[10:]])  # a view of the same storage is advised once
     assert 4 * HUGE_PAGE <= advised <= 5 * HUGE_PAGE
-    assert advised_bytes(t) == advised
+    assert advised_bytes(t) >= advised
     t.copy_(torch.arange(t.numel()) % 251)
     assert torch.equal(t, torch.arange(t.numel()) % 251)
 
