@@ -1008,7 +1008,7 @@ AVX2_INLINE float chains_sum(const int C, const __m256 *acc) {
  * each lane to the top bytes of dwords, which vcvtdq2ps turns into floats 2^24 times too large.
  * SCALES_TOP[s] = 2^(s - 127) / 2 / 2^24 undoes both and applies the block's scale in one multiply,
  * exactly while it is representable (s >= 3; below that, two multiplies: a subnormal weight, as
- * the reference makes it). 13 instructions a block where widening and permuting took 26. */
+ * the reference makes it). 13 instructions a block where widening and permuting took ~30. */
 AVX2_INLINE void mxfp4_avx2_block(const uint8_t *b, uint8_t s, __m256 *wv) {
     const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3, 4, 6,
                                            8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
