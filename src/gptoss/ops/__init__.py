@@ -206,11 +206,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     rows = x.reshape(-1, x.shape[-1])
     if weight.dtype == torch.bfloat16 and _native_ok(rows, weight, bias, max_rows=MAX_ROWS):
         return _native_dense(x, rows, [(weight, None, bias)])[0]
-    if (
-        not BF16_GEMM_IN_HARDWARE
-        and x.dtype == weight.dtype == torch.bfloat16
-        and _cpu_inference(rows, weight, bias)
-    ):
+    if weight.dtype == torch.bfloat16 and _fp32_gemm_wanted(rows, weight, bias):
         return fp32_gemm_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -221,6 +217,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 # 19 against 83 at 512.
 BF16_GEMM_IN_HARDWARE = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 FP32_GEMM_BLOCK = 1 << 24  # weight values converted to fp32 at a time (64 MiB)
+
+
+def _fp32_gemm_wanted(x: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether a bf16 product of x with a weight too large for the native kernels goes through
+    `fp32_gemm_linear`: bf16 x on a CPU without bf16 dot products, outside autograd."""
+    return not BF16_GEMM_IN_HARDWARE and x.dtype == torch.bfloat16 and _cpu_inference(x, *tensors)
 
 
 def fp32_gemm_linear(
@@ -263,7 +265,7 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = 
     rows = x.reshape(-1, x.shape[-1])
     if _native_ok(rows, bias, max_rows=MAX_ROWS):
         return _native_dense(x, rows, [(weight, scale, bias)])[0]
-    if not BF16_GEMM_IN_HARDWARE and x.dtype == torch.bfloat16 and _cpu_inference(rows, bias):
+    if _fp32_gemm_wanted(rows, bias):
         return fp32_gemm_linear(x, weight, bias, scale)
     # dequantized a block of output channels at a time: no full-size copy of a large matrix (the
     # 1.1 GiB head would need two)

@@ -995,6 +995,18 @@ AVX2_INLINE float chains_sum(const int C, const __m256 *acc) {
     return hsum256(s);
 }
 
+/* acc[t][q % C] += w[q] · the 8 activations of row t at column col + 8q, for the N rows of x (row
+ * length in) and q = 0..3: every AVX2 kernel's inner step, after it has widened 32 weights into w. */
+AVX2_INLINE void fma_rows(const int N, const int C, const __m256 *w, const float *x, int64_t in, int64_t col,
+                          __m256 (*acc)[4]) {
+#pragma GCC unroll 8
+    for (int t = 0; t < N; t++) {
+        const float *xt = x + t * in + col;
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) acc[t][q % C] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(xt + 8 * q), acc[t][q % C]);
+    }
+}
+
 /* dword i (i = 0..3) of each 128-bit lane takes byte a..d (low lane) or e..h (high lane) of its lane
  * in its top byte, zeros below: as an int32 that is the signed byte times 2^24. */
 #define TOP_BYTES(a, b, c, d, e, f, g, h)                                                          \
@@ -1046,12 +1058,7 @@ AVX2_INLINE void mxfp4_f32_avx2_n(const int N, const float *x, const weights *w,
             }
             __m256 wv[4];
             mxfp4_avx2_block(rb + g * 16, rs[g], wv);
-#pragma GCC unroll 8
-            for (int t = 0; t < N; t++) {
-                const float *xg = x + t * in + g * BLOCK;
-#pragma GCC unroll 4
-                for (int q = 0; q < 4; q++) acc[t][q % C] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(xg + 8 * q), acc[t][q % C]);
-            }
+            fma_rows(N, C, wv, x, in, g * BLOCK, acc);
         }
 #pragma GCC unroll 8
         for (int t = 0; t < N; t++) sums[t] = chains_sum(C, acc[t]);
@@ -1064,7 +1071,7 @@ AVX2_INLINE void mxfp4_f32_avx2_n(const int N, const float *x, const weights *w,
  * 3 rows on that, not the arithmetic, set its pace (8 rows: ~11 ns a block, twice the FMAs' time).
  * So with more rows the tile's weight rows are walked a column chunk at a time: AVX2_CHUNK blocks of
  * every activation row (16 KiB at 8 rows) stay in L1 while each weight row of the tile passes over
- * them, and the partial sums wait as vectors (8 KiB) for the next chunk. */
+ * them, and the partial sums wait as vectors (8 KiB at 5-8 rows) for the next chunk. */
 #define AVX2_CHUNK 16
 #define AVX2_CHUNKED(N) ((N) >= 3)
 
@@ -1080,20 +1087,14 @@ AVX2_INLINE void mxfp4_f32_avx2_chunked(const int N, const float *x, const weigh
         for (int64_t g0 = 0; g0 < groups; g0 += AVX2_CHUNK) {
             int64_t g1 = min64(groups, g0 + AVX2_CHUNK);
             for (int64_t r = t0; r < t1; r++) {
-                __m256 acc[MAX_ROWS][2];
+                __m256 acc[MAX_ROWS][4];
 #pragma GCC unroll 8
                 for (int t = 0; t < N; t++)
                     for (int c = 0; c < C; c++) acc[t][c] = g0 ? part[r - t0][t][c] : _mm256_setzero_ps();
                 for (int64_t g = g0; g < g1; g++) {
                     __m256 wv[4];
                     mxfp4_avx2_block(blocks + (r * groups + g) * 16, scales[r * groups + g], wv);
-#pragma GCC unroll 8
-                    for (int t = 0; t < N; t++) {
-                        const float *xg = x + t * in + g * BLOCK;
-#pragma GCC unroll 4
-                        for (int q = 0; q < 4; q++)
-                            acc[t][q % C] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(xg + 8 * q), acc[t][q % C]);
-                    }
+                    fma_rows(N, C, wv, x, in, g * BLOCK, acc);
                 }
 #pragma GCC unroll 8
                 for (int t = 0; t < N; t++)
@@ -1136,12 +1137,7 @@ AVX2_INLINE void bf16w_f32_avx2_n(const int N, const float *x, const weights *w,
                             _mm256_castsi256_ps(_mm256_slli_epi32(raw[1], 16)),
                             _mm256_castsi256_ps(_mm256_and_si256(raw[0], high)),
                             _mm256_castsi256_ps(_mm256_and_si256(raw[1], high))};
-#pragma GCC unroll 8
-            for (int t = 0; t < N; t++) {
-                const float *xg = x + t * in + i;
-#pragma GCC unroll 4
-                for (int q = 0; q < 4; q++) acc[t][q % C] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(xg + 8 * q), acc[t][q % C]);
-            }
+            fma_rows(N, C, wv, x, in, i, acc);
         }
 #pragma GCC unroll 8
         for (int t = 0; t < N; t++) {
@@ -1178,11 +1174,7 @@ AVX2_INLINE void int8w_f32_avx2_n(const int N, const float *x, const weights *w,
 #pragma GCC unroll 4
             for (int q = 0; q < 4; q++)
                 wv[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wr + i + 8 * q))));
-#pragma GCC unroll 8
-            for (int t = 0; t < N; t++)
-#pragma GCC unroll 4
-                for (int q = 0; q < 4; q++)
-                    acc[t][q % C] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(x + t * in + i + 8 * q), acc[t][q % C]);
+            fma_rows(N, C, wv, x, in, i, acc);
         }
         for (; i + 8 <= in; i += 8) {
             __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wr + i))));
