@@ -5,6 +5,8 @@ summed over the row, a bound on reordering error far below any real bug (a wrong
 or scale shifts results by whole table steps). With bf16 activations the reference is the same
 fp32 product of the same (bf16) values, and the result is rounded to bf16 once: the bound adds
 2^-8 · |reference| (half a bf16 step is 2^-9 relative; one more for the reference's own rounding).
+One bf16 row against MXFP4 weights on AVX2 is first rounded to 16-bit block floats (see
+test_mxfp4_one_bf16_row_within_the_block_float_bound for that kernel's own term).
 """
 
 import os
@@ -249,6 +251,46 @@ def test_mxfp4_extreme_scales(isa, dtype, groups, n):
     with torch.no_grad():
         y = ops.mxfp4_linear(x, blocks, scales)
     assert close(y, x, weight, x.float() @ weight.T)
+
+
+@native
+@pytest.mark.parametrize("inp", [64, 192, 2880])
+def test_mxfp4_one_bf16_row_within_the_block_float_bound(isa, inp):
+    """One bf16 row on AVX2 (mxfp4_i16_avx2) is rounded to 16-bit block floats first: a value within
+    2^7 of its group's largest stays exact, a smaller one moves by at most 2^-16 of the largest. So
+    each group of 32 may add 2^-16 · max|x| · Σ|w| to the usual bound. Groups here hold one large
+    value and 31 tiny ones (down to 2^-20 of it), the case that rounding touches; every other kernel
+    meets the tighter bound anyway."""
+    generator = torch.Generator().manual_seed(inp)
+    out = 37
+    blocks, scales = pack(torch.randn(1, inp, out, generator=generator))
+    blocks, scales = blocks[0], scales[0]
+    x = torch.randn(1, inp, generator=generator) * 2.0 ** -torch.randint(0, 21, (1, inp), generator=generator)
+    x[0, ::32] = 8.0 * torch.sign(torch.randn(inp // 32, generator=generator))
+    x = x.to(torch.bfloat16)
+    weight = unpack(blocks, scales, torch.float32).T
+    with torch.no_grad():
+        y = ops.mxfp4_linear(x, blocks, scales)
+    ref = x.float() @ weight.T
+    group_max = x.float().abs().view(inp // 32, 32).amax(dim=1)  # (groups,)
+    group_w = weight.abs().view(out, inp // 32, 32).sum(dim=2)  # (out, groups)
+    rounding = 2**-16 * (group_w * group_max).sum(dim=1)
+    bound = 1e-5 * (x.float().abs() @ weight.abs().T).clamp_min(1.0) + rounding + 2**-8 * ref.abs()
+    assert torch.all((y.float() - ref).abs() <= bound)
+
+
+@native
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_mxfp4_one_bf16_row_with_a_non_finite_value(isa, bad):
+    """A NaN or infinity among the activations makes every output non-finite, as in the reference;
+    the block-float rounding of one bf16 row must not turn it into a number."""
+    generator = torch.Generator().manual_seed(1)
+    blocks, scales = pack(torch.randn(1, 128, 9, generator=generator))
+    x = torch.randn(1, 128, generator=generator)
+    x[0, 70] = bad
+    with torch.no_grad():
+        y = ops.mxfp4_linear(x.to(torch.bfloat16), blocks[0], scales[0])
+    assert not torch.isfinite(y).any()
 
 
 @native

@@ -55,6 +55,7 @@ static const float FP4_VALUES[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4
                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 static float SCALES[256];       /* 2^(s - 127) for every scale byte */
 static float SCALES_TOP[256];   /* 2^(s - 152) (s >= 3): the AVX2 kernel's scale, see mxfp4_avx2_block */
+static float SCALES_HALF[256];  /* 2^(s - 128): the scale of twice the FP4 values, see mxfp4_i16_avx2 */
 static int16_t EXP_SHIFT[256];  /* (s - 127) << 7: added to a bf16 it multiplies by 2^(s - 127) */
 static uint16_t FP4_BF16[32]; /* the table as bf16 bits, twice: entry k is code k & 15 */
 
@@ -96,8 +97,9 @@ typedef struct {
  * order in which mxfp4_quads decodes weights: each run of 128 values (four groups) as four runs of
  * 32, the values whose index is 0, 1, 2, 3 mod 4 in turn, and a last run of 64 (rows of 64·odd
  * length) in the order of mxfp4_pair: the even-indexed values of its first group, then those of
- * the second, then the odd-indexed ones of each. */
-enum layout { AS_BF16, AS_F32, AS_F32_SPLIT, AS_BF16_QUADS };
+ * the second, then the odd-indexed ones of each; or, for mxfp4_i16_avx2, every pair of groups as
+ * 16-bit block floats, 256 bytes (see write_i16_pairs). */
+enum layout { AS_BF16, AS_F32, AS_F32_SPLIT, AS_BF16_QUADS, AS_I16_PAIRS };
 
 /* Where column c of a row of `width` values lies in `layout`. */
 static inline int64_t layout_column(int layout, int64_t c, int64_t width) {
@@ -1116,6 +1118,99 @@ AVX2 static void mxfp4_f32_avx2(const void *x, int64_t n, const weights *w, int6
 #undef BODY
 }
 
+/* One bf16 activation row at a time (batch-1 decode: every expert sees one token) is where the AVX2
+ * MXFP4 kernel is slowest against memory: ~22 vector instructions a block, ~2.7 ns a block on one
+ * core from cache, so two cores read ~11 GB/s through it against ~18-20 the machine has. Integer
+ * dot products need a quarter of the conversions: the activations become 16-bit block floats, x =
+ * x16 · d with d = 2^(e - 15) for the group's largest |x| in [2^(e-1), 2^e), so |x16| < 2^15; a bf16
+ * value (8 significant bits) within 2^7 of its group's largest is exact, a smaller one is off by at
+ * most 2^-16 of the largest (~2^-7 of a bf16 step of the largest, far below the output's own bf16
+ * rounding). x16 is split into a signed high byte and an unsigned low byte, and vpmaddubsw
+ * multiplies each by the twice-FP4 integers of the table lookup, the high bytes' signs moved onto
+ * the weights (so |xh| = 128 stays exact); the block's dot product is then an exact integer
+ * (|sum| < 2^24), converted exactly and scaled by d · 2^(s - 128). Two blocks a step, one per
+ * 128-bit lane. Single thread from cache ~1.7x the float kernel's rate. */
+#define I16_PAIR_BYTES 256 /* per 64 activations: |xh| 64, xh 64, xl 64, d 8 floats, 32 unused */
+#define I16_MAX_ROWS 1
+
+/* Row x (bf16, `in` values, in % 64 == 0) into dst as AS_I16_PAIRS: per pair of groups (g, g+1),
+ * |xh|, xh and xl each as 64 bytes [evens of g | evens of g+1 | odds of g | odds of g+1], then d
+ * as [d_g ×4 | d_g+1 ×4]. A group with a non-finite value gets d = NaN, so its sums are NaN. */
+static void write_i16_pairs(const uint16_t *x, int64_t in, uint8_t *dst) {
+    for (int64_t g = 0; g < in / BLOCK; g++) {
+        const uint16_t *xg = x + g * BLOCK;
+        uint8_t *pair = dst + (g / 2) * I16_PAIR_BYTES;
+        float largest = 0.0f, v[BLOCK];
+        int finite = 1, e = 0;
+        for (int i = 0; i < BLOCK; i++) {
+            v[i] = bf16_to_f32(xg[i]);
+            finite &= isfinite(v[i]) != 0;
+            largest = fmaxf(largest, fabsf(v[i]));
+        }
+        if (largest > 0.0f) frexpf(largest, &e);
+        float d = !finite ? NAN : largest > 0.0f ? ldexpf(1.0f, e - 15) : 0.0f;
+        for (int i = 0; i < BLOCK; i++) {
+            int q = finite && largest > 0.0f ? (int)lrintf(ldexpf(v[i], 15 - e)) : 0;
+            int at = (i % 2) * 32 + (g % 2) * 16 + i / 2, high = q >> 8; /* arithmetic shift: floor */
+            pair[at] = (uint8_t)(high < 0 ? -high : high);
+            pair[64 + at] = (uint8_t)(int8_t)high;
+            pair[128 + at] = (uint8_t)(q & 255);
+        }
+        for (int k = 0; k < 4; k++) memcpy(pair + 192 + 4 * ((g % 2) * 4 + k), &d, 4);
+    }
+}
+
+AVX2_INLINE void mxfp4_i16_avx2_n(const int N, const uint8_t *x, const weights *w, int64_t r0, int64_t r1,
+                                  const epilogue *e) {
+    const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3, 4, 6,
+                                           8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), k256 = _mm256_set1_epi16(256);
+    int64_t in = w->in, groups = in / BLOCK, row_bytes = in * 4;
+    float sums[MAX_ROWS], gate[MAX_ROWS];
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *rb = (const uint8_t *)w->w + r * groups * 16, *rs = (const uint8_t *)w->scales + r * groups;
+        __m256 acc[MAX_ROWS][2];
+#pragma GCC unroll 8
+        for (int t = 0; t < N; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; g += 2) {
+            if (g % 4 == 0) {
+                _mm_prefetch((const char *)(rb + g * 16) + PF_DIST, _MM_HINT_T0);
+                if (g % 64 == 0) _mm_prefetch((const char *)(rs + g) + PF_DIST / 16, _MM_HINT_T0);
+            }
+            __m256i packed = _mm256_loadu_si256((const __m256i *)(rb + g * 16));
+            __m256i wv[2] = {_mm256_shuffle_epi8(table, _mm256_and_si256(packed, low4)),
+                             _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4))};
+            __m256 ws = _mm256_set_m128(_mm_set1_ps(SCALES_HALF[rs[g + 1]]), _mm_set1_ps(SCALES_HALF[rs[g]]));
+#pragma GCC unroll 8
+            for (int t = 0; t < N; t++) {
+                const uint8_t *pair = x + t * row_bytes + (g / 2) * I16_PAIR_BYTES;
+                __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) { /* evens, odds */
+                    __m256i mag = _mm256_load_si256((const __m256i *)(pair + 32 * h));
+                    __m256i sgn = _mm256_load_si256((const __m256i *)(pair + 64 + 32 * h));
+                    __m256i lo = _mm256_load_si256((const __m256i *)(pair + 128 + 32 * h));
+                    high = _mm256_add_epi16(high, _mm256_maddubs_epi16(mag, _mm256_sign_epi8(wv[h], sgn)));
+                    low = _mm256_add_epi16(low, _mm256_maddubs_epi16(lo, wv[h]));
+                }
+                __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(high, k256), _mm256_madd_epi16(low, ones));
+                __m256 scale = _mm256_mul_ps(ws, _mm256_load_ps((const float *)(pair + 192)));
+                acc[t][(g / 2) % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t][(g / 2) % 2]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < N; t++) sums[t] = hsum256(_mm256_add_ps(acc[t][0], acc[t][1]));
+        finish_row(e, r, sums, gate);
+    }
+}
+
+AVX2 static void mxfp4_i16_avx2(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
+                                const epilogue *e) {
+#define BODY(N) mxfp4_i16_avx2_n(N, x, w, r0, r1, e)
+    SWITCH_ROWS(n, BODY)
+#undef BODY
+}
+
 /* bf16 → fp32 is a 16-bit left shift: even halves of a dword by shifting, odd ones by masking, 16
  * weights per load pair against activations split as AS_F32_SPLIT lays them out. */
 AVX2_INLINE void bf16w_f32_avx2_n(const int N, const float *x, const weights *w, int64_t r0,
@@ -1219,6 +1314,10 @@ static row_fn choose_kernel(int kind, int x_dt, int64_t n, int64_t in, enum layo
         *layout = kind == INT8W ? AS_F32 : AS_F32_SPLIT;
         return kind == MXFP4 ? mxfp4_f32_avx512 : kind == BF16W ? bf16w_f32_avx512 : int8w_f32_avx512;
     }
+    if (active_isa == ISA_AVX2 && kind == MXFP4 && x_dt == BF16 && n <= I16_MAX_ROWS && in % (2 * BLOCK) == 0) {
+        *layout = AS_I16_PAIRS;
+        return mxfp4_i16_avx2;
+    }
     if (active_isa == ISA_AVX2) {
         *layout = kind == INT8W ? AS_F32 : AS_F32_SPLIT;
         return kind == MXFP4 ? mxfp4_f32_avx2 : kind == BF16W ? bf16w_f32_avx2 : int8w_f32_avx2;
@@ -1234,6 +1333,10 @@ static void write_activations(const void *x, int x_dt, int64_t in, const int64_t
                               enum layout layout, void *dst) {
     for (int64_t t = 0; t < n; t++) {
         int64_t base = (rows ? rows[t] : t) * in;
+        if (layout == AS_I16_PAIRS) { /* bf16 input too */
+            write_i16_pairs((const uint16_t *)x + base, in, (uint8_t *)dst + t * in * 4);
+            continue;
+        }
         if (layout == AS_BF16) { /* only chosen for bf16 input */
             memcpy((uint16_t *)dst + t * in, (const uint16_t *)x + base, 2 * in);
             continue;
@@ -1435,6 +1538,7 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
     int64_t *active = malloc(sizeof(int64_t) * E);
     float *weight = malloc(sizeof(float) * pairs), *acc = line_aligned(sizeof(float) * n * H);
     void *xs = NULL, *hs = NULL;
+    uint16_t *hb = NULL; /* AS_I16_PAIRS: the hidden activations in bf16, before their layout */
     enum layout layout = AS_F32;
     row_fn kernel = NULL;
     size_t size = 0;
@@ -1463,12 +1567,14 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
         size = layout_size(layout);
         xs = line_aligned(size * pairs * H);
         hs = line_aligned(size * pairs * I);
-        ok = xs && hs;
+        if (layout == AS_I16_PAIRS) hb = malloc(sizeof(uint16_t) * pairs * I);
+        ok = xs && hs && (layout != AS_I16_PAIRS || hb);
     }
     if (ok) {
         write_activations(x, dt, H, token, pairs, layout, xs);
         int64_t gate_up_tiles = tile_count(2 * I), down_tiles = tile_count(H);
         int64_t gate_up_blocks = 2 * I * (H / BLOCK), down_blocks = H * (I / BLOCK), next_tile = 0;
+        int blocked = layout == AS_I16_PAIRS; /* the hidden activations go through hb */
 #ifdef _OPENMP
 #pragma omp parallel
 #endif
@@ -1483,14 +1589,21 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
                              s->gate_up_scales + e * gate_up_blocks, 2 * I, H};
                 epilogue ep = {.bias = (const char *)s->gate_up_bias + e * 2 * I * bias_size,
                                .bias_dt = s->bias_dt, .mode = SWIGLU,
-                               .y = (char *)hs + first * I * size, .y_dt = layout_size(layout) == 2 ? BF16 : F32,
-                               .y_stride = I, .y_layout = layout,
+                               .y = blocked ? (void *)(hb + first * I) : (char *)hs + first * I * size,
+                               .y_dt = blocked || layout_size(layout) == 2 ? BF16 : F32,
+                               .y_stride = I, .y_layout = blocked ? AS_BF16 : layout,
                                .round_bf16 = dt == BF16 && layout_size(layout) != 2, .alpha = s->alpha,
                                .limit = s->limit};
                 tile_chunks(kernel, (const char *)xs + first * H * size, size, count, &w, tile * TILE,
                             min64(2 * I, (tile + 1) * TILE), &ep);
             }
             /* (the loop's implicit barrier: every hidden activation is written) */
+            if (blocked) {
+#ifdef _OPENMP
+#pragma omp for
+#endif
+                for (int64_t p = 0; p < pairs; p++) write_activations(hb, BF16, I, &p, 1, layout, (char *)hs + p * I * size);
+            }
             for (int64_t t0, t1; (t0 = take_run(&next_tile, down_tiles, &t1)) < down_tiles;)
                 for (int64_t j = 0; j < m; j++) {
                     int64_t e = active[j], first = start[e], count = start[e + 1] - first;
@@ -1517,6 +1630,7 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
     free(acc);
     free(xs);
     free(hs);
+    free(hb);
     return ok ? 0 : -1;
 }
 
@@ -2037,6 +2151,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     for (int s = 0; s < 256; s++) {
         SCALES[s] = ldexpf(1.0f, s - 127);
         SCALES_TOP[s] = ldexpf(1.0f, s - 152);
+        SCALES_HALF[s] = ldexpf(1.0f, s - 128);
         EXP_SHIFT[s] = (int16_t)((s - 127) * 128);
     }
     for (int k = 0; k < 32; k++) FP4_BF16[k] = f32_to_bf16(FP4_VALUES[k & 15]);
