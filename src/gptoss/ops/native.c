@@ -12,7 +12,9 @@
  * The module takes plain buffer addresses (Python ints from Tensor.data_ptr()), sizes and dtype
  * codes, so it builds with nothing but a C compiler and Python's headers. AVX-512 (with or without
  * BF16 dot products) and AVX2 paths are compiled side by side with target attributes and chosen at
- * run time; a portable C path covers the rest. Accumulation is fp32 throughout, like PyTorch's.
+ * run time; a portable C path covers the rest. Accumulation is fp32 throughout, like PyTorch's,
+ * except that one bf16 row against MXFP4 weights on AVX2 sums each block exactly in integers after
+ * rounding the row to 16-bit block floats (mxfp4_i16_avx2).
  *
  * Row counts 1..MAX_ROWS are compile-time constants inside each kernel (one specialisation per
  * count), so the accumulators stay in registers.
@@ -1129,7 +1131,7 @@ AVX2 static void mxfp4_f32_avx2(const void *x, int64_t n, const weights *w, int6
  * multiplies each by the twice-FP4 integers of the table lookup, the high bytes' signs moved onto
  * the weights (so |xh| = 128 stays exact); the block's dot product is then an exact integer
  * (|sum| < 2^24), converted exactly and scaled by d · 2^(s - 128). Two blocks a step, one per
- * 128-bit lane. Single thread from cache ~1.7x the float kernel's rate. */
+ * 128-bit lane. Single thread from cache ~1.6x the float kernel's rate. */
 #define I16_PAIR_BYTES 256 /* per 64 activations: |xh| 64, xh 64, xl 64, d 8 floats, 32 unused */
 #define I16_MAX_ROWS 1
 
