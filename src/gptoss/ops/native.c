@@ -1133,7 +1133,6 @@ AVX2 static void mxfp4_f32_avx2(const void *x, int64_t n, const weights *w, int6
  * (|sum| < 2^24), converted exactly and scaled by d · 2^(s - 128). Two blocks a step, one per
  * 128-bit lane. Single thread from cache ~1.6x the float kernel's rate. */
 #define I16_PAIR_BYTES 256 /* per 64 activations: |xh| 64, xh 64, xl 64, d 8 floats, 32 unused */
-#define I16_MAX_ROWS 1
 
 /* Row x (bf16, `in` values, in % 64 == 0) into dst as AS_I16_PAIRS: per pair of groups (g, g+1),
  * |xh|, xh and xl each as 64 bytes [evens of g | evens of g+1 | odds of g | odds of g+1], then d
@@ -1162,18 +1161,19 @@ static void write_i16_pairs(const uint16_t *x, int64_t in, uint8_t *dst) {
     }
 }
 
-AVX2_INLINE void mxfp4_i16_avx2_n(const int N, const uint8_t *x, const weights *w, int64_t r0, int64_t r1,
-                                  const epilogue *e) {
+/* Weight rows [r0, r1) against one activation row (choose_kernel takes it for n == 1 only). */
+AVX2 static void mxfp4_i16_avx2(const void *xv, int64_t n, const weights *w, int64_t r0, int64_t r1,
+                                const epilogue *e) {
     const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3, 4, 6,
                                            8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), k256 = _mm256_set1_epi16(256);
-    int64_t in = w->in, groups = in / BLOCK, row_bytes = in * 4;
-    float sums[MAX_ROWS], gate[MAX_ROWS];
+    const uint8_t *x = xv;
+    int64_t groups = w->in / BLOCK;
+    float sum, gate;
+    (void)n;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *rb = (const uint8_t *)w->w + r * groups * 16, *rs = (const uint8_t *)w->scales + r * groups;
-        __m256 acc[MAX_ROWS][2];
-#pragma GCC unroll 8
-        for (int t = 0; t < N; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int64_t g = 0; g < groups; g += 2) {
             if (g % 4 == 0) {
                 _mm_prefetch((const char *)(rb + g * 16) + PF_DIST, _MM_HINT_T0);
@@ -1183,34 +1183,23 @@ AVX2_INLINE void mxfp4_i16_avx2_n(const int N, const uint8_t *x, const weights *
             __m256i wv[2] = {_mm256_shuffle_epi8(table, _mm256_and_si256(packed, low4)),
                              _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4))};
             __m256 ws = _mm256_set_m128(_mm_set1_ps(SCALES_HALF[rs[g + 1]]), _mm_set1_ps(SCALES_HALF[rs[g]]));
-#pragma GCC unroll 8
-            for (int t = 0; t < N; t++) {
-                const uint8_t *pair = x + t * row_bytes + (g / 2) * I16_PAIR_BYTES;
-                __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();
+            const uint8_t *pair = x + (g / 2) * I16_PAIR_BYTES;
+            __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();
 #pragma GCC unroll 2
-                for (int h = 0; h < 2; h++) { /* evens, odds */
-                    __m256i mag = _mm256_load_si256((const __m256i *)(pair + 32 * h));
-                    __m256i sgn = _mm256_load_si256((const __m256i *)(pair + 64 + 32 * h));
-                    __m256i lo = _mm256_load_si256((const __m256i *)(pair + 128 + 32 * h));
-                    high = _mm256_add_epi16(high, _mm256_maddubs_epi16(mag, _mm256_sign_epi8(wv[h], sgn)));
-                    low = _mm256_add_epi16(low, _mm256_maddubs_epi16(lo, wv[h]));
-                }
-                __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(high, k256), _mm256_madd_epi16(low, ones));
-                __m256 scale = _mm256_mul_ps(ws, _mm256_load_ps((const float *)(pair + 192)));
-                acc[t][(g / 2) % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t][(g / 2) % 2]);
+            for (int h = 0; h < 2; h++) { /* evens, odds */
+                __m256i mag = _mm256_load_si256((const __m256i *)(pair + 32 * h));
+                __m256i sgn = _mm256_load_si256((const __m256i *)(pair + 64 + 32 * h));
+                __m256i lo = _mm256_load_si256((const __m256i *)(pair + 128 + 32 * h));
+                high = _mm256_add_epi16(high, _mm256_maddubs_epi16(mag, _mm256_sign_epi8(wv[h], sgn)));
+                low = _mm256_add_epi16(low, _mm256_maddubs_epi16(lo, wv[h]));
             }
+            __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(high, k256), _mm256_madd_epi16(low, ones));
+            __m256 scale = _mm256_mul_ps(ws, _mm256_load_ps((const float *)(pair + 192)));
+            acc[(g / 2) % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[(g / 2) % 2]);
         }
-#pragma GCC unroll 8
-        for (int t = 0; t < N; t++) sums[t] = hsum256(_mm256_add_ps(acc[t][0], acc[t][1]));
-        finish_row(e, r, sums, gate);
+        sum = hsum256(_mm256_add_ps(acc[0], acc[1]));
+        finish_row(e, r, &sum, &gate);
     }
-}
-
-AVX2 static void mxfp4_i16_avx2(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
-                                const epilogue *e) {
-#define BODY(N) mxfp4_i16_avx2_n(N, x, w, r0, r1, e)
-    SWITCH_ROWS(n, BODY)
-#undef BODY
 }
 
 /* bf16 → fp32 is a 16-bit left shift: even halves of a dword by shifting, odd ones by masking, 16
@@ -1316,7 +1305,7 @@ static row_fn choose_kernel(int kind, int x_dt, int64_t n, int64_t in, enum layo
         *layout = kind == INT8W ? AS_F32 : AS_F32_SPLIT;
         return kind == MXFP4 ? mxfp4_f32_avx512 : kind == BF16W ? bf16w_f32_avx512 : int8w_f32_avx512;
     }
-    if (active_isa == ISA_AVX2 && kind == MXFP4 && x_dt == BF16 && n <= I16_MAX_ROWS && in % (2 * BLOCK) == 0) {
+    if (active_isa == ISA_AVX2 && kind == MXFP4 && x_dt == BF16 && n == 1 && in % (2 * BLOCK) == 0) {
         *layout = AS_I16_PAIRS;
         return mxfp4_i16_avx2;
     }
