@@ -523,6 +523,30 @@ def test_sink_attention_over_a_cache(isa, dtype, dim, tokens, keys):
     )
 
 
+def test_prefill_attention_in_bf16_weights_fp32_values(monkeypatch):
+    """Without bf16 dot products in the CPU, bf16 queries beyond the native kernel's rows weight
+    fp32 copies of the values by the bf16-rounded probabilities: the reference's products and fp32
+    sums, in another order, rounded once."""
+    from gptoss.model import sink_attention
+
+    g = torch.Generator().manual_seed(0)
+    tokens, keys, heads, kv_heads, dim = ops.MAX_ROWS + 5, 29, 8, 2, 64
+    q = (torch.randn(1, heads, tokens, dim, generator=g) * 2).bfloat16()
+    k = torch.randn(1, kv_heads, keys, dim, generator=g).bfloat16()
+    v = torch.randn(1, kv_heads, keys, dim, generator=g).bfloat16()
+    mask = torch.rand(1, 1, tokens, keys, generator=g) < 0.7
+    sinks = torch.randn(heads, generator=g)
+    monkeypatch.setattr(ops, "BF16_GEMM_IN_HARDWARE", False)
+    with torch.no_grad():
+        out = ops.sink_attention(q, k, v, mask, sinks)
+    ref = sink_attention(q, k, v.float(), mask, sinks, probs_dtype=torch.bfloat16)  # fp32 out
+    assert out.dtype == torch.bfloat16 and out.shape == (1, heads, tokens, dim)
+    assert torch.equal(out, ref.to(torch.bfloat16))  # what sink_attention takes on such CPUs
+    bound = 1e-5 + 2**-8 * ref.abs()  # one bf16 rounding (2^-9) and the reference's own
+    assert torch.all((out.float() - ref).abs() <= bound)
+    torch.testing.assert_close(out, sink_attention(q, k, v, mask, sinks), atol=2**-6, rtol=2**-6)
+
+
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 3])

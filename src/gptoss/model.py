@@ -149,8 +149,11 @@ class Attention(nn.Module):
         return sink_attention(q, k, v, mask, self.sinks)
 
 
-def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:
-    """Grouped-query attention with a per-head sink column, softmax in fp32.
+def sink_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor, probs_dtype: torch.dtype | None = None
+) -> Tensor:
+    """Grouped-query attention with a per-head sink column, softmax in fp32, the probabilities
+    rounded to `probs_dtype` (default: v's) before they weight the values.
 
     q (B, H, T, D); k, v (B, KVH, S, D); mask (B or 1, 1, T, S) boolean; sinks (H,).
     """
@@ -162,7 +165,7 @@ def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor)
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     sink = sinks.float().view(1, kv_heads, group, 1, 1).expand(B, -1, -1, T, 1)
     probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :S]
-    out = torch.einsum("bkgts,bksd->bkgtd", probs.to(v.dtype), v)
+    out = torch.einsum("bkgts,bksd->bkgtd", probs.to(probs_dtype or v.dtype).to(v.dtype), v)
     return out.reshape(B, H, T, D)
 
 
