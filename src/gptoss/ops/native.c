@@ -1079,8 +1079,20 @@ AVX2_INLINE void mxfp4_f32_avx2_n(const int N, const float *x, const weights *w,
 #define AVX2_CHUNK 16
 #define AVX2_CHUNKED(N) ((N) >= 3)
 
-AVX2_INLINE void mxfp4_f32_avx2_chunked(const int N, const float *x, const weights *w, int64_t r0,
-                                        int64_t r1, const epilogue *e) {
+/* bf16 → fp32 is a 16-bit left shift: even halves of a dword by shifting, odd ones by masking, 16
+ * weights per load pair against activations split as AS_F32_SPLIT lays them out. */
+AVX2_INLINE void bf16_avx2_block(const uint16_t *p, __m256 *wv) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
+    __m256i raw[2] = {_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)(p + 16))};
+    wv[0] = _mm256_castsi256_ps(_mm256_slli_epi32(raw[0], 16));
+    wv[1] = _mm256_castsi256_ps(_mm256_slli_epi32(raw[1], 16));
+    wv[2] = _mm256_castsi256_ps(_mm256_and_si256(raw[0], high));
+    wv[3] = _mm256_castsi256_ps(_mm256_and_si256(raw[1], high));
+}
+
+/* Rows of MXFP4 or bf16 weights (kind, a compile-time constant; bf16 rows of whole blocks only). */
+AVX2_INLINE void avx2_chunked(const int N, const int kind, const float *x, const weights *w, int64_t r0,
+                              int64_t r1, const epilogue *e) {
     const int C = AVX2_CHAINS(N);
     int64_t in = w->in, groups = in / BLOCK;
     const uint8_t *blocks = w->w, *scales = w->scales;
@@ -1097,7 +1109,8 @@ AVX2_INLINE void mxfp4_f32_avx2_chunked(const int N, const float *x, const weigh
                     for (int c = 0; c < C; c++) acc[t][c] = g0 ? part[r - t0][t][c] : _mm256_setzero_ps();
                 for (int64_t g = g0; g < g1; g++) {
                     __m256 wv[4];
-                    mxfp4_avx2_block(blocks + (r * groups + g) * 16, scales[r * groups + g], wv);
+                    if (kind == MXFP4) mxfp4_avx2_block(blocks + (r * groups + g) * 16, scales[r * groups + g], wv);
+                    else bf16_avx2_block((const uint16_t *)w->w + r * in + g * BLOCK, wv);
                     fma_rows(N, C, wv, x, in, g * BLOCK, acc);
                 }
 #pragma GCC unroll 8
@@ -1115,7 +1128,7 @@ AVX2_INLINE void mxfp4_f32_avx2_chunked(const int N, const float *x, const weigh
 
 AVX2 static void mxfp4_f32_avx2(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
                                 const epilogue *e) {
-#define BODY(N) (AVX2_CHUNKED(N) ? mxfp4_f32_avx2_chunked(N, x, w, r0, r1, e) : mxfp4_f32_avx2_n(N, x, w, r0, r1, e))
+#define BODY(N) (AVX2_CHUNKED(N) ? avx2_chunked(N, MXFP4, x, w, r0, r1, e) : mxfp4_f32_avx2_n(N, x, w, r0, r1, e))
     SWITCH_ROWS(n, BODY)
 #undef BODY
 }
@@ -1202,12 +1215,9 @@ AVX2 static void mxfp4_i16_avx2(const void *xv, int64_t n, const weights *w, int
     }
 }
 
-/* bf16 → fp32 is a 16-bit left shift: even halves of a dword by shifting, odd ones by masking, 16
- * weights per load pair against activations split as AS_F32_SPLIT lays them out. */
 AVX2_INLINE void bf16w_f32_avx2_n(const int N, const float *x, const weights *w, int64_t r0,
                                   int64_t r1, const epilogue *e) {
     const int C = AVX2_CHAINS(N);
-    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
     int64_t in = w->in, full = in - in % BLOCK;
     float sums[MAX_ROWS], gate[MAX_ROWS];
     for (int64_t r = r0; r < r1; r++) {
@@ -1217,12 +1227,8 @@ AVX2_INLINE void bf16w_f32_avx2_n(const int N, const float *x, const weights *w,
         for (int t = 0; t < N; t++)
             for (int c = 0; c < C; c++) acc[t][c] = _mm256_setzero_ps();
         for (int64_t i = 0; i < full; i += BLOCK) {
-            __m256i raw[2] = {_mm256_loadu_si256((const __m256i *)(wr + i)),
-                              _mm256_loadu_si256((const __m256i *)(wr + i + 16))};
-            __m256 wv[4] = {_mm256_castsi256_ps(_mm256_slli_epi32(raw[0], 16)),
-                            _mm256_castsi256_ps(_mm256_slli_epi32(raw[1], 16)),
-                            _mm256_castsi256_ps(_mm256_and_si256(raw[0], high)),
-                            _mm256_castsi256_ps(_mm256_and_si256(raw[1], high))};
+            __m256 wv[4];
+            bf16_avx2_block(wr + i, wv);
             fma_rows(N, C, wv, x, in, i, acc);
         }
 #pragma GCC unroll 8
@@ -1237,7 +1243,7 @@ AVX2_INLINE void bf16w_f32_avx2_n(const int N, const float *x, const weights *w,
 
 AVX2 static void bf16w_f32_avx2(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
                                 const epilogue *e) {
-#define BODY(N) bf16w_f32_avx2_n(N, x, w, r0, r1, e)
+#define BODY(N) (AVX2_CHUNKED(N) && w->in % BLOCK == 0 ? avx2_chunked(N, BF16W, x, w, r0, r1, e) : bf16w_f32_avx2_n(N, x, w, r0, r1, e))
     SWITCH_ROWS(n, BODY)
 #undef BODY
 }
@@ -2111,6 +2117,8 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(ISA_NAMES[active_isa]);
 }
 
+static PyObject *py_isa(PyObject *self, PyObject *args) { return PyUnicode_FromString(ISA_NAMES[active_isa]); }
+
 static PyObject *py_num_threads(PyObject *self, PyObject *args) {
     int threads = 0;
     if (!PyArg_ParseTuple(args, "|i", &threads)) return NULL;
@@ -2132,6 +2140,7 @@ static PyMethodDef METHODS[] = {
     {"rotary", py_rotary, METH_VARARGS, "NeoX rotary embedding of (tokens, heads, dim) rows, in place"},
     {"sink_attention", py_sink_attention, METH_VARARGS, "attention with per-head sinks over a KV cache"},
     {"set_isa", py_set_isa, METH_VARARGS, "choose 'best', 'avx512bf16', 'avx512', 'avx2' or 'c'"},
+    {"isa", py_isa, METH_NOARGS, "the instruction set in use"},
     {"num_threads", py_num_threads, METH_VARARGS, "get (or set) the kernels' thread count"},
     {NULL, NULL, 0, NULL},
 };
