@@ -141,7 +141,7 @@ def test_fp32_gemm_linear(monkeypatch, shape):
     weight = torch.randn(50, shape[-1], generator=generator).bfloat16()
     bias = torch.randn(50, generator=generator).bfloat16()
     monkeypatch.setattr(ops, "FP32_GEMM_BLOCK", 7 * shape[-1])  # blocks of 7 output channels
-    monkeypatch.setattr(ops, "AVX2_BF16_ROWS", ops.MAX_ROWS)  # (AVX2 takes these rows natively)
+    monkeypatch.setattr(ops, "AVX2_DENSE_ROWS", ops.MAX_ROWS)  # (AVX2 takes these rows natively)
     with torch.no_grad():
         y = ops.fp32_gemm_linear(x, weight, bias)
         monkeypatch.setattr(ops, "BF16_GEMM_IN_HARDWARE", False)
@@ -295,26 +295,37 @@ def test_mxfp4_one_bf16_row_with_a_non_finite_value(isa, bad):
 
 
 @native
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
 @pytest.mark.parametrize("n,inp", [(9, 96), (37, 160), (100, 45)])  # 45: rows with a tail
-def test_bf16_linear_prefill_rows_on_avx2(monkeypatch, n, inp):
-    """On AVX2 without bf16 dot products, bf16 products up to AVX2_BF16_ROWS rows take the native
-    kernel (chunks of 8 rows against a tile of weights in cache); more rows the fp32 GEMM."""
+def test_dense_prefill_rows_on_avx2(monkeypatch, kind, n, inp):
+    """On AVX2 without bf16 dot products, bf16 and int8 products up to AVX2_DENSE_ROWS rows take
+    the native kernel (chunks of 8 rows against a tile of weights in cache); more rows the fp32
+    GEMM."""
     if "avx2" not in available_isas():
         pytest.skip("this CPU has no avx2")
     monkeypatch.setattr(ops, "BF16_GEMM_IN_HARDWARE", False)
     generator = torch.Generator().manual_seed(n)
     x = torch.randn(n, inp, generator=generator).bfloat16()
-    weight = torch.randn(67, inp, generator=generator).bfloat16()
     bias = torch.randn(67, generator=generator).bfloat16()
-    ref = F.linear(x.float(), weight.float(), bias.float())
+    if kind == "bf16":
+        weight, scale = torch.randn(67, inp, generator=generator).bfloat16(), None
+        dense, dequantized = (lambda: ops.linear(x, weight, bias)), weight.float()
+    else:
+        weight = torch.randint(-127, 128, (67, inp), dtype=torch.int8, generator=generator)
+        scale = torch.rand(67, generator=generator) / 64
+        dense, dequantized = (
+            (lambda: ops.int8_linear(x, weight, scale, bias)),
+            weight.float() * scale[:, None],
+        )
+    ref = F.linear(x.float(), dequantized, bias.float())
     try:
         ops.set_isa("avx2")
         with torch.no_grad():
-            y = ops.linear(x, weight, bias)
-            assert torch.equal(y, ops._native_dense(x, x, [(weight, None, bias)])[0])
-            assert close(y, x, weight.float(), ref)
-            monkeypatch.setattr(ops, "AVX2_BF16_ROWS", n - 1)
-            assert torch.equal(ops.linear(x, weight, bias), ops.fp32_gemm_linear(x, weight, bias))
+            y = dense()
+            assert torch.equal(y, ops._native_dense(x, x, [(weight, scale, bias)])[0])
+            assert close(y, x, dequantized, ref)
+            monkeypatch.setattr(ops, "AVX2_DENSE_ROWS", n - 1)
+            assert torch.equal(dense(), ops.fp32_gemm_linear(x, weight, bias, scale))
     finally:
         ops.set_isa("best")
 

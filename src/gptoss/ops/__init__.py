@@ -2,12 +2,12 @@
 
 The PyTorch expressions here are the reference every native kernel is tested against. The native
 path serves CPU tensors outside autograd: MXFP4 products for any number of activation rows (the
-packed weights are decoded block by block in registers, for decode and prefill alike), bf16 and
-int8 products up to `MAX_ROWS` rows (decode), and on AVX2 CPUs bf16 products up to
-`AVX2_BF16_ROWS` rows; larger dense products take PyTorch's GEMM, which is the faster choice
-there. Activations may be float32 or bfloat16; results come back in their dtype. RMSNorm and
-attention over a KV cache (decode-sized queries) are native too: at batch 1 PyTorch spends longer
-dispatching their small operators than computing them.
+packed weights are decoded block by block in registers, for decode and prefill alike), bf16 and int8
+products up to `MAX_ROWS` rows (decode), on AVX2 CPUs up to `AVX2_DENSE_ROWS` rows; larger dense
+products take PyTorch's GEMM, which is the faster choice there. Activations may be float32 or
+bfloat16; results come back in their dtype. RMSNorm and attention over a KV cache (decode-sized
+queries) are native too: at batch 1 PyTorch spends longer dispatching their small operators than
+computing them.
 """
 
 from __future__ import annotations
@@ -203,26 +203,27 @@ def _native_dense(x: Tensor, rows: Tensor, layers: list[DenseWeights]) -> list[T
     return [y.to(x.dtype).view(*x.shape[:-1], y.shape[1]) for y in outs]
 
 
-# On AVX2 (no bf16 dot products), the native kernel walks a tile of bf16 weight rows a column chunk
-# at a time against 3-8 activation rows, every chunk of 8 rows against the tile in cache: on this
-# project's 2-core Zen 3, 100-140 GFLOP/s from 16 to 256 rows (q, k, v, o projections of the 20b
-# shape), against 10-56 for the fp32 GEMM at 16-128 rows and 102-152 at 256; at 512 rows the GEMM
-# is as fast or faster (99-154 against 111-127), so it takes over beyond 256.
-AVX2_BF16_ROWS = 256
+# On AVX2 (no bf16 dot products), the native kernel walks a tile of bf16 or int8 weight rows a
+# column chunk at a time against 3-8 activation rows, every chunk of 8 rows against the tile in
+# cache: on this project's 2-core Zen 3, bf16 100-140 GFLOP/s from 16 to 256 rows (q, k, v, o
+# projections of the 20b shape) against 10-56 for the fp32 GEMM at 16-128 rows and 102-152 at 256,
+# int8 48-133 against 9-136; at 512 rows the GEMM is as fast or faster (bf16 99-154 against
+# 111-127), so it takes over beyond 256.
+AVX2_DENSE_ROWS = 256
 
 
-def _bf16_native_rows() -> int:
-    """The most activation rows a bf16 product takes natively on this CPU."""
+def _dense_native_rows() -> int:
+    """The most activation rows a bf16 or int8 product takes natively on this CPU."""
     avx2 = _native is not None and _native.isa() == "avx2" and not BF16_GEMM_IN_HARDWARE
-    return AVX2_BF16_ROWS if avx2 else MAX_ROWS
+    return AVX2_DENSE_ROWS if avx2 else MAX_ROWS
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, with the native bf16 kernels for decode-sized calls on bf16 CPU weights (and on
-    AVX2 up to `AVX2_BF16_ROWS` rows), larger bf16 calls through the fp32 GEMM where the CPU has no
+    AVX2 up to `AVX2_DENSE_ROWS` rows), larger bf16 calls through the fp32 GEMM where the CPU has no
     bf16 dot products (`fp32_gemm_linear`)."""
     rows = x.reshape(-1, x.shape[-1])
-    if weight.dtype == torch.bfloat16 and _native_ok(rows, weight, bias, max_rows=_bf16_native_rows()):
+    if weight.dtype == torch.bfloat16 and _native_ok(rows, weight, bias, max_rows=_dense_native_rows()):
         return _native_dense(x, rows, [(weight, None, bias)])[0]
     if weight.dtype == torch.bfloat16 and _fp32_gemm_wanted(rows, weight, bias):
         return fp32_gemm_linear(x, weight, bias)
@@ -273,8 +274,7 @@ def linears(x: Tensor, layers: list[DenseWeights]) -> list[Tensor]:
         (scale is not None) == int8 and (int8 or w.dtype == torch.bfloat16) for w, scale, _ in layers
     )
     tensors = [t for w, _, bias in layers for t in (w, bias)]
-    max_rows = MAX_ROWS if int8 else _bf16_native_rows()
-    if same_kind and len(layers) <= MAX_MANY and _native_ok(rows, *tensors, max_rows=max_rows):
+    if same_kind and len(layers) <= MAX_MANY and _native_ok(rows, *tensors, max_rows=_dense_native_rows()):
         return _native_dense(x, rows, layers)
     return [linear(x, w, b) if scale is None else int8_linear(x, w, scale, b) for w, scale, b in layers]
 
@@ -282,7 +282,7 @@ def linears(x: Tensor, layers: list[DenseWeights]) -> list[Tensor]:
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ (weight (out, in) int8 · scale (out,))ᵀ + bias: weight-only int8, one scale per output row."""
     rows = x.reshape(-1, x.shape[-1])
-    if _native_ok(rows, bias, max_rows=MAX_ROWS):
+    if _native_ok(rows, bias, max_rows=_dense_native_rows()):
         return _native_dense(x, rows, [(weight, scale, bias)])[0]
     if _fp32_gemm_wanted(rows, bias):
         return fp32_gemm_linear(x, weight, bias, scale)

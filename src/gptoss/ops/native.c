@@ -1090,7 +1090,14 @@ AVX2_INLINE void bf16_avx2_block(const uint16_t *p, __m256 *wv) {
     wv[3] = _mm256_castsi256_ps(_mm256_and_si256(raw[1], high));
 }
 
-/* Rows of MXFP4 or bf16 weights (kind, a compile-time constant; bf16 rows of whole blocks only). */
+/* 32 int8 weights as four fp32 vectors, in their order (int8 rows take activations as AS_F32). */
+AVX2_INLINE void int8_avx2_block(const int8_t *p, __m256 *wv) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) wv[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * q))));
+}
+
+/* Rows of MXFP4, bf16 or int8 weights (kind, a compile-time constant; bf16 and int8 rows of whole
+ * blocks only; int8 sums multiplied by their row's scale). */
 AVX2_INLINE void avx2_chunked(const int N, const int kind, const float *x, const weights *w, int64_t r0,
                               int64_t r1, const epilogue *e) {
     const int C = AVX2_CHAINS(N);
@@ -1110,7 +1117,8 @@ AVX2_INLINE void avx2_chunked(const int N, const int kind, const float *x, const
                 for (int64_t g = g0; g < g1; g++) {
                     __m256 wv[4];
                     if (kind == MXFP4) mxfp4_avx2_block(blocks + (r * groups + g) * 16, scales[r * groups + g], wv);
-                    else bf16_avx2_block((const uint16_t *)w->w + r * in + g * BLOCK, wv);
+                    else if (kind == BF16W) bf16_avx2_block((const uint16_t *)w->w + r * in + g * BLOCK, wv);
+                    else int8_avx2_block((const int8_t *)w->w + r * in + g * BLOCK, wv);
                     fma_rows(N, C, wv, x, in, g * BLOCK, acc);
                 }
 #pragma GCC unroll 8
@@ -1120,7 +1128,8 @@ AVX2_INLINE void avx2_chunked(const int N, const int kind, const float *x, const
         }
         for (int64_t r = t0; r < t1; r++) {
 #pragma GCC unroll 8
-            for (int t = 0; t < N; t++) sums[t] = chains_sum(C, part[r - t0][t]);
+            for (int t = 0; t < N; t++)
+                sums[t] = chains_sum(C, part[r - t0][t]) * (kind == INT8W ? ((const float *)w->scales)[r] : 1.0f);
             finish_row(e, r, sums, gate);
         }
     }
@@ -1263,9 +1272,7 @@ AVX2_INLINE void int8w_f32_avx2_n(const int N, const float *x, const weights *w,
         for (; i < full; i += 32) {
             if (i % 64 == 0) _mm_prefetch((const char *)(wr + i) + PF_DIST, _MM_HINT_T0);
             __m256 wv[4];
-#pragma GCC unroll 4
-            for (int q = 0; q < 4; q++)
-                wv[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wr + i + 8 * q))));
+            int8_avx2_block(wr + i, wv);
             fma_rows(N, C, wv, x, in, i, acc);
         }
         for (; i + 8 <= in; i += 8) {
@@ -1286,7 +1293,7 @@ AVX2_INLINE void int8w_f32_avx2_n(const int N, const float *x, const weights *w,
 
 AVX2 static void int8w_f32_avx2(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
                                 const epilogue *e) {
-#define BODY(N) int8w_f32_avx2_n(N, x, w, r0, r1, e)
+#define BODY(N) (AVX2_CHUNKED(N) && w->in % BLOCK == 0 ? avx2_chunked(N, INT8W, x, w, r0, r1, e) : int8w_f32_avx2_n(N, x, w, r0, r1, e))
     SWITCH_ROWS(n, BODY)
 #undef BODY
 }
