@@ -1172,8 +1172,12 @@ static void write_i16_pairs(const uint16_t *x, int64_t in, uint8_t *dst) {
         }
         if (largest > 0.0f) frexpf(largest, &e);
         float d = !finite ? NAN : largest > 0.0f ? ldexpf(1.0f, e - 15) : 0.0f;
+        float up = ldexpf(1.0f, 15 - e); /* exact multiplier; infinite for groups below 2^-112 */
+        int scaled = finite && largest > 0.0f, exact_up = isfinite(up) != 0;
         for (int i = 0; i < BLOCK; i++) {
-            int q = finite && largest > 0.0f ? (int)lrintf(ldexpf(v[i], 15 - e)) : 0;
+            float y = exact_up ? v[i] * up : ldexpf(v[i], 15 - e); /* |y| < 2^15 */
+            /* to the nearest integer, ties to even, as lrintf but inline: 1.5·2^23 leaves no fraction */
+            int q = scaled ? (int)((y + 0x1.8p23f) - 0x1.8p23f) : 0;
             int at = (i % 2) * 32 + (g % 2) * 16 + i / 2, high = q >> 8; /* arithmetic shift: floor */
             pair[at] = (uint8_t)(high < 0 ? -high : high);
             pair[64 + at] = (uint8_t)(int8_t)high;
