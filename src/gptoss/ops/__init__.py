@@ -205,10 +205,10 @@ def _native_dense(x: Tensor, rows: Tensor, layers: list[DenseWeights]) -> list[T
 
 # On AVX2 (no bf16 dot products), the native kernel walks a tile of bf16 or int8 weight rows a
 # column chunk at a time against up to 8 activation rows when a call has more than MAX_ROWS, every
-# chunk of rows after the first against the tile in cache: on this project's 2-core Zen 3, bf16 100-140 GFLOP/s from 16 to 256 rows (q, k, v, o
-# projections of the 20b shape) against 10-56 for the fp32 GEMM at 16-128 rows and 102-152 at 256,
-# int8 48-133 against 9-136; at 512 rows the GEMM is as fast or faster (bf16 99-154 against
-# 111-127), so it takes over beyond 256.
+# chunk of rows after the first against the tile in cache: on this project's 2-core Zen 3, bf16
+# 100-140 GFLOP/s from 16 to 256 rows (q, k, v, o projections of the 20b shape) against 10-56 for
+# the fp32 GEMM at 16-128 rows and 102-152 at 256, int8 48-133 against 9-136; at 512 rows the GEMM
+# is as fast or faster (bf16 99-154 against 111-127), so it takes over beyond 256.
 AVX2_DENSE_ROWS = 256
 
 
