@@ -1096,6 +1096,18 @@ AVX2_INLINE void int8_avx2_block(const int8_t *p, __m256 *wv) {
     for (int q = 0; q < 4; q++) wv[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * q))));
 }
 
+/* Asks the cache for the chunk of row r's weights that starts at block g (rows of whole blocks).
+ * The chunked kernel does so one chunk ahead: the row's next, or after its last the first of the
+ * row a tile further on, which the same thread usually takes next. A tile's first pass over 32 rows
+ * a chunk at a time had left the hardware prefetchers behind: the experts of a 128-token prompt
+ * (128 x 4 of 32 experts, interleaved in one process) 107 -> 121 GFLOP/s, 112 -> 127 with the
+ * tokens spread evenly; the scales asked for too: no further gain. */
+AVX2_INLINE void prefetch_chunk(const int kind, const weights *w, int64_t r, int64_t g) {
+    const int64_t block_bytes = kind == MXFP4 ? 16 : kind == BF16W ? 2 * BLOCK : BLOCK;
+    const char *p = (const char *)w->w + (r * (w->in / BLOCK) + g) * block_bytes;
+    for (int64_t l = 0; l < AVX2_CHUNK * block_bytes / 64; l++) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+}
+
 /* Rows of MXFP4, bf16 or int8 weights (kind, a compile-time constant; bf16 and int8 rows of whole
  * blocks only; int8 sums multiplied by their row's scale). */
 AVX2_INLINE void avx2_chunked(const int N, const int kind, const float *x, const weights *w, int64_t r0,
@@ -1110,6 +1122,8 @@ AVX2_INLINE void avx2_chunked(const int N, const int kind, const float *x, const
         for (int64_t g0 = 0; g0 < groups; g0 += AVX2_CHUNK) {
             int64_t g1 = min64(groups, g0 + AVX2_CHUNK);
             for (int64_t r = t0; r < t1; r++) {
+                if (g1 < groups) prefetch_chunk(kind, w, r, g1);
+                else if (r + TILE < w->out) prefetch_chunk(kind, w, r + TILE, 0);
                 __m256 acc[MAX_ROWS][4];
 #pragma GCC unroll 8
                 for (int t = 0; t < N; t++)
