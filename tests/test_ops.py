@@ -258,10 +258,11 @@ def test_mxfp4_extreme_scales(isa, dtype, groups, n):
 @pytest.mark.parametrize("inp", [64, 192, 2880])
 def test_mxfp4_one_bf16_row_within_the_block_float_bound(isa, inp):
     """One bf16 row on AVX2 (mxfp4_i16_avx2) is rounded to 16-bit block floats first: a value within
-    2^7 of its group's largest stays exact, a smaller one moves by at most 2^-16 of the largest. So
-    each group of 32 may add 2^-16 · max|x| · Σ|w| to the usual bound. Groups here hold one large
-    value and 31 tiny ones (down to 2^-20 of it), the case that rounding touches; every other kernel
-    meets the tighter bound anyway."""
+    2^7 of its group's largest stays exact, a smaller one moves by at most 2^-15 of the largest (half
+    a step of 2^(e-15) for a largest in [2^(e-1), 2^e)). So each group of 32 may add
+    2^-15 · max|x| · Σ|w| to the usual bound. Groups here hold one large value (a power of two, the
+    worst case) and 31 tiny ones (down to 2^-20 of it), the case that rounding touches; every other
+    kernel meets the tighter bound anyway."""
     generator = torch.Generator().manual_seed(inp)
     out = 37
     blocks, scales = pack(torch.randn(1, inp, out, generator=generator))
@@ -275,9 +276,16 @@ def test_mxfp4_one_bf16_row_within_the_block_float_bound(isa, inp):
     ref = x.float() @ weight.T
     group_max = x.float().abs().view(inp // 32, 32).amax(dim=1)  # (groups,)
     group_w = weight.abs().view(out, inp // 32, 32).sum(dim=2)  # (out, groups)
-    rounding = 2**-16 * (group_w * group_max).sum(dim=1)
+    rounding = 2**-15 * (group_w * group_max).sum(dim=1)
     bound = 1e-5 * (x.float().abs() @ weight.abs().T).clamp_min(1.0) + rounding + 2**-8 * ref.abs()
     assert torch.all((y.float() - ref).abs() <= bound)
+    # values within 2^7 of their group's largest are exact: no rounding term at all
+    near = x.float().abs().view(inp // 32, 32).clamp_min(2.0**-4).view(1, inp) * x.float().sign()
+    near[near == 0] = 2.0**-4
+    near = near.to(torch.bfloat16)
+    with torch.no_grad():
+        y = ops.mxfp4_linear(near, blocks, scales)
+    assert close(y, near, weight, near.float() @ weight.T)
 
 
 @native

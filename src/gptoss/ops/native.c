@@ -1158,12 +1158,13 @@ AVX2 static void mxfp4_f32_avx2(const void *x, int64_t n, const weights *w, int6
 
 /* One bf16 activation row at a time (batch-1 decode: every expert sees one token) is where the AVX2
  * MXFP4 kernel is slowest against memory: ~22 vector instructions a block, ~2.7 ns a block on one
- * core from cache, so two cores read ~11 GB/s through it against ~18-20 the machine has. Integer
- * dot products need a quarter of the conversions: the activations become 16-bit block floats, x =
+ * core from cache, so two cores read ~11 GB/s through it against the ~19-41 the machine reads.
+ * Integer dot products take ~12 a block, one int-to-float conversion for two blocks where the float
+ * kernel needs four a block: the activations become 16-bit block floats, x =
  * x16 · d with d = 2^(e - 15) for the group's largest |x| in [2^(e-1), 2^e), so |x16| < 2^15; a bf16
  * value (8 significant bits) within 2^7 of its group's largest is exact, a smaller one is off by at
- * most 2^-16 of the largest (~2^-7 of a bf16 step of the largest, far below the output's own bf16
- * rounding). x16 is split into a signed high byte and an unsigned low byte, and vpmaddubsw
+ * most 2^(e-16), 2^-15 of the largest (at most 2^-8 of a bf16 step of the largest, far below the
+ * output's own bf16 rounding). x16 is split into a signed high byte and an unsigned low byte, and vpmaddubsw
  * multiplies each by the twice-FP4 integers of the table lookup, the high bytes' signs moved onto
  * the weights (so |xh| = 128 stays exact); the block's dot product is then an exact integer
  * (|sum| < 2^24), converted exactly and scaled by d · 2^(s - 128). Two blocks a step, one per
