@@ -203,21 +203,6 @@ def _native_dense(x: Tensor, rows: Tensor, layers: list[DenseWeights]) -> list[T
     return [y.to(x.dtype).view(*x.shape[:-1], y.shape[1]) for y in outs]
 
 
-# On AVX2 (no bf16 dot products), the native kernel walks a tile of bf16 or int8 weight rows a
-# column chunk at a time against up to 8 activation rows when a call has more than MAX_ROWS, every
-# chunk of rows after the first against the tile in cache: on this project's 2-core Zen 3, bf16
-# 100-140 GFLOP/s from 16 to 256 rows (q, k, v, o projections of the 20b shape) against 10-56 for
-# the fp32 GEMM at 16-128 rows and 102-152 at 256, int8 48-133 against 9-136; at 512 rows the GEMM
-# is as fast or faster (bf16 99-154 against 111-127), so it takes over beyond 256.
-AVX2_DENSE_ROWS = 256
-
-
-def _dense_native_rows() -> int:
-    """The most activation rows a bf16 or int8 product takes natively on this CPU."""
-    avx2 = _native is not None and _native.isa() == "avx2" and not BF16_GEMM_IN_HARDWARE
-    return AVX2_DENSE_ROWS if avx2 else MAX_ROWS
-
-
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, with the native bf16 kernels for decode-sized calls on bf16 CPU weights (and on
     AVX2 up to `AVX2_DENSE_ROWS` rows), larger bf16 calls through the fp32 GEMM where the CPU has no
@@ -261,6 +246,21 @@ def fp32_gemm_linear(
             w *= scale[block].float()[:, None]
         out[..., block] = F.linear(xf, w, None if bias is None else bias[block].float())
     return out
+
+
+# On AVX2 (no bf16 dot products), the native kernel walks a tile of bf16 or int8 weight rows a
+# column chunk at a time against up to 8 activation rows when a call has more than MAX_ROWS, every
+# chunk of rows after the first against the tile in cache: on this project's 2-core Zen 3, bf16
+# 100-140 GFLOP/s from 16 to 256 rows (q, k, v, o projections of the 20b shape) against 10-56 for
+# the fp32 GEMM at 16-128 rows and 102-152 at 256, int8 48-133 against 9-136; at 512 rows the GEMM
+# is as fast or faster (bf16 99-154 against 111-127), so it takes over beyond 256.
+AVX2_DENSE_ROWS = 256
+
+
+def _dense_native_rows() -> int:
+    """The most activation rows a bf16 or int8 product takes natively on this CPU."""
+    avx2 = _native is not None and _native.isa() == "avx2" and not BF16_GEMM_IN_HARDWARE
+    return AVX2_DENSE_ROWS if avx2 else MAX_ROWS
 
 
 def linears(x: Tensor, layers: list[DenseWeights]) -> list[Tensor]:

@@ -1017,6 +1017,23 @@ AVX2_INLINE void fma_rows(const int N, const int C, const __m256 *w, const float
     _mm256_setr_epi8(-128, -128, -128, a, -128, -128, -128, b, -128, -128, -128, c, -128, -128, -128, d, \
                      -128, -128, -128, e, -128, -128, -128, f, -128, -128, -128, g, -128, -128, -128, h)
 
+/* A row's MXFP4 bytes PF_DIST ahead of block g (a cache line: call every 4 blocks), and its scales
+ * PF_DIST / 16 ahead every 64. */
+static inline void mxfp4_prefetch_ahead(const uint8_t *rb, const uint8_t *rs, int64_t g) {
+    _mm_prefetch((const char *)(rb + g * 16) + PF_DIST, _MM_HINT_T0);
+    if (g % 64 == 0) _mm_prefetch((const char *)(rs + g) + PF_DIST / 16, _MM_HINT_T0);
+}
+
+/* Twice the FP4 values (integers -12..12) of the codes in each byte of packed: the low nibbles
+ * into twice[0], the high ones into twice[1] (each 128-bit lane looked up on its own). */
+AVX2_INLINE void fp4_twice(__m256i packed, __m256i *twice) {
+    const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3, 4, 6,
+                                           8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    twice[0] = _mm256_shuffle_epi8(table, _mm256_and_si256(packed, low4));
+    twice[1] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4));
+}
+
 /* The 32 weights of a block in fp32, as four vectors that multiply the activations of the block
  * split as AS_F32_SPLIT lays them out: evens 0-7, evens 8-15, odds 0-7, odds 8-15. The block is
  * broadcast to both 128-bit lanes; one byte shuffle looks its low nibbles up in a table of twice the
@@ -1026,13 +1043,9 @@ AVX2_INLINE void fma_rows(const int N, const int C, const __m256 *w, const float
  * exactly while it is representable (s >= 3; below that, two multiplies: a subnormal weight, as
  * the reference makes it). 13 instructions a block where widening and permuting took ~30. */
 AVX2_INLINE void mxfp4_avx2_block(const uint8_t *b, uint8_t s, __m256 *wv) {
-    const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3, 4, 6,
-                                           8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     const __m256i top[2] = {TOP_BYTES(0, 1, 2, 3, 4, 5, 6, 7), TOP_BYTES(8, 9, 10, 11, 12, 13, 14, 15)};
-    __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)b));
-    __m256i halves[2] = {_mm256_shuffle_epi8(table, _mm256_and_si256(packed, low4)),
-                         _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4))};
+    __m256i halves[2];
+    fp4_twice(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)b)), halves);
     int exact = s >= 3;
     __m256 scale = _mm256_set1_ps(exact ? SCALES_TOP[s] : 0x1p-25f);
 #pragma GCC unroll 4
@@ -1056,10 +1069,7 @@ AVX2_INLINE void mxfp4_f32_avx2_n(const int N, const float *x, const weights *w,
         for (int t = 0; t < N; t++)
             for (int c = 0; c < C; c++) acc[t][c] = _mm256_setzero_ps();
         for (int64_t g = 0; g < groups; g++) {
-            if (g % 4 == 0) {
-                _mm_prefetch((const char *)(rb + g * 16) + PF_DIST, _MM_HINT_T0);
-                if (g % 64 == 0) _mm_prefetch((const char *)(rs + g) + PF_DIST / 16, _MM_HINT_T0);
-            }
+            if (g % 4 == 0) mxfp4_prefetch_ahead(rb, rs, g);
             __m256 wv[4];
             mxfp4_avx2_block(rb + g * 16, rs[g], wv);
             fma_rows(N, C, wv, x, in, g * BLOCK, acc);
@@ -1205,9 +1215,7 @@ static void write_i16_pairs(const uint16_t *x, int64_t in, uint8_t *dst) {
 /* Weight rows [r0, r1) against one activation row (choose_kernel takes it for n == 1 only). */
 AVX2 static void mxfp4_i16_avx2(const void *xv, int64_t n, const weights *w, int64_t r0, int64_t r1,
                                 const epilogue *e) {
-    const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3, 4, 6,
-                                           8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), k256 = _mm256_set1_epi16(256);
+    const __m256i ones = _mm256_set1_epi16(1), k256 = _mm256_set1_epi16(256);
     const uint8_t *x = xv;
     int64_t groups = w->in / BLOCK;
     float sum, gate;
@@ -1216,13 +1224,9 @@ AVX2 static void mxfp4_i16_avx2(const void *xv, int64_t n, const weights *w, int
         const uint8_t *rb = (const uint8_t *)w->w + r * groups * 16, *rs = (const uint8_t *)w->scales + r * groups;
         __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int64_t g = 0; g < groups; g += 2) {
-            if (g % 4 == 0) {
-                _mm_prefetch((const char *)(rb + g * 16) + PF_DIST, _MM_HINT_T0);
-                if (g % 64 == 0) _mm_prefetch((const char *)(rs + g) + PF_DIST / 16, _MM_HINT_T0);
-            }
-            __m256i packed = _mm256_loadu_si256((const __m256i *)(rb + g * 16));
-            __m256i wv[2] = {_mm256_shuffle_epi8(table, _mm256_and_si256(packed, low4)),
-                             _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4))};
+            if (g % 4 == 0) mxfp4_prefetch_ahead(rb, rs, g);
+            __m256i wv[2]; /* blocks g and g + 1, one per lane */
+            fp4_twice(_mm256_loadu_si256((const __m256i *)(rb + g * 16)), wv);
             __m256 ws = _mm256_set_m128(_mm_set1_ps(SCALES_HALF[rs[g + 1]]), _mm_set1_ps(SCALES_HALF[rs[g]]));
             const uint8_t *pair = x + (g / 2) * I16_PAIR_BYTES;
             __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();
