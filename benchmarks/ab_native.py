@@ -1,0 +1,171 @@
+"""Two builds of the native kernels, interleaved in one process: which is faster on this machine.
+
+A shared machine's read rate drifts by a third or more within minutes (docs/inference.md), more
+than most kernel changes move a timing, so two builds timed one after the other, each in its own
+process, compare the machine's phases rather than the code. This loads both builds' `_native`
+modules into one process and lets them take turns, case by case, on the same weights, then prints
+the median and range of every case per build (and writes JSON with --json).
+
+    git worktree add /tmp/before HEAD~1 && (cd /tmp/before && python setup.py build_ext --inplace)
+    python benchmarks/ab_native.py /tmp/before/src/gptoss/ops/_native*.so src/gptoss/ops/_native*.so
+
+Cases, the 20b shape, bf16 activations: the MoE call at one token (4 of 32 experts, batch-1
+decode; GB/s of expert bytes), at a 128-token prompt (GFLOP/s), and `ops.linear` on bf16 q_proj
+weights at 4 rows (a decode batch; GB/s) and 128 rows (a prompt; GFLOP/s). The Python around the
+kernels is this tree's for both builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from decode import SCALE_RANGE  # (benchmarks/ is on sys.path when this script runs)
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from gptoss import ops
+
+HIDDEN = INTER = 2880
+EXPERTS, TOP_K = 32, 4
+EXPERT_BYTES = (2 * INTER + HIDDEN) * (HIDDEN // 32) * 17  # MXFP4 blocks and scales of one expert
+
+
+class _WithIsa:
+    """A build from before `isa()` existed, answering it as `set_isa('best')` does."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self._module, self._isa = module, module.set_isa("best")
+
+    def isa(self) -> str:
+        return self._isa
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._module, name)
+
+
+def load_build(path: Path) -> object:
+    spec = importlib.util.spec_from_file_location("gptoss.ops._native", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(
+            f"{path}: not a loadable extension module (build it: python setup.py build_ext --inplace)"
+        )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module if hasattr(module, "isa") else _WithIsa(module)
+
+
+@dataclass
+class Case:
+    name: str
+    unit: str  # "GB/s" or "GFLOP/s"
+    amount: float  # bytes or FLOPs one call of `run` handles
+    run: Callable[[], object]
+
+
+def _expert_stack(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def mxfp4(out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = torch.randint(0, 256, (EXPERTS, out, inp // 32, 16), dtype=torch.uint8, generator=gen)
+        scales = torch.randint(*SCALE_RANGE, (EXPERTS, out, inp // 32), dtype=torch.uint8, generator=gen)
+        return blocks, scales
+
+    gate_up, down = mxfp4(2 * INTER, HIDDEN), mxfp4(HIDDEN, INTER)
+    zeros = (
+        torch.zeros(EXPERTS, 2 * INTER, dtype=torch.bfloat16),
+        torch.zeros(EXPERTS, HIDDEN, dtype=torch.bfloat16),
+    )
+    return (*gate_up, zeros[0], *down, zeros[1])
+
+
+def cases(layers: int, gen: torch.Generator) -> list[Case]:
+    stacks = [_expert_stack(gen) for _ in range(layers)]  # ~0.4 GB each: every call reads from DRAM
+    weights = [
+        torch.empty(4096, HIDDEN, dtype=torch.bfloat16).uniform_(-0.05, 0.05, generator=gen)
+        for _ in range(24)
+    ]
+
+    def moe(tokens: int, routings: int) -> Callable[[], object]:
+        """Every stack with each of `routings` random choices of experts (enough calls to time)."""
+        x = torch.randn(tokens, HIDDEN, generator=gen).to(torch.bfloat16)
+        choices = [
+            torch.stack([torch.randperm(EXPERTS, generator=gen)[:TOP_K] for _ in range(tokens)])
+            for _ in range(routings)
+        ]
+        weight = torch.full((tokens, TOP_K), 1 / TOP_K, dtype=torch.bfloat16)
+        return lambda: [
+            ops.mxfp4_moe(x, idx, weight, *stack, alpha=1.702, limit=7.0)
+            for idx in choices
+            for stack in stacks
+        ]
+
+    def dense(rows: int, passes: int) -> Callable[[], object]:
+        x = torch.randn(rows, HIDDEN, generator=gen).to(torch.bfloat16)
+        return lambda: [ops.linear(x, w) for _ in range(passes) for w in weights]
+
+    return [
+        Case("MoE, 1 token (decode)", "GB/s", 16 * layers * TOP_K * EXPERT_BYTES, moe(1, 16)),
+        Case(
+            "MoE, 128 tokens (prompt)", "GFLOP/s", layers * 128 * TOP_K * 2 * 3 * HIDDEN * INTER, moe(128, 1)
+        ),
+        Case("bf16 q_proj, 4 rows", "GB/s", 4 * 24 * 4096 * HIDDEN * 2, dense(4, 4)),
+        Case("bf16 q_proj, 128 rows", "GFLOP/s", 24 * 2 * 128 * 4096 * HIDDEN, dense(128, 1)),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("before", type=Path, help="the first build's _native*.so")
+    parser.add_argument("after", type=Path, help="the second build's _native*.so")
+    parser.add_argument("--rounds", type=int, default=5, help="turns each build takes per case")
+    parser.add_argument(
+        "--layers", type=int, default=3, help="MoE weight stacks cycled through (~0.4 GB each)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="threads (default: PyTorch's)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    builds = {"before": load_build(args.before), "after": load_build(args.after)}
+    if args.threads:
+        ops.set_num_threads(args.threads)
+    rates: dict[tuple[str, str], list[float]] = {}
+    with torch.no_grad():
+        all_cases = cases(args.layers, torch.Generator().manual_seed(0))
+        for _ in tqdm(range(args.rounds + 1), desc="rounds (the first warms up)"):
+            for case in all_cases:
+                for name, build in builds.items():
+                    ops._native = build
+                    start = time.perf_counter()
+                    case.run()
+                    rate = case.amount / (time.perf_counter() - start) / 1e9
+                    rates.setdefault((case.name, name), []).append(rate)
+    table = Table(
+        title=f"two builds interleaved, {torch.get_num_threads()} threads, median (range) of {args.rounds}"
+    )
+    for column in ("case", "unit", "before", "after", "after / before"):
+        table.add_column(column)
+    report = []
+    for case in all_cases:
+        measured = {name: rates[(case.name, name)][1:] for name in builds}  # round 0 warmed up
+        medians = {name: statistics.median(v) for name, v in measured.items()}
+        cells = [f"{medians[n]:.1f} ({min(v):.1f}-{max(v):.1f})" for n, v in measured.items()]
+        table.add_row(case.name, case.unit, *cells, f"{medians['after'] / medians['before']:.2f}")
+        report.append({"case": case.name, "unit": case.unit, **{n: v for n, v in measured.items()}})
+    Console().print(table)
+    if args.json:
+        args.json.write_text(
+            json.dumps({"before": str(args.before), "after": str(args.after), "cases": report}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
