@@ -53,8 +53,11 @@ class _WithIsa:
         return getattr(self._module, name)
 
 
-def load_build(path: Path) -> object:
-    spec = importlib.util.spec_from_file_location("gptoss.ops._native", path)
+def load_build(path: Path, label: str) -> object:
+    """The extension at path as its own module. Under a name of its own: loaded as
+    gptoss.ops._native, a build Python has already imported under that name comes back as the
+    module loaded last, its functions replaced (CPython reuses single-phase extension modules)."""
+    spec = importlib.util.spec_from_file_location(f"ab_native_{label}._native", path)
     if spec is None or spec.loader is None:
         raise SystemExit(
             f"{path}: not a loadable extension module (build it: python setup.py build_ext --inplace)"
@@ -134,7 +137,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads (default: PyTorch's)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    builds = {"before": load_build(args.before), "after": load_build(args.after)}
+    if args.before.resolve() == args.after.resolve():
+        raise SystemExit("before and after are the same file")
+    builds = {name: load_build(path, name) for name, path in (("before", args.before), ("after", args.after))}
     if args.threads:
         ops.set_num_threads(args.threads)
     rates: dict[tuple[str, str], list[float]] = {}
