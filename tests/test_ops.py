@@ -178,16 +178,18 @@ def test_native_linears_keep_parameters_and_state_dict():
     assert torch.allclose(before, after, atol=0.05, rtol=0.05)
 
 
-# Any number of rows: MXFP4 runs natively in chunks of MAX_ROWS (prefill), with bf16 activations too.
-ROW_COUNTS = [1, 2, 3, 5, 8, 9, 13, 20]
+# Any number of rows: MXFP4 runs natively (prefill), with bf16 activations too. On AVX2, more than
+# MAX_ROWS rows take the prompt kernel: 50 in two passes of 25 (8 row triples and a single row).
+ROW_COUNTS = [1, 2, 3, 5, 8, 9, 13, 20, 50]
 
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", ROW_COUNTS)
 # with bf16 activations, rows of 64·k take mxfp4_quads (1 to 4 activation rows): 128 one quad; 192 a
-# quad and a last pair of blocks; 448 three quads (the odd one after the two chains) and a pair
-@pytest.mark.parametrize("inp", [96, 128, 192, 448])
+# quad and a last pair of blocks; 448 three quads (the odd one after the two chains) and a pair;
+# 1184 (37 blocks) three column chunks of the AVX2 prompt kernel, the last one short
+@pytest.mark.parametrize("inp", [96, 128, 192, 448, 1184])
 def test_mxfp4_linear_rows_and_dtypes(isa, dtype, n, inp):
     generator = torch.Generator().manual_seed(n)
     out = 51  # odd: the two-rows-at-a-time kernels end on a single row; quads sum 16 rows at a time
@@ -304,11 +306,12 @@ def test_mxfp4_one_bf16_row_with_a_non_finite_value(isa, bad):
 
 @native
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-@pytest.mark.parametrize("n,inp", [(9, 96), (37, 160), (100, 45)])  # 45: rows with a tail
+# 45, 1197: rows with a tail; 1197: three column chunks; 100: passes of 34, 33, 33 rows
+@pytest.mark.parametrize("n,inp", [(9, 96), (37, 160), (100, 45), (50, 1197)])
 def test_dense_prefill_rows_on_avx2(monkeypatch, kind, n, inp):
     """On AVX2 without bf16 dot products, bf16 and int8 products up to AVX2_DENSE_ROWS rows take
-    the native kernel (chunks of 8 rows against a tile of weights in cache); more rows the fp32
-    GEMM."""
+    the native prompt kernel (a tile of weights decoded a column chunk at a time for up to 48 rows);
+    more rows the fp32 GEMM."""
     if "avx2" not in available_isas():
         pytest.skip("this CPU has no avx2")
     monkeypatch.setattr(ops, "BF16_GEMM_IN_HARDWARE", False)
@@ -421,7 +424,8 @@ def moe_weights(experts: int, hidden: int, inter: int, generator: torch.Generato
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,k", [(1, 4), (3, 2), (11, 3), (20, 1)])
+# (60, 2): ~24 tokens per expert, the AVX2 prompt kernel with its SwiGLU and accumulating epilogues
+@pytest.mark.parametrize("n,k", [(1, 4), (3, 2), (11, 3), (20, 1), (60, 2)])
 # (128, 64), (256, 192): mxfp4_quads with bf16 activations, the SwiGLU written in its layout
 @pytest.mark.parametrize("hidden,inter", [(64, 32), (128, 64), (256, 192)])
 def test_mxfp4_moe_is_the_weighted_sum_of_chosen_experts(isa, dtype, n, k, hidden, inter):

@@ -22,7 +22,8 @@
  * An MoE layer's experts run in one call (moe): tokens grouped by expert, each chosen expert's
  * gate_up projection with the bias and clamped SwiGLU applied to the sums as they are made, then
  * the down projections summing every expert's weighted output into the token rows. Prefill goes
- * the same way: many tokens per expert are chunks of MAX_ROWS against a weight tile in cache. With
+ * the same way: many tokens per expert are chunks of MAX_ROWS against a weight tile in cache (on
+ * AVX2, all of them at once against a tile decoded a column chunk at a time: avx2_gemm). With
  * bf16 activations that runs at ~250 GFLOP/s per core here, as fast as PyTorch's bf16 GEMM alone at
  * 16 tokens per expert (a 128-token prompt's average) before any dequantization is paid for; only
  * from ~64 tokens per expert would dequantize-to-tile + GEMM start to gain (GEMM alone ~1.4x).
@@ -165,6 +166,20 @@ static inline void finish_row(const epilogue *e, int64_t r, const float *sums, f
             store_val(e->y, e->y_dt, t * e->y_stride + c, e->round_bf16 ? bf16_to_f32(f32_to_bf16(h)) : h);
         }
     }
+}
+
+/* e narrowed to activation rows [t0, t0 + count) of the rows it was made for. */
+static epilogue rows_epilogue(const epilogue *e, int64_t t0, int64_t count) {
+    size_t y_size = e->mode == ACCUMULATE || e->y_dt == F32 ? 4 : 2;
+    epilogue rows = *e;
+    rows.n = count;
+    if (e->mode == ACCUMULATE) {
+        rows.token = e->token + t0;
+        rows.weight = e->weight + t0;
+    } else {
+        rows.y = (char *)e->y + t0 * e->y_stride * y_size;
+    }
+    return rows;
 }
 
 /* A kernel: weight rows [r0, r1) against n (1..MAX_ROWS) activation rows x (n, in), in the layout
@@ -1106,22 +1121,21 @@ AVX2_INLINE void int8_avx2_block(const int8_t *p, __m256 *wv) {
     for (int q = 0; q < 4; q++) wv[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * q))));
 }
 
-/* Asks the cache for the chunk of row r's weights that starts at block g (rows of whole blocks).
- * The chunked kernel does so one chunk ahead: the row's next, or after its last the first of the
- * row a tile further on, which the same thread usually takes next. A tile's first pass over 32 rows
+/* Asks the cache for `count` blocks of row r's weights from block g (rows of whole blocks). The
+ * chunked kernels do so one chunk ahead: the row's next, or after its last the first of the row a
+ * tile further on, which the same thread usually takes next. A tile's first pass over 32 rows
  * a chunk at a time had left the hardware prefetchers behind: the experts of a 128-token prompt
  * (128 x 4 of 32 experts, interleaved in one process) 107 -> 121 GFLOP/s, 112 -> 127 with the
  * tokens spread evenly; the scales asked for too: no further gain. */
-AVX2_INLINE void prefetch_chunk(const int kind, const weights *w, int64_t r, int64_t g) {
+AVX2_INLINE void prefetch_chunk(const int kind, const weights *w, int64_t r, int64_t g, int64_t count) {
     const int64_t block_bytes = kind == MXFP4 ? 16 : kind == BF16W ? 2 * BLOCK : BLOCK;
     const char *p = (const char *)w->w + (r * (w->in / BLOCK) + g) * block_bytes;
-    for (int64_t l = 0; l < AVX2_CHUNK * block_bytes / 64; l++) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+    for (int64_t l = 0; l < count * block_bytes / 64; l++) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
 }
 
-/* Rows of MXFP4, bf16 or int8 weights (kind, a compile-time constant; bf16 and int8 rows of whole
- * blocks only; int8 sums multiplied by their row's scale). */
-AVX2_INLINE void avx2_chunked(const int N, const int kind, const float *x, const weights *w, int64_t r0,
-                              int64_t r1, const epilogue *e) {
+/* Rows of MXFP4 weights against 3 to MAX_ROWS activation rows (a decode batch). */
+AVX2_INLINE void mxfp4_f32_avx2_chunked(const int N, const float *x, const weights *w, int64_t r0, int64_t r1,
+                                        const epilogue *e) {
     const int C = AVX2_CHAINS(N);
     int64_t in = w->in, groups = in / BLOCK;
     const uint8_t *blocks = w->w, *scales = w->scales;
@@ -1132,17 +1146,15 @@ AVX2_INLINE void avx2_chunked(const int N, const int kind, const float *x, const
         for (int64_t g0 = 0; g0 < groups; g0 += AVX2_CHUNK) {
             int64_t g1 = min64(groups, g0 + AVX2_CHUNK);
             for (int64_t r = t0; r < t1; r++) {
-                if (g1 < groups) prefetch_chunk(kind, w, r, g1);
-                else if (r + TILE < w->out) prefetch_chunk(kind, w, r + TILE, 0);
+                if (g1 < groups) prefetch_chunk(MXFP4, w, r, g1, AVX2_CHUNK);
+                else if (r + TILE < w->out) prefetch_chunk(MXFP4, w, r + TILE, 0, AVX2_CHUNK);
                 __m256 acc[MAX_ROWS][4];
 #pragma GCC unroll 8
                 for (int t = 0; t < N; t++)
                     for (int c = 0; c < C; c++) acc[t][c] = g0 ? part[r - t0][t][c] : _mm256_setzero_ps();
                 for (int64_t g = g0; g < g1; g++) {
                     __m256 wv[4];
-                    if (kind == MXFP4) mxfp4_avx2_block(blocks + (r * groups + g) * 16, scales[r * groups + g], wv);
-                    else if (kind == BF16W) bf16_avx2_block((const uint16_t *)w->w + r * in + g * BLOCK, wv);
-                    else int8_avx2_block((const int8_t *)w->w + r * in + g * BLOCK, wv);
+                    mxfp4_avx2_block(blocks + (r * groups + g) * 16, scales[r * groups + g], wv);
                     fma_rows(N, C, wv, x, in, g * BLOCK, acc);
                 }
 #pragma GCC unroll 8
@@ -1152,8 +1164,7 @@ AVX2_INLINE void avx2_chunked(const int N, const int kind, const float *x, const
         }
         for (int64_t r = t0; r < t1; r++) {
 #pragma GCC unroll 8
-            for (int t = 0; t < N; t++)
-                sums[t] = chains_sum(C, part[r - t0][t]) * (kind == INT8W ? ((const float *)w->scales)[r] : 1.0f);
+            for (int t = 0; t < N; t++) sums[t] = chains_sum(C, part[r - t0][t]);
             finish_row(e, r, sums, gate);
         }
     }
@@ -1161,7 +1172,7 @@ AVX2_INLINE void avx2_chunked(const int N, const int kind, const float *x, const
 
 AVX2 static void mxfp4_f32_avx2(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
                                 const epilogue *e) {
-#define BODY(N) (AVX2_CHUNKED(N) ? avx2_chunked(N, MXFP4, x, w, r0, r1, e) : mxfp4_f32_avx2_n(N, x, w, r0, r1, e))
+#define BODY(N) (AVX2_CHUNKED(N) ? mxfp4_f32_avx2_chunked(N, x, w, r0, r1, e) : mxfp4_f32_avx2_n(N, x, w, r0, r1, e))
     SWITCH_ROWS(n, BODY)
 #undef BODY
 }
@@ -1280,18 +1291,6 @@ AVX2 static void bf16w_f32_avx2(const void *x, int64_t n, const weights *w, int6
 #undef BODY
 }
 
-/* Calls of more than MAX_ROWS rows (a prompt), where every chunk of rows after the first reads the
- * tile from cache: bf16 and int8 tiles walked a column chunk at a time as MXFP4 ones are (100-140
- * GFLOP/s from 16 to 256 rows here). Decode batches (up to MAX_ROWS rows) read each weight once,
- * from memory, and there one sequential stream per thread reads faster than a tile's 32 rows a
- * chunk at a time (bf16, 4 rows: 14.4 against 10.5 GB/s, interleaved in one process). */
-AVX2 static void bf16w_f32_avx2_prefill(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
-                                        const epilogue *e) {
-#define BODY(N) (AVX2_CHUNKED(N) && w->in % BLOCK == 0 ? avx2_chunked(N, BF16W, x, w, r0, r1, e) : bf16w_f32_avx2_n(N, x, w, r0, r1, e))
-    SWITCH_ROWS(n, BODY)
-#undef BODY
-}
-
 AVX2_INLINE void int8w_f32_avx2_n(const int N, const float *x, const weights *w, int64_t r0,
                                   int64_t r1, const epilogue *e) {
     const int C = AVX2_CHAINS(N);
@@ -1333,11 +1332,140 @@ AVX2 static void int8w_f32_avx2(const void *x, int64_t n, const weights *w, int6
 #undef BODY
 }
 
-AVX2 static void int8w_f32_avx2_prefill(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
-                                        const epilogue *e) { /* see bf16w_f32_avx2_prefill */
-#define BODY(N) (AVX2_CHUNKED(N) && w->in % BLOCK == 0 ? avx2_chunked(N, INT8W, x, w, r0, r1, e) : int8w_f32_avx2_n(N, x, w, r0, r1, e))
-    SWITCH_ROWS(n, BODY)
-#undef BODY
+/* ------------------------------------------------------------------ AVX2, prompt-sized calls
+ * More than MAX_ROWS activation rows (a prompt; an expert's tokens in one) against a tile of weight
+ * rows. Handed out MAX_ROWS rows at a time to the kernels above, every block was decoded once per
+ * 8 rows (an expert's 17 tokens as 8 + 8 + 1: the last row paying a whole decode) and each FMA
+ * loaded its own activations. Here a column chunk of GEMM_W weight rows is decoded into fp32 (8 KiB,
+ * in L1) once per pass of up to GEMM_TOKENS activation rows, and a register block of 3 activation
+ * rows by GEMM_W weight rows keeps 12 accumulators: 7 loads per 12 FMAs, ~85% of the FMA rate on
+ * data in L1. Each chunk's 8-lane sums are reduced into the rows' sums, which the epilogue takes
+ * MAX_ROWS tokens at a time. One thread, 20b-shaped experts of a 128-token prompt with uneven routing
+ * (3 to 41 tokens an expert), interleaved in one process: 56 -> 62 GFLOP/s; bf16 q_proj at 128 rows
+ * 57 -> 63. Passes of 24 rather than 48 rows: ~5% slower; chunks of 8 blocks: ~5%. */
+#define GEMM_TOKENS 48 /* activation rows per pass over a tile (their chunks come from L2) */
+#define GEMM_KC 16     /* blocks per column chunk */
+#define GEMM_W 4       /* weight rows decoded together (TILE is a multiple) */
+
+/* Blocks [g0, g1) of weight rows r .. r + GEMM_W - 1 in fp32, step s (8 columns) of row j at
+ * wb[s * GEMM_W + j]; rows from r1 on as zeros. */
+AVX2_INLINE void gemm_decode(const int kind, const weights *w, int64_t r, int64_t r1, int64_t g0, int64_t g1,
+                             __m256 *wb) {
+    int64_t in = w->in, groups = in / BLOCK;
+    const uint8_t *blocks = w->w, *scales = w->scales;
+    for (int j = 0; j < GEMM_W; j++) {
+        int64_t row = r + j;
+        for (int64_t g = g0; g < g1; g++) {
+            __m256 wv[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            if (row >= r1) {
+            } else if (kind == MXFP4) {
+                mxfp4_avx2_block(blocks + (row * groups + g) * 16, scales[row * groups + g], wv);
+            } else if (kind == BF16W) {
+                bf16_avx2_block((const uint16_t *)w->w + row * in + g * BLOCK, wv);
+            } else {
+                int8_avx2_block((const int8_t *)w->w + row * in + g * BLOCK, wv);
+            }
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) wb[((g - g0) * 4 + q) * GEMM_W + j] = wv[q];
+        }
+    }
+}
+
+/* sums[i * TILE + j] += the dot product of activation row i (of M, at x + i * in) with decoded row j
+ * of wb, over `steps` steps of 8 columns from column col. */
+AVX2_INLINE void gemm_block(const int M, const float *x, int64_t in, int64_t col, int64_t steps, const __m256 *wb,
+                            float *sums) {
+    __m256 acc[3][GEMM_W];
+#pragma GCC unroll 3
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < GEMM_W; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < steps; s++) {
+        __m256 xv[3];
+#pragma GCC unroll 3
+        for (int i = 0; i < M; i++) xv[i] = _mm256_loadu_ps(x + i * in + col + 8 * s);
+#pragma GCC unroll 4
+        for (int j = 0; j < GEMM_W; j++) {
+            __m256 wj = wb[s * GEMM_W + j];
+#pragma GCC unroll 3
+            for (int i = 0; i < M; i++) acc[i][j] = _mm256_fmadd_ps(xv[i], wj, acc[i][j]);
+        }
+    }
+#pragma GCC unroll 3
+    for (int i = 0; i < M; i++) { /* four rows' 8 lanes each into four sums */
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[i][0], acc[i][1]), _mm256_hadd_ps(acc[i][2], acc[i][3]));
+        __m128 four = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(sums + i * TILE, _mm_add_ps(_mm_loadu_ps(sums + i * TILE), four));
+    }
+}
+
+/* The columns past the last whole block of bf16 or int8 row r (natural order in both layouts). */
+static inline float dense_tail(const int kind, const weights *w, int64_t r, const float *x) {
+    float s = 0.0f;
+    for (int64_t i = w->in - w->in % BLOCK; i < w->in; i++)
+        s += (kind == BF16W ? bf16_to_f32(((const uint16_t *)w->w)[r * w->in + i])
+                            : (float)((const int8_t *)w->w)[r * w->in + i]) * x[i];
+    return s;
+}
+
+/* Weight rows [r0, r1) (at most TILE) of kind `kind` against all n activation rows. */
+AVX2_INLINE void avx2_gemm(const int kind, const float *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
+                           const epilogue *e) {
+    int64_t in = w->in, groups = in / BLOCK;
+    __m256 wb[GEMM_KC * 4 * GEMM_W];
+    float sums[GEMM_TOKENS * TILE], row_sums[MAX_ROWS], gate[MAX_ROWS];
+    /* passes of equal size: 29 rows as 15 + 14, not 24 + 5 (weights decoded for 5 rows) */
+    int64_t passes = (n + GEMM_TOKENS - 1) / GEMM_TOKENS, size = (n + passes - 1) / passes;
+    for (int64_t c0 = 0; c0 < n; c0 += size) {
+        int64_t count = min64(size, n - c0), last_pass = c0 + size >= n;
+        const float *xc = x + c0 * in;
+        memset(sums, 0, sizeof(sums));
+        for (int64_t g0 = 0; g0 < groups; g0 += GEMM_KC) {
+            int64_t g1 = min64(groups, g0 + GEMM_KC);
+            for (int64_t r = r0; r < r1; r += GEMM_W) {
+                for (int64_t j = r; j < min64(r1, r + GEMM_W); j++) { /* the next chunk, or tile */
+                    if (g1 < groups) prefetch_chunk(kind, w, j, g1, GEMM_KC);
+                    else if (last_pass && j + TILE < w->out) prefetch_chunk(kind, w, j + TILE, 0, GEMM_KC);
+                }
+                gemm_decode(kind, w, r, r1, g0, g1, wb);
+                float *at = sums + (r - r0);
+                int64_t t = 0;
+                for (; t + 3 <= count; t += 3) gemm_block(3, xc + t * in, in, g0 * BLOCK, (g1 - g0) * 4, wb, at + t * TILE);
+                if (count - t == 2) gemm_block(2, xc + t * in, in, g0 * BLOCK, (g1 - g0) * 4, wb, at + t * TILE);
+                if (count - t == 1) gemm_block(1, xc + t * in, in, g0 * BLOCK, (g1 - g0) * 4, wb, at + t * TILE);
+            }
+        }
+        for (int64_t t0 = 0; t0 < count; t0 += MAX_ROWS) {
+            epilogue rows = rows_epilogue(e, c0 + t0, min64(MAX_ROWS, count - t0));
+            for (int64_t r = r0; r < r1; r++) {
+                for (int64_t t = 0; t < rows.n; t++) {
+                    float s = sums[(t0 + t) * TILE + r - r0];
+                    if (kind != MXFP4) s += dense_tail(kind, w, r, xc + (t0 + t) * in);
+                    row_sums[t] = kind == INT8W ? s * ((const float *)w->scales)[r] : s;
+                }
+                finish_row(&rows, r, row_sums, gate);
+            }
+        }
+    }
+}
+
+AVX2 static void mxfp4_f32_avx2_gemm(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
+                                     const epilogue *e) {
+    avx2_gemm(MXFP4, x, n, w, r0, r1, e);
+}
+
+AVX2 static void bf16w_f32_avx2_gemm(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
+                                     const epilogue *e) {
+    avx2_gemm(BF16W, x, n, w, r0, r1, e);
+}
+
+AVX2 static void int8w_f32_avx2_gemm(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
+                                     const epilogue *e) {
+    avx2_gemm(INT8W, x, n, w, r0, r1, e);
+}
+
+/* Whether kernel takes all of a call's activation rows at once rather than MAX_ROWS at a time. */
+static int takes_all_rows(row_fn kernel) {
+    return kernel == mxfp4_f32_avx2_gemm || kernel == bf16w_f32_avx2_gemm || kernel == int8w_f32_avx2_gemm;
 }
 
 /* ------------------------------------------------------------------ dispatch */
@@ -1366,8 +1494,8 @@ static row_fn choose_kernel(int kind, int x_dt, int64_t n, int64_t in, enum layo
     }
     if (active_isa == ISA_AVX2) {
         *layout = kind == INT8W ? AS_F32 : AS_F32_SPLIT;
+        if (n > MAX_ROWS) return kind == MXFP4 ? mxfp4_f32_avx2_gemm : kind == BF16W ? bf16w_f32_avx2_gemm : int8w_f32_avx2_gemm;
         if (kind == MXFP4) return mxfp4_f32_avx2;
-        if (n > MAX_ROWS) return kind == BF16W ? bf16w_f32_avx2_prefill : int8w_f32_avx2_prefill;
         return kind == BF16W ? bf16w_f32_avx2 : int8w_f32_avx2;
     }
     *layout = AS_F32;
@@ -1409,16 +1537,9 @@ static void write_activations(const void *x, int x_dt, int64_t in, const int64_t
  * the tile is read from memory once and from cache for the other chunks. */
 static void tile_chunks(row_fn kernel, const void *x, size_t x_size, int64_t n, const weights *w,
                         int64_t r0, int64_t r1, const epilogue *e) {
-    size_t y_size = e->mode == ACCUMULATE || e->y_dt == F32 ? 4 : 2;
-    for (int64_t t0 = 0; t0 < n; t0 += MAX_ROWS) {
-        epilogue chunk = *e;
-        chunk.n = n - t0 < MAX_ROWS ? n - t0 : MAX_ROWS;
-        if (e->mode == ACCUMULATE) {
-            chunk.token = e->token + t0;
-            chunk.weight = e->weight + t0;
-        } else {
-            chunk.y = (char *)e->y + t0 * e->y_stride * y_size;
-        }
+    int64_t step = takes_all_rows(kernel) ? n : MAX_ROWS;
+    for (int64_t t0 = 0; t0 < n; t0 += step) {
+        epilogue chunk = rows_epilogue(e, t0, min64(step, n - t0));
         kernel((const char *)x + t0 * w->in * x_size, chunk.n, w, r0, r1, &chunk);
     }
 }
