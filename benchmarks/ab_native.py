@@ -11,8 +11,10 @@ the median and range of every case per build (and writes JSON with --json).
 
 Cases, the 20b shape, bf16 activations: the MoE call at one token (4 of 32 experts, batch-1
 decode; GB/s of expert bytes), at a 128-token prompt (GFLOP/s), and `ops.linear` on bf16 q_proj
-weights at 4 rows (a decode batch; GB/s) and 128 rows (a prompt; GFLOP/s). The Python around the
-kernels is this tree's for both builds.
+weights at 4 rows (a decode batch; GB/s) and 128 rows (a prompt; GFLOP/s). With --checkpoint, also
+the prefill of a 128-token prompt through that model (tok/s; e.g. the random 20b checkpoint that
+benchmarks/decode.py writes). The Python around the kernels is this tree's for both builds;
+--threads 1 takes the second core (and whatever else runs on it) out of the comparison.
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ def load_build(path: Path, label: str) -> object:
 @dataclass
 class Case:
     name: str
-    unit: str  # "GB/s" or "GFLOP/s"
-    amount: float  # bytes or FLOPs one call of `run` handles
+    unit: str  # "GB/s", "GFLOP/s" or "tok/s"
+    amount: float  # bytes, FLOPs or tokens one call of `run` handles
     run: Callable[[], object]
+    per: float = 1e9  # units of amount in one of `unit`'s
 
 
 def _expert_stack(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -124,6 +127,23 @@ def cases(layers: int, gen: torch.Generator) -> list[Case]:
     ]
 
 
+def prefill_case(checkpoint: Path) -> Case:
+    """A 128-token prompt through the model at checkpoint, into a fresh cache each time."""
+    from gptoss import load_model
+    from gptoss.inference.cache import KVCache
+    from gptoss.inference.engine import forward_hidden
+    from gptoss.inference.optimize import prepare_for_inference
+
+    model = prepare_for_inference(load_model(checkpoint))
+    prompt = torch.arange(128)[None] % model.config.vocab_size
+
+    def run() -> object:
+        cache = KVCache(model.config, 1, 256, dtype=torch.bfloat16)
+        return model.lm_head(forward_hidden(model, cache, prompt, slice(0, 1))[:, -1])
+
+    return Case("prefill, 128 tokens (checkpoint)", "tok/s", 128, run, per=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,6 +155,7 @@ def main() -> None:
         "--layers", type=int, default=3, help="MoE weight stacks cycled through (~0.4 GB each)"
     )
     parser.add_argument("--threads", type=int, default=None, help="threads (default: PyTorch's)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="also time a prompt's prefill")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.before.resolve() == args.after.resolve():
@@ -145,13 +166,15 @@ def main() -> None:
     rates: dict[tuple[str, str], list[float]] = {}
     with torch.no_grad():
         all_cases = cases(args.layers, torch.Generator().manual_seed(0))
+        if args.checkpoint:
+            all_cases.append(prefill_case(args.checkpoint))
         for _ in tqdm(range(args.rounds + 1), desc="rounds (the first warms up)"):
             for case in all_cases:
                 for name, build in builds.items():
                     ops._native = build
                     start = time.perf_counter()
                     case.run()
-                    rate = case.amount / (time.perf_counter() - start) / 1e9
+                    rate = case.amount / (time.perf_counter() - start) / case.per
                     rates.setdefault((case.name, name), []).append(rate)
     table = Table(
         title=f"two builds interleaved, {torch.get_num_threads()} threads, median (range) of {args.rounds}"
