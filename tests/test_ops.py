@@ -306,7 +306,7 @@ def test_mxfp4_one_bf16_row_with_a_non_finite_value(isa, bad):
 
 @native
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-# 45, 1197: rows with a tail; 1197: three column chunks; 100: passes of 34, 33, 33 rows
+# 45, 1197: rows with a tail; 1197: three column chunks; 100: passes of 34, 34, 32 rows
 @pytest.mark.parametrize("n,inp", [(9, 96), (37, 160), (100, 45), (50, 1197)])
 def test_dense_prefill_rows_on_avx2(monkeypatch, kind, n, inp):
     """On AVX2 without bf16 dot products, bf16 and int8 products up to AVX2_DENSE_ROWS rows take

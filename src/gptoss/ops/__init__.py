@@ -87,7 +87,8 @@ def mxfp4_linear(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None 
     """x (N, in) @ W + bias for W packed as MXFP4 blocks (out, in/32, 16) and scales (out, in/32).
 
     Returns (N, out) in x's dtype. The native kernel streams the packed bytes once per chunk of
-    `MAX_ROWS` rows; the reference dequantizes, then multiplies. One bf16 row on an AVX2 CPU is
+    `MAX_ROWS` rows (on AVX2, once per pass of up to 48 rows); the reference dequantizes, then
+    multiplies. One bf16 row on an AVX2 CPU is
     first rounded to 16-bit block floats (each value within 2^-15 of its group of 32's largest;
     exact within 2^7 of it) for integer dot products: native.c, mxfp4_i16_avx2.
     """
@@ -248,12 +249,12 @@ def fp32_gemm_linear(
     return out
 
 
-# On AVX2 (no bf16 dot products), the native kernel walks a tile of bf16 or int8 weight rows a
-# column chunk at a time against up to 8 activation rows when a call has more than MAX_ROWS, every
-# chunk of rows after the first against the tile in cache: on this project's 2-core Zen 3, bf16
-# 100-140 GFLOP/s from 16 to 256 rows (q, k, v, o projections of the 20b shape) against 10-56 for
-# the fp32 GEMM at 16-128 rows and 102-152 at 256, int8 48-133 against 9-136; at 512 rows the GEMM
-# is as fast or faster (bf16 99-154 against 111-127), so it takes over beyond 256.
+# On AVX2 (no bf16 dot products), a call of more than MAX_ROWS rows takes the native prompt kernel
+# (native.c, avx2_gemm: a tile of bf16 or int8 weight rows decoded a column chunk at a time, once
+# per pass of up to 48 rows). On this project's 2-core Zen 3, six 4096x2880 bf16 weights (the 20b
+# shape's projections), one thread: 55-66 GFLOP/s from 64 to 256 rows against 20-45 for the fp32
+# GEMM, 50 against 54 at 512, 42 against 61 at 1024 (two threads: 92 against 90 at 256, 89 against
+# 108 at 1024), so the GEMM takes over beyond 256.
 AVX2_DENSE_ROWS = 256
 
 

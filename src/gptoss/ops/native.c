@@ -182,8 +182,8 @@ static epilogue rows_epilogue(const epilogue *e, int64_t t0, int64_t count) {
     return rows;
 }
 
-/* A kernel: weight rows [r0, r1) against n (1..MAX_ROWS) activation rows x (n, in), in the layout
- * that kernel expects (see write_activations). */
+/* A kernel: weight rows [r0, r1) against n activation rows x (n, in), in the layout that kernel
+ * expects (see write_activations); n is 1..MAX_ROWS except for kernels that takes_all_rows names. */
 typedef void (*row_fn)(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
                        const epilogue *e);
 
@@ -1342,7 +1342,7 @@ AVX2 static void int8w_f32_avx2(const void *x, int64_t n, const weights *w, int6
  * data in L1. Each chunk's 8-lane sums are reduced into the rows' sums, which the epilogue takes
  * MAX_ROWS tokens at a time. One thread, 20b-shaped experts of a 128-token prompt with uneven routing
  * (3 to 41 tokens an expert), interleaved in one process: 56 -> 62 GFLOP/s; bf16 q_proj at 128 rows
- * 57 -> 63. Passes of 24 rather than 48 rows: ~5% slower; chunks of 8 blocks: ~5%. */
+ * 57 -> 63. Passes of 24 rather than 48 rows: 3-7% slower; chunks of 8 blocks: ~5%. */
 #define GEMM_TOKENS 48 /* activation rows per pass over a tile (their chunks come from L2) */
 #define GEMM_KC 16     /* blocks per column chunk */
 #define GEMM_W 4       /* weight rows decoded together (TILE is a multiple) */
@@ -1357,14 +1357,9 @@ AVX2_INLINE void gemm_decode(const int kind, const weights *w, int64_t r, int64_
         int64_t row = r + j;
         for (int64_t g = g0; g < g1; g++) {
             __m256 wv[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            if (row >= r1) {
-            } else if (kind == MXFP4) {
-                mxfp4_avx2_block(blocks + (row * groups + g) * 16, scales[row * groups + g], wv);
-            } else if (kind == BF16W) {
-                bf16_avx2_block((const uint16_t *)w->w + row * in + g * BLOCK, wv);
-            } else {
-                int8_avx2_block((const int8_t *)w->w + row * in + g * BLOCK, wv);
-            }
+            if (row < r1 && kind == MXFP4) mxfp4_avx2_block(blocks + (row * groups + g) * 16, scales[row * groups + g], wv);
+            else if (row < r1 && kind == BF16W) bf16_avx2_block((const uint16_t *)w->w + row * in + g * BLOCK, wv);
+            else if (row < r1) int8_avx2_block((const int8_t *)w->w + row * in + g * BLOCK, wv);
 #pragma GCC unroll 4
             for (int q = 0; q < 4; q++) wb[((g - g0) * 4 + q) * GEMM_W + j] = wv[q];
         }
@@ -1413,7 +1408,7 @@ AVX2_INLINE void avx2_gemm(const int kind, const float *x, int64_t n, const weig
     int64_t in = w->in, groups = in / BLOCK;
     __m256 wb[GEMM_KC * 4 * GEMM_W];
     float sums[GEMM_TOKENS * TILE], row_sums[MAX_ROWS], gate[MAX_ROWS];
-    /* passes of equal size: 29 rows as 15 + 14, not 24 + 5 (weights decoded for 5 rows) */
+    /* passes of equal size: 50 rows as 25 + 25, not 48 + 2 (weights decoded for 2 rows) */
     int64_t passes = (n + GEMM_TOKENS - 1) / GEMM_TOKENS, size = (n + passes - 1) / passes;
     for (int64_t c0 = 0; c0 < n; c0 += size) {
         int64_t count = min64(size, n - c0), last_pass = c0 + size >= n;
@@ -1541,8 +1536,9 @@ static void write_activations(const void *x, int x_dt, int64_t in, const int64_t
     }
 }
 
-/* Weight rows [r0, r1) against every chunk of MAX_ROWS of the n activation rows x (in `layout`):
- * the tile is read from memory once and from cache for the other chunks. */
+/* Weight rows [r0, r1) against every chunk of MAX_ROWS of the n activation rows x (in `layout`), or
+ * all n at once for a kernel that takes_all_rows: the tile is read from memory once and from cache
+ * for the other chunks. */
 static void tile_chunks(row_fn kernel, const void *x, size_t x_size, int64_t n, const weights *w,
                         int64_t r0, int64_t r1, const epilogue *e) {
     int64_t step = takes_all_rows(kernel) ? n : MAX_ROWS;
