@@ -368,6 +368,55 @@ def test_int8_linear_bf16_activations(isa, n, inp, out):
     assert y.dtype == torch.bfloat16 and close(y, x, dequantized, x.float() @ dequantized.T)
 
 
+@native
+# (1, 64): one pair of groups; (3, 2880): the 20b width, three rows; (6, 96): rows in pairs
+@pytest.mark.parametrize("n,inp", [(1, 64), (3, 2880), (6, 96)])
+def test_int8_bf16_rows_within_the_block_float_bound(isa, n, inp):
+    """bf16 rows against int8 weights on AVX-512 (int8w_i16_avx512) are rounded to 16-bit block
+    floats first, as one bf16 row against MXFP4 is on AVX2: a value within 2^7 of its group's
+    largest stays exact, a smaller one moves by at most 2^-15 of the largest. Groups here hold one
+    large value (a power of two, the worst case) and 31 tiny ones (down to 2^-20 of it); every
+    other kernel meets the tighter bound anyway."""
+    generator = torch.Generator().manual_seed(n * inp)
+    out = 37
+    weight = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=generator)
+    scale = torch.rand(out, generator=generator) / 64
+    dequantized = weight.float() * scale[:, None]
+    x = torch.randn(n, inp, generator=generator) * 2.0 ** -torch.randint(0, 21, (n, inp), generator=generator)
+    x[:, ::32] = 8.0 * torch.sign(torch.randn(n, inp // 32, generator=generator))
+    x = x.to(torch.bfloat16)
+    with torch.no_grad():
+        y = ops.int8_linear(x, weight, scale)
+    ref = x.float() @ dequantized.T
+    group_max = x.float().abs().view(n, inp // 32, 32).amax(dim=2)  # (n, groups)
+    group_w = dequantized.abs().view(out, inp // 32, 32).sum(dim=2)  # (out, groups)
+    rounding = 2**-15 * group_max @ group_w.T
+    bound = 1e-5 * (x.float().abs() @ dequantized.abs().T).clamp_min(1.0) + rounding + 2**-8 * ref.abs()
+    assert torch.all((y.float() - ref).abs() <= bound)
+    # values within 2^7 of their group's largest are exact: no rounding term at all
+    near = x.float().abs().clamp_min(2.0**-4) * x.float().sign()
+    near[near == 0] = 2.0**-4
+    near = near.to(torch.bfloat16)
+    with torch.no_grad():
+        y = ops.int8_linear(near, weight, scale)
+    assert close(y, near, dequantized, near.float() @ dequantized.T)
+
+
+@native
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_bf16_rows_with_a_non_finite_value(isa, bad):
+    """A NaN or infinity in a row makes that row's outputs non-finite, as in the reference, and
+    leaves the other rows as they are."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randint(-127, 128, (9, 128), dtype=torch.int8, generator=generator)
+    scale = torch.rand(9, generator=generator) / 64
+    x = torch.randn(2, 128, generator=generator)
+    x[1, 70] = bad
+    with torch.no_grad():
+        y = ops.int8_linear(x.to(torch.bfloat16), weight, scale)
+    assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).any()
+
+
 def expert_weights(hidden: int, inter: int, generator: torch.Generator, dtype: torch.dtype):
     gate_up = pack(torch.randn(1, hidden, 2 * inter, generator=generator))
     down = pack(torch.randn(1, inter, hidden, generator=generator) * 0.2)

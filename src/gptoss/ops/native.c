@@ -101,8 +101,9 @@ typedef struct {
  * 32, the values whose index is 0, 1, 2, 3 mod 4 in turn, and a last run of 64 (rows of 64·odd
  * length) in the order of mxfp4_pair: the even-indexed values of its first group, then those of
  * the second, then the odd-indexed ones of each; or, for mxfp4_i16_avx2, every pair of groups as
- * 16-bit block floats, 256 bytes (see write_i16_pairs). */
-enum layout { AS_BF16, AS_F32, AS_F32_SPLIT, AS_BF16_QUADS, AS_I16_PAIRS };
+ * 16-bit block floats, 256 bytes (see write_i16_pairs); or, for int8w_i16_avx512, the row's 16-bit
+ * block-float integers, then each group's multiplier (see write_i16_groups). */
+enum layout { AS_BF16, AS_F32, AS_F32_SPLIT, AS_BF16_QUADS, AS_I16_PAIRS, AS_I16_GROUPS };
 
 /* Where column c of a row of `width` values lies in `layout`. */
 static inline int64_t layout_column(int layout, int64_t c, int64_t width) {
@@ -858,7 +859,7 @@ AVX512BF16_INLINE void bf16w_bf16_sums(const int N, const int R, const uint16_t 
 }
 
 /* The finishing of rows that are not taken sixteen at a time: horizontal sums, finish_row. */
-AVX512BF16_INLINE void finish_rows_reduced(const int N, const int R, __m512 (*s)[MAX_ROWS], const float *row_scales,
+AVX512_INLINE void finish_rows_reduced(const int N, const int R, __m512 (*s)[MAX_ROWS], const float *row_scales,
                                            const epilogue *e, int64_t r, float *gate) {
     float sums[MAX_ROWS];
     for (int q = 0; q < R; q++) {
@@ -986,6 +987,70 @@ AVX512BF16 static void int8w_bf16_avx512(const void *x, int64_t n, const weights
     SWITCH_ROWS(n, BODY)
 #undef BODY
 #undef TAIL_ROWS
+#undef ROWS
+}
+
+/* int8 weights against bf16 activation rows as 16-bit block floats (AS_I16_GROUPS, the scheme of
+ * mxfp4_i16_avx2: each group of 32 as integers q · d, exact within 2^7 of the group's largest |x|,
+ * others within 2^-15 of it), on any AVX-512 CPU. int8_to_bf16 spends five conversions on every 32
+ * weights to feed one vdpbf16ps, which kept the bf16 kernel at ~14 GB/s on one core from cache and
+ * ~17 GB/s on two from DRAM, half of what the machine reads (2-core Xeon with AMX). Here one
+ * vpmovsxbw widens 32 weights and vpmaddwd multiplies them with the activations' integers: every
+ * lane sums two products exactly (|sum| ≤ 2 · 127 · 32640 < 2^24, so its conversion is exact too),
+ * and one multiply-add applies the group's d. The row's scale multiplies the sum. On that machine,
+ * 20b q_proj rows, single thread: from cache 23.8 GB/s against the bf16 kernel's 14.3; from DRAM
+ * 10.1 against 9.0 with the other kernels' prefetch into L1 (_MM_HINT_T0), 13.0 with it into L2
+ * (T1), as fast as the bf16 matvec reads there (12.2-12.5); two threads, 25.4 against 15.7. */
+AVX512_INLINE void int8w_i16_sums(const int N, const int R, const uint8_t *x, const weights *w, int64_t r,
+                                  __m512 (*s)[MAX_ROWS]) {
+    const int U = N <= 2 ? 2 : 1; /* two chains of multiply-adds hide their latency */
+    int64_t in = w->in, groups = in / BLOCK;
+    const int8_t *wr = (const int8_t *)w->w + r * in;
+    __m512 acc[2][MAX_ROWS][2];
+#pragma GCC unroll 8
+    for (int t = 0; t < N; t++)
+        for (int u = 0; u < U; u++)
+            for (int q = 0; q < R; q++) acc[u][t][q] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < groups; g0 += U) {
+#pragma GCC unroll 2
+        for (int u = 0; u < U; u++) {
+            int64_t g = g0 + u;
+            if (U > 1 && g >= groups) break;
+            __m512i wv[2];
+#pragma GCC unroll 2
+            for (int q = 0; q < R; q++) {
+                const int8_t *b = wr + q * in + g * BLOCK;
+                if (g % 2 == 0) _mm_prefetch((const char *)b + PF_DIST, _MM_HINT_T1); /* see above */
+                wv[q] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)b));
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < N; t++) {
+                const uint8_t *xt = x + t * in * 4;
+                __m512i xv = _mm512_load_si512((const void *)(xt + g * 2 * BLOCK));
+                __m512 d = _mm512_set1_ps(((const float *)(xt + 2 * in))[g]);
+#pragma GCC unroll 2
+                for (int q = 0; q < R; q++)
+                    acc[u][t][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(wv[q], xv)), d, acc[u][t][q]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < N; t++)
+        for (int q = 0; q < R; q++) s[q][t] = U > 1 ? _mm512_add_ps(acc[0][t][q], acc[1][t][q]) : acc[0][t][q];
+}
+
+AVX512 static void int8w_i16_avx512(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1,
+                                    const epilogue *e) {
+    float gate[MAX_ROWS];
+    __m512 s[2][MAX_ROWS];
+#define ROWS(N, R, r)                                                                              \
+    do {                                                                                           \
+        int8w_i16_sums(N, R, x, w, r, s);                                                          \
+        finish_rows_reduced(N, R, s, (const float *)w->scales, e, r, gate);                        \
+    } while (0)
+#define BODY(N) ROW_PAIRS(N, ROWS)
+    SWITCH_ROWS(n, BODY)
+#undef BODY
 #undef ROWS
 }
 
@@ -1192,34 +1257,54 @@ AVX2 static void mxfp4_f32_avx2(const void *x, int64_t n, const weights *w, int6
  * 128-bit lane. Single thread from cache ~1.6x the float kernel's rate. */
 #define I16_PAIR_BYTES 256 /* per 64 activations: |xh| 64, xh 64, xl 64, d 8 floats, 32 unused */
 
+/* One group of BLOCK bf16 values as 16-bit block floats: q[i] · d, returned d (see above). A group
+ * with a non-finite value gets d = NaN, so its sums are NaN. */
+static float block_float16(const uint16_t *xg, int q[BLOCK]) {
+    float largest = 0.0f, v[BLOCK];
+    int finite = 1, e = 0;
+    for (int i = 0; i < BLOCK; i++) {
+        v[i] = bf16_to_f32(xg[i]);
+        finite &= isfinite(v[i]) != 0;
+        largest = fmaxf(largest, fabsf(v[i]));
+    }
+    if (largest > 0.0f) frexpf(largest, &e);
+    float up = ldexpf(1.0f, 15 - e); /* exact multiplier; infinite for groups below 2^-112 */
+    int scaled = finite && largest > 0.0f, exact_up = isfinite(up) != 0;
+    for (int i = 0; i < BLOCK; i++) {
+        float y = exact_up ? v[i] * up : ldexpf(v[i], 15 - e); /* |y| < 2^15 */
+        /* to the nearest integer, ties to even, as lrintf but inline: 1.5·2^23 leaves no fraction */
+        q[i] = scaled ? (int)((y + 0x1.8p23f) - 0x1.8p23f) : 0;
+    }
+    return !finite ? NAN : largest > 0.0f ? ldexpf(1.0f, e - 15) : 0.0f;
+}
+
 /* Row x (bf16, `in` values, in % 64 == 0) into dst as AS_I16_PAIRS: per pair of groups (g, g+1),
  * |xh|, xh and xl each as 64 bytes [evens of g | evens of g+1 | odds of g | odds of g+1], then d
- * as [d_g ×4 | d_g+1 ×4]. A group with a non-finite value gets d = NaN, so its sums are NaN. */
+ * as [d_g ×4 | d_g+1 ×4]. */
 static void write_i16_pairs(const uint16_t *x, int64_t in, uint8_t *dst) {
     for (int64_t g = 0; g < in / BLOCK; g++) {
-        const uint16_t *xg = x + g * BLOCK;
         uint8_t *pair = dst + (g / 2) * I16_PAIR_BYTES;
-        float largest = 0.0f, v[BLOCK];
-        int finite = 1, e = 0;
+        int q[BLOCK];
+        float d = block_float16(x + g * BLOCK, q);
         for (int i = 0; i < BLOCK; i++) {
-            v[i] = bf16_to_f32(xg[i]);
-            finite &= isfinite(v[i]) != 0;
-            largest = fmaxf(largest, fabsf(v[i]));
-        }
-        if (largest > 0.0f) frexpf(largest, &e);
-        float d = !finite ? NAN : largest > 0.0f ? ldexpf(1.0f, e - 15) : 0.0f;
-        float up = ldexpf(1.0f, 15 - e); /* exact multiplier; infinite for groups below 2^-112 */
-        int scaled = finite && largest > 0.0f, exact_up = isfinite(up) != 0;
-        for (int i = 0; i < BLOCK; i++) {
-            float y = exact_up ? v[i] * up : ldexpf(v[i], 15 - e); /* |y| < 2^15 */
-            /* to the nearest integer, ties to even, as lrintf but inline: 1.5·2^23 leaves no fraction */
-            int q = scaled ? (int)((y + 0x1.8p23f) - 0x1.8p23f) : 0;
-            int at = (i % 2) * 32 + (g % 2) * 16 + i / 2, high = q >> 8; /* arithmetic shift: floor */
+            int at = (i % 2) * 32 + (g % 2) * 16 + i / 2, high = q[i] >> 8; /* arithmetic shift: floor */
             pair[at] = (uint8_t)(high < 0 ? -high : high);
             pair[64 + at] = (uint8_t)(int8_t)high;
-            pair[128 + at] = (uint8_t)(q & 255);
+            pair[128 + at] = (uint8_t)(q[i] & 255);
         }
         for (int k = 0; k < 4; k++) memcpy(pair + 192 + 4 * ((g % 2) * 4 + k), &d, 4);
+    }
+}
+
+/* Row x (bf16, `in` values, in % 32 == 0) into dst as AS_I16_GROUPS: the `in` integers q (int16),
+ * then each group's d (fp32); 4·in bytes a row, the d on a cache line's start. */
+static void write_i16_groups(const uint16_t *x, int64_t in, uint8_t *dst) {
+    int16_t *values = (int16_t *)dst;
+    float *d = (float *)(dst + 2 * in);
+    for (int64_t g = 0; g < in / BLOCK; g++) {
+        int q[BLOCK];
+        d[g] = block_float16(x + g * BLOCK, q);
+        for (int i = 0; i < BLOCK; i++) values[g * BLOCK + i] = (int16_t)q[i];
     }
 }
 
@@ -1483,6 +1568,10 @@ static row_fn choose_kernel(int kind, int x_dt, int64_t n, int64_t in, enum layo
         *layout = AS_BF16_QUADS;
         return mxfp4_quads_avx512;
     }
+    if (active_isa >= ISA_AVX512 && x_dt == BF16 && kind == INT8W && in % BLOCK == 0) {
+        *layout = AS_I16_GROUPS;
+        return int8w_i16_avx512;
+    }
     if (active_isa == ISA_AVX512BF16 && x_dt == BF16) {
         *layout = AS_BF16;
         return kind == MXFP4 ? mxfp4_bf16_avx512 : kind == BF16W ? bf16w_bf16_avx512 : int8w_bf16_avx512;
@@ -1514,6 +1603,10 @@ static void write_activations(const void *x, int x_dt, int64_t in, const int64_t
         int64_t base = (rows ? rows[t] : t) * in;
         if (layout == AS_I16_PAIRS) { /* bf16 input too */
             write_i16_pairs((const uint16_t *)x + base, in, (uint8_t *)dst + t * in * 4);
+            continue;
+        }
+        if (layout == AS_I16_GROUPS) { /* bf16 input too */
+            write_i16_groups((const uint16_t *)x + base, in, (uint8_t *)dst + t * in * 4);
             continue;
         }
         if (layout == AS_BF16) { /* only chosen for bf16 input */
