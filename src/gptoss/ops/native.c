@@ -49,6 +49,20 @@
 #ifndef PF_DIST
 #define PF_DIST 8192
 #endif
+/* On Intel CPUs the AVX-512 decode kernels ask for their weights into L2 (_MM_HINT_T1), PF_L2_DIST
+ * ahead, the bf16 matvec included. On this project's 2-core Xeon (AMX), two threads from DRAM: one
+ * MXFP4 row 18.5-18.9 GB/s against 14.4 with PF_DIST into L1, the bf16 matvec 28.8-30.2 against
+ * 23.9 with no prefetch, int8 alike (23.4-24.2 against 23.4); T2 measured as T1, and 8-32 KiB ahead
+ * alike. On the AMD machines prefetches into L1 PF_DIST ahead measured best for the MXFP4 and int8
+ * kernels (T1, T2 and NTA gave nothing or lost) and the bf16 matvec kept up without any. */
+#define PF_L2_DIST 16384
+static int prefetch_to_l2; /* set at import: whether the CPU is Intel's */
+#define PREFETCH_WEIGHTS(p)                                                                        \
+    (prefetch_to_l2 ? _mm_prefetch((const char *)(p) + PF_L2_DIST, _MM_HINT_T1)                    \
+                    : _mm_prefetch((const char *)(p) + PF_DIST, _MM_HINT_T0))
+#define PREFETCH_SCALES(p) /* MXFP4 scales: 1/16 as far */                                        \
+    (prefetch_to_l2 ? _mm_prefetch((const char *)(p) + PF_L2_DIST / 16, _MM_HINT_T1)               \
+                    : _mm_prefetch((const char *)(p) + PF_DIST / 16, _MM_HINT_T0))
 #define INLINE static inline __attribute__((always_inline))
 
 enum dtype { F32 = 0, BF16 = 1 };
@@ -643,8 +657,8 @@ AVX512BF16_INLINE __m512 quad_scales(const uint8_t *s, int exact) {
 /* Quad q of a row (codes rb, scales rs) against the N activation rows, into acc[t]. */
 AVX512BF16_INLINE void mxfp4_quad(const int N, const uint16_t *x, int64_t in, const uint8_t *rb,
                                   const uint8_t *rs, int64_t q, int exact, __m512i table, __m512 *acc) {
-    _mm_prefetch((const char *)rb + q * 64 + PF_DIST, _MM_HINT_T0);
-    if (q % 16 == 0) _mm_prefetch((const char *)rs + 4 * q + PF_DIST / 16, _MM_HINT_T0);
+    PREFETCH_WEIGHTS(rb + q * 64);
+    if (q % 16 == 0) PREFETCH_SCALES(rs + 4 * q);
     __m512 scale = quad_scales(rs + 4 * q, exact);
     __m512i codes = _mm512_loadu_si512((const void *)(rb + q * 64));
     __m512i v0 = _mm512_permutexvar_epi16(codes, table);
@@ -832,7 +846,10 @@ AVX512BF16_INLINE void bf16w_bf16_sums(const int N, const int R, const uint16_t 
             if (U > 1 && i >= full) break;
             __m512i wv[2];
 #pragma GCC unroll 2
-            for (int q = 0; q < R; q++) wv[q] = _mm512_loadu_si512((const void *)(wr + q * in + i));
+            for (int q = 0; q < R; q++) {
+                if (prefetch_to_l2) _mm_prefetch((const char *)(wr + q * in + i) + PF_L2_DIST, _MM_HINT_T1);
+                wv[q] = _mm512_loadu_si512((const void *)(wr + q * in + i));
+            }
 #pragma GCC unroll 8
             for (int t = 0; t < N; t++) {
                 __m512i xv = _mm512_loadu_si512((const void *)(x + t * in + i));
@@ -930,7 +947,7 @@ AVX512BF16_INLINE void int8w_bf16_sums(const int N, const int R, const uint16_t 
             __m512i wv[2];
 #pragma GCC unroll 2
             for (int q = 0; q < R; q++) {
-                if (i % 64 == 0) _mm_prefetch((const char *)wr + q * in + i + PF_DIST, _MM_HINT_T0);
+                if (i % 64 == 0) PREFETCH_WEIGHTS(wr + q * in + i);
                 wv[q] = int8_to_bf16(wr + q * in + i);
             }
 #pragma GCC unroll 8
@@ -999,8 +1016,8 @@ AVX512BF16 static void int8w_bf16_avx512(const void *x, int64_t n, const weights
  * lane sums two products exactly (|sum| ≤ 2 · 127 · 32640 < 2^24, so its conversion is exact too),
  * and one multiply-add applies the group's d. The row's scale multiplies the sum. On that machine,
  * 20b q_proj rows, single thread: from cache 23.8 GB/s against the bf16 kernel's 14.3; from DRAM
- * 10.1 against 9.0 with the other kernels' prefetch into L1 (_MM_HINT_T0), 13.0 with it into L2
- * (T1), as fast as the bf16 matvec reads there (12.2-12.5); two threads, 25.4 against 15.7. */
+ * 10.1 against 9.0 with prefetches into L1, 13.0 with them into L2 (PREFETCH_WEIGHTS), as fast as
+ * the bf16 matvec read there then (12.2-12.5); two threads, 25.4 against 15.7. */
 AVX512_INLINE void int8w_i16_sums(const int N, const int R, const uint8_t *x, const weights *w, int64_t r,
                                   __m512 (*s)[MAX_ROWS]) {
     const int U = N <= 2 ? 2 : 1; /* two chains of multiply-adds hide their latency */
@@ -1020,7 +1037,7 @@ AVX512_INLINE void int8w_i16_sums(const int N, const int R, const uint8_t *x, co
 #pragma GCC unroll 2
             for (int q = 0; q < R; q++) {
                 const int8_t *b = wr + q * in + g * BLOCK;
-                if (g % 2 == 0) _mm_prefetch((const char *)b + PF_DIST, _MM_HINT_T1); /* see above */
+                if (g % 2 == 0) PREFETCH_WEIGHTS(b);
                 wv[q] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)b));
             }
 #pragma GCC unroll 8
@@ -2424,6 +2441,8 @@ PyMODINIT_FUNC PyInit__native(void) {
         EXP_SHIFT[s] = (int16_t)((s - 127) * 128);
     }
     for (int k = 0; k < 32; k++) FP4_BF16[k] = f32_to_bf16(FP4_VALUES[k & 15]);
+    __builtin_cpu_init();
+    prefetch_to_l2 = __builtin_cpu_is("intel");
     PyObject *module = PyModule_Create(&MODULE);
     if (!module) return NULL;
     PyObject *best = Py_BuildValue("(s)", "best");
