@@ -12,8 +12,9 @@ the median and range of every case per build (and writes JSON with --json).
 Cases, the 20b shape, bf16 activations: the MoE call at one token (4 of 32 experts, batch-1
 decode; GB/s of expert bytes), at a 128-token prompt (GFLOP/s), and `ops.linear` on bf16 q_proj
 weights at 4 rows (a decode batch; GB/s) and 128 rows (a prompt; GFLOP/s). With --checkpoint, also
-the prefill of a 128-token prompt through that model (tok/s; e.g. the random 20b checkpoint that
-benchmarks/decode.py writes). The Python around the kernels is this tree's for both builds;
+the prefill of a 128-token prompt through that model and the decode of 16 tokens after it at batch 1
+(tok/s; e.g. the random 20b checkpoint that benchmarks/decode.py writes; --int8 for its int8
+attention and head). The Python around the kernels is this tree's for both builds;
 --threads 1 takes the second core (and whatever else runs on it) out of the comparison.
 """
 
@@ -76,6 +77,7 @@ class Case:
     amount: float  # bytes, FLOPs or tokens one call of `run` handles
     run: Callable[[], object]
     per: float = 1e9  # units of amount in one of `unit`'s
+    timed: bool = False  # run returns its own seconds (what it does first is not part of the case)
 
 
 def _expert_stack(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -127,21 +129,35 @@ def cases(layers: int, gen: torch.Generator) -> list[Case]:
     ]
 
 
-def prefill_case(checkpoint: Path) -> Case:
-    """A 128-token prompt through the model at checkpoint, into a fresh cache each time."""
+DECODE_TOKENS = 16
+
+
+def model_cases(checkpoint: Path, int8: bool) -> list[Case]:
+    """A 128-token prompt through the model at checkpoint, into a fresh cache each time; and greedy
+    decoding of DECODE_TOKENS tokens after it, timed from the first token to the last."""
     from gptoss import load_model
+    from gptoss.inference import SamplingParams, generate_stream
     from gptoss.inference.cache import KVCache
     from gptoss.inference.engine import forward_hidden
     from gptoss.inference.optimize import prepare_for_inference
 
-    model = prepare_for_inference(load_model(checkpoint))
+    model = prepare_for_inference(load_model(checkpoint), int8=int8)
     prompt = torch.arange(128)[None] % model.config.vocab_size
+    params = SamplingParams(max_tokens=DECODE_TOKENS + 1, temperature=0, stop_token_ids=[])
 
-    def run() -> object:
+    def prefill() -> object:
         cache = KVCache(model.config, 1, 256, dtype=torch.bfloat16)
         return model.lm_head(forward_hidden(model, cache, prompt, slice(0, 1))[:, -1])
 
-    return Case("prefill, 128 tokens (checkpoint)", "tok/s", 128, run, per=1)
+    def decode() -> float:
+        times = [time.perf_counter() for _ in generate_stream(model, prompt.tolist(), params)]
+        return times[-1] - times[0]
+
+    kind = "int8" if int8 else "bf16"
+    return [
+        Case(f"prefill, 128 tokens (checkpoint, {kind})", "tok/s", 128, prefill, per=1),
+        Case(f"decode, batch 1 (checkpoint, {kind})", "tok/s", DECODE_TOKENS, decode, per=1, timed=True),
+    ]
 
 
 def main() -> None:
@@ -155,7 +171,10 @@ def main() -> None:
         "--layers", type=int, default=3, help="MoE weight stacks cycled through (~0.4 GB each)"
     )
     parser.add_argument("--threads", type=int, default=None, help="threads (default: PyTorch's)")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="also time a prompt's prefill")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="also time a prompt's prefill and decode"
+    )
+    parser.add_argument("--int8", action="store_true", help="the checkpoint's attention and head in int8")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.before.resolve() == args.after.resolve():
@@ -167,14 +186,15 @@ def main() -> None:
     with torch.no_grad():
         all_cases = cases(args.layers, torch.Generator().manual_seed(0))
         if args.checkpoint:
-            all_cases.append(prefill_case(args.checkpoint))
+            all_cases += model_cases(args.checkpoint, args.int8)
         for _ in tqdm(range(args.rounds + 1), desc="rounds (the first warms up)"):
             for case in all_cases:
                 for name, build in builds.items():
                     ops._native = build
                     start = time.perf_counter()
-                    case.run()
-                    rate = case.amount / (time.perf_counter() - start) / case.per
+                    result = case.run()
+                    seconds = result if case.timed else time.perf_counter() - start
+                    rate = case.amount / seconds / case.per
                     rates.setdefault((case.name, name), []).append(rate)
     table = Table(
         title=f"two builds interleaved, {torch.get_num_threads()} threads, median (range) of {args.rounds}"

@@ -30,9 +30,12 @@ def test_native_kernels_are_built_where_required():
         assert ops.native_available()
 
 
+ISAS = ["c", "avx2", "avx512", "avx512bf16"]
+
+
 def available_isas() -> list[str]:
     isas = []
-    for name in ("c", "avx2", "avx512", "avx512bf16"):
+    for name in (*ISAS, "amx"):
         try:
             ops.set_isa(name)
             isas.append(name)
@@ -42,14 +45,25 @@ def available_isas() -> list[str]:
     return isas
 
 
-@pytest.fixture(params=["c", "avx2", "avx512", "avx512bf16"])
-def isa(request):
+def _use_isa(name: str):
     if not ops.native_available():
         pytest.fail("native kernels are not built")
-    if request.param not in available_isas():
-        pytest.skip(f"this CPU has no {request.param}")
-    yield ops.set_isa(request.param)
+    if name not in available_isas():
+        pytest.skip(f"this CPU has no {name}")
+    yield ops.set_isa(name)
     ops.set_isa("best")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    yield from _use_isa(request.param)
+
+
+@pytest.fixture(params=[*ISAS, "amx"])
+def moe_isa(request):
+    """As isa, and "amx": AVX-512 BF16, with prompts through the experts on AMX tiles (mxfp4_amx,
+    for experts with at least 6 tokens; the rest of the kernels are avx512bf16's)."""
+    yield from _use_isa(request.param)
 
 
 def close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -473,13 +487,13 @@ def moe_weights(experts: int, hidden: int, inter: int, generator: torch.Generato
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# (60, 2): ~24 tokens per expert, the AVX2 prompt kernel with its SwiGLU and accumulating epilogues
-@pytest.mark.parametrize("n,k", [(1, 4), (3, 2), (11, 3), (20, 1), (60, 2)])
-# (128, 64), (256, 192): mxfp4_quads with bf16 activations, the SwiGLU written in its layout
+# (60, 2): ~24 tokens per expert, the AVX2 prompt kernel with its SwiGLU and accumulating epilogues,
+# and on AMX two 16-token chunks; (100, 2): ~40, three chunks (a pair and one alone)
+@pytest.mark.parametrize("n,k", [(1, 4), (3, 2), (11, 3), (20, 1), (60, 2), (100, 2)])
+# (128, 64), (256, 192): mxfp4_quads with bf16 activations, the SwiGLU written in its layout; on
+# AMX, 384 gate_up rows are calls of 256 and 128
 @pytest.mark.parametrize("hidden,inter", [(64, 32), (128, 64), (256, 192)])
-def test_mxfp4_moe_is_the_weighted_sum_of_chosen_experts(isa, dtype, n, k, hidden, inter):
-    from gptoss.model import clamped_swiglu
-
+def test_mxfp4_moe_is_the_weighted_sum_of_chosen_experts(moe_isa, dtype, n, k, hidden, inter):
     generator = torch.Generator().manual_seed(n * k)
     experts = 5
     stacks = moe_weights(experts, hidden, inter, generator, dtype)
@@ -488,22 +502,50 @@ def test_mxfp4_moe_is_the_weighted_sum_of_chosen_experts(isa, dtype, n, k, hidde
     weight = torch.softmax(torch.randn(n, k, generator=generator), dim=-1).to(dtype)
     with torch.no_grad():
         y = ops.mxfp4_moe(x, idx, weight, *stacks, alpha=1.702, limit=7.0)
+    assert y.dtype == dtype and moe_close(y, x, idx, weight, stacks)
+
+
+def moe_close(y: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, stacks) -> bool:
+    """Whether y is the MoE of x within the kernels' tolerance: the reference in fp32, each
+    expert's weights unpacked once."""
+    from gptoss.model import clamped_swiglu
+
+    n, k = idx.shape
     gu_b, gu_s, gu_bias, d_b, d_s, d_bias = stacks
-    ref, bound = torch.zeros(n, hidden), torch.zeros(n, hidden)
+    gate_up = [unpack(gu_b[e], gu_s[e], torch.float32) for e in range(gu_b.shape[0])]
+    down = [unpack(d_b[e], d_s[e], torch.float32) for e in range(d_b.shape[0])]
+    dtype = x.dtype
+    ref, bound = torch.zeros(n, d_b.shape[1]), torch.zeros(n, d_b.shape[1])
     for t in range(n):
         for j in range(k):
             e, w = idx[t, j], weight[t, j].float()
-            w_d = unpack(d_b[e], d_s[e], torch.float32)
-            h = clamped_swiglu(
-                x[t].float() @ unpack(gu_b[e], gu_s[e], torch.float32) + gu_bias[e].float(), 1.702, 7.0
-            )
+            w_d = down[e]
+            h = clamped_swiglu(x[t].float() @ gate_up[e] + gu_bias[e].float(), 1.702, 7.0)
             ref[t] += w * (h @ w_d + d_bias[e].float())
             bound[t] += (
                 w * (1e-4 + (2**-8 if dtype == torch.bfloat16 else 0)) * (h.abs() @ w_d.abs()).clamp_min(1.0)
             )
     if dtype == torch.bfloat16:
         bound += 2**-8 * ref.abs()
-    assert y.dtype == dtype and torch.all((y.float() - ref).abs() <= bound)
+    return bool(torch.all((y.float() - ref).abs() <= bound))
+
+
+@native
+def test_mxfp4_moe_prompt_with_extreme_scales(moe_isa):
+    """Scale bytes outside 2..252 (which the bf16 kernels cannot fold into an exponent; 0 and 1 here,
+    whose blocks are denormal) in a prompt's busy experts: their rows take the kernel that handles
+    them, on every instruction set."""
+    generator = torch.Generator().manual_seed(5)
+    stacks = moe_weights(3, 128, 64, generator, torch.bfloat16)
+    stacks[1][0, 5, 2] = 0  # gate_up scales: 2^-127
+    stacks[1][1, 70, 1] = 1
+    stacks[4][2, 9, 0] = 0  # down scales
+    x = (torch.randn(40, 128, generator=generator) * 0.5).bfloat16()
+    idx = torch.stack([torch.randperm(3, generator=generator)[:2] for _ in range(40)])
+    weight = torch.softmax(torch.randn(40, 2, generator=generator), dim=-1).bfloat16()
+    with torch.no_grad():
+        y = ops.mxfp4_moe(x, idx, weight, *stacks, alpha=1.702, limit=7.0)
+    assert moe_close(y, x, idx, weight, stacks)
 
 
 @native

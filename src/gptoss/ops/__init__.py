@@ -41,8 +41,9 @@ def native_available() -> bool:
 
 
 def set_isa(name: str) -> str:
-    """Choose the native instruction set ('best', 'avx512bf16', 'avx512', 'avx2', 'c'); returns the
-    one in use. 'avx512bf16' adds bf16 dot products for bfloat16 activations."""
+    """Choose the native instruction set ('best', 'amx', 'avx512bf16', 'avx512', 'avx2', 'c');
+    returns the one in use. 'avx512bf16' adds bf16 dot products for bfloat16 activations; 'amx'
+    (where Linux grants the tile registers) also runs a prompt's busy experts on AMX tiles."""
     if _native is None:
         raise RuntimeError("the native kernels are not built (reinstall gptoss with a C compiler)")
     return _native.set_isa(name)

@@ -38,6 +38,12 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023 /* arch_prctl: ask for an extended state component */
+#define XFEATURE_XTILEDATA 18      /* the AMX tile data */
+#endif
 
 #define MAX_ROWS 8 /* activation rows per kernel call; more rows are processed in chunks */
 #define BLOCK 32   /* MXFP4 values per block (16 bytes + 1 scale byte) */
@@ -1560,28 +1566,147 @@ AVX2 static void int8w_f32_avx2_gemm(const void *x, int64_t n, const weights *w,
     avx2_gemm(INT8W, x, n, w, r0, r1, e);
 }
 
+/* ------------------------------------------------------------------ AMX: prompts through the experts */
+#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define AMX_TILE_BYTES 1024 /* a tile register holds 16 rows of 64 bytes */
+/* Weight rows per call in an MoE that takes mxfp4_amx (TILE for the other kernels): the activations
+ * are rearranged once per call for all of them. */
+#define AMX_ROWS 256
+/* The fewest tokens an expert sends through mxfp4_amx; fewer take mxfp4_bf16_avx512. */
+#define AMX_MIN_TOKENS 6
+
+static int amx_permitted; /* set at import: Linux lets this process use the tile registers */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+/* A thread's buffer of at least `need` bytes, kept for its next call: an MoE prompt makes hundreds
+ * of calls a layer, and malloc would serve buffers this size with fresh pages (mmap) every time. */
+static void *scratch(void **buf, size_t *have, size_t need) {
+    if (*have < need) {
+        free(*buf);
+        *buf = aligned_alloc(64, (need + 63) / 64 * 64);
+        *have = *buf ? need : 0;
+    }
+    return *buf;
+}
+
+/* Weight rows [r0, r1) against the n bf16 activation rows x (AS_BF16), with AMX tile multiplies
+ * (tdpbf16ps: 16 x 16 outputs, 32 products each, exact bf16 products summed in fp32). The weights are
+ * the A operand: a block of 16 rows decodes to 16 rows of 32 bf16 values in their own order (the
+ * scale folded into the exponent, as mxfp4_bf16_avx512_rows does), with no transposition; the
+ * activations are the B operand, rearranged once per call into pairs of values per token (B[p][t]
+ * = x[t][2p], x[t][2p+1]; tokens padded to 16 with zeros). Per 32 weight rows: their blocks decoded
+ * once into a thread buffer, then every pair of 16-token chunks gets four accumulator tiles
+ * (2 x 16 rows by 2 x 16 tokens), stored, and finished row by row. Rows with scale bytes outside
+ * 2..252 take mxfp4_bf16_avx512, as does a call whose buffers could not be had. */
+AMX static void mxfp4_amx(const void *xv, int64_t n, const weights *w, int64_t r0, int64_t r1, const epilogue *e) {
+    static _Thread_local void *x_buf, *w_buf;
+    static _Thread_local size_t x_have, w_have;
+    const uint16_t *x = xv;
+    int64_t in = w->in, groups = in / BLOCK, chunks = (n + 15) / 16;
+    const uint8_t *blocks = w->w, *scales = w->scales;
+    uint16_t *xb = scratch(&x_buf, &x_have, (size_t)chunks * groups * AMX_TILE_BYTES);
+    uint16_t *wb = scratch(&w_buf, &w_have, (size_t)2 * groups * AMX_TILE_BYTES);
+    if (!xb || !wb || !rows_safe(scales + r0 * groups, (r1 - r0) * groups)) {
+        for (int64_t t0 = 0; t0 < n; t0 += MAX_ROWS) {
+            epilogue part = rows_epilogue(e, t0, min64(MAX_ROWS, n - t0));
+            mxfp4_bf16_avx512(x + t0 * in, part.n, w, r0, r1, &part);
+        }
+        return;
+    }
+    /* B tile (c, g): 16 rows p of 16 tokens' dwords (values 2p, 2p + 1 of group g) */
+    const uint32_t *x32 = xv;
+    uint32_t *xb32 = (uint32_t *)xb;
+    for (int64_t c = 0; c < chunks; c++)
+        for (int64_t g = 0; g < groups; g++) {
+            uint32_t *tile = xb32 + (c * groups + g) * (AMX_TILE_BYTES / 4);
+            for (int t = 0; t < 16; t++) {
+                int64_t token = c * 16 + t;
+                for (int p = 0; p < 16; p++) tile[p * 16 + t] = token < n ? x32[token * (in / 2) + g * 16 + p] : 0;
+            }
+        }
+    amx_config config = {.palette = 1};
+    for (int i = 0; i < 8; i++) config.rows[i] = 16, config.colsb[i] = 64;
+    _tile_loadconfig(&config);
+    const __m512i table = _mm512_loadu_si512((const void *)FP4_BF16);
+    const __m512i magnitude = _mm512_set1_epi16(0x7FFF);
+    float sums[32][32], gate[32];
+    for (int64_t rs = r0; rs < r1; rs += 32) {
+        int64_t rows = min64(32, r1 - rs);
+        /* A tile (h, g): rows rs + 16h .. + 15, block g, as 16 rows of 32 bf16 */
+        for (int64_t i = 0; i < 32; i++)
+            for (int64_t g = 0; g < groups; g++) {
+                __m512i v = _mm512_setzero_si512();
+                if (i < rows) {
+                    int64_t r = rs + i;
+                    __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blocks + (r * groups + g) * 16)));
+                    v = _mm512_permutexvar_epi16(_mm512_or_si512(codes, _mm512_slli_epi32(codes, 12)), table);
+                    v = _mm512_mask_add_epi16(v, _mm512_test_epi16_mask(v, magnitude), v,
+                                              _mm512_set1_epi16(EXP_SHIFT[scales[r * groups + g]]));
+                }
+                _mm512_store_si512((void *)(wb + ((i / 16) * groups + g) * (AMX_TILE_BYTES / 2) + (i % 16) * 32), v);
+            }
+        for (int64_t c = 0; c < chunks; c += 2) {
+            int two = c + 1 < chunks;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t g = 0; g < groups; g++) {
+                _tile_loadd(4, wb + g * (AMX_TILE_BYTES / 2), 64);
+                _tile_loadd(5, wb + (groups + g) * (AMX_TILE_BYTES / 2), 64);
+                _tile_loadd(6, xb + (c * groups + g) * (AMX_TILE_BYTES / 2), 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 5, 6);
+                if (two) {
+                    _tile_loadd(7, xb + ((c + 1) * groups + g) * (AMX_TILE_BYTES / 2), 64);
+                    _tile_dpbf16ps(2, 4, 7);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            _tile_stored(0, &sums[0][0], sizeof sums[0]);
+            _tile_stored(1, &sums[16][0], sizeof sums[0]);
+            if (two) {
+                _tile_stored(2, &sums[0][16], sizeof sums[0]);
+                _tile_stored(3, &sums[16][16], sizeof sums[0]);
+            }
+            epilogue part = rows_epilogue(e, c * 16, min64(two ? 32 : 16, n - c * 16));
+            for (int64_t i = 0; i < rows; i++) finish_row(&part, rs + i, sums[i], gate);
+        }
+    }
+    _tile_release();
+}
+
 /* The kernel for an expert's `count` tokens in an MoE call that chose `kernel` for its busiest
  * expert: the prompt kernel decodes a tile for its rows whatever their number, and below MAX_ROWS + 1
  * the chunked kernel (same activation layout) is faster (single thread, 20b rows: 0.55x at 2 rows,
  * 0.7x at 3-4, 0.82x at 6-8; even at 10). */
 static row_fn expert_kernel(row_fn kernel, int64_t count) {
+    if (kernel == mxfp4_amx && count < AMX_MIN_TOKENS) return mxfp4_bf16_avx512;
     return kernel == mxfp4_f32_avx2_gemm && count <= MAX_ROWS ? mxfp4_f32_avx2 : kernel;
 }
 
 /* Whether kernel takes all of a call's activation rows at once rather than MAX_ROWS at a time. */
 static int takes_all_rows(row_fn kernel) {
-    return kernel == mxfp4_f32_avx2_gemm || kernel == bf16w_f32_avx2_gemm || kernel == int8w_f32_avx2_gemm;
+    return kernel == mxfp4_f32_avx2_gemm || kernel == bf16w_f32_avx2_gemm || kernel == int8w_f32_avx2_gemm ||
+           kernel == mxfp4_amx;
 }
 
 /* ------------------------------------------------------------------ dispatch */
-enum isa { ISA_C = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512BF16 = 3 };
+/* ISA_AMX: as ISA_AVX512BF16, and an MoE call whose busiest expert has AMX_MIN_TOKENS or more
+ * takes mxfp4_amx (moe_kernel). */
+enum isa { ISA_C = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512BF16 = 3, ISA_AMX = 4 };
 static enum isa active_isa = ISA_C;
-static const char *ISA_NAMES[] = {"c", "avx2", "avx512", "avx512bf16"};
+static const char *ISA_NAMES[] = {"c", "avx2", "avx512", "avx512bf16", "amx"};
 
 /* The kernel for a weight kind and activation dtype on the active ISA, and the layout it wants
  * its activations in, for n activation rows of length `in`. */
 static row_fn choose_kernel(int kind, int x_dt, int64_t n, int64_t in, enum layout *layout) {
-    if (active_isa == ISA_AVX512BF16 && x_dt == BF16 && kind == MXFP4 && in % (2 * BLOCK) == 0 && n <= QUADS_MAX_ROWS) {
+    if (active_isa >= ISA_AVX512BF16 && x_dt == BF16 && kind == MXFP4 && in % (2 * BLOCK) == 0 && n <= QUADS_MAX_ROWS) {
         *layout = AS_BF16_QUADS;
         return mxfp4_quads_avx512;
     }
@@ -1589,7 +1714,7 @@ static row_fn choose_kernel(int kind, int x_dt, int64_t n, int64_t in, enum layo
         *layout = AS_I16_GROUPS;
         return int8w_i16_avx512;
     }
-    if (active_isa == ISA_AVX512BF16 && x_dt == BF16) {
+    if (active_isa >= ISA_AVX512BF16 && x_dt == BF16) {
         *layout = AS_BF16;
         return kind == MXFP4 ? mxfp4_bf16_avx512 : kind == BF16W ? bf16w_bf16_avx512 : int8w_bf16_avx512;
     }
@@ -1825,6 +1950,7 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
     enum layout layout = AS_F32;
     row_fn kernel = NULL;
     size_t size = 0;
+    int64_t step = TILE; /* weight rows a kernel call takes */
     int ok = start && token && active && weight && acc;
     if (ok) {
         memset(acc, 0, sizeof(float) * n * H);
@@ -1847,6 +1973,8 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
          * of 8 decode tokens spread over the experts takes the decode kernel (MoE +20-50% over the
          * prefill kernel), 8 tokens on the same experts the prefill kernel (~1.4x the decode one). */
         kernel = choose_kernel(MXFP4, dt, busiest, s->inter % (2 * BLOCK) == 0 ? s->hidden : s->inter, &layout);
+        if (active_isa == ISA_AMX && kernel == mxfp4_bf16_avx512 && busiest >= AMX_MIN_TOKENS) kernel = mxfp4_amx;
+        step = kernel == mxfp4_amx ? AMX_ROWS : TILE;
         size = layout_size(layout);
         xs = line_aligned(size * pairs * H);
         hs = line_aligned(size * pairs * I);
@@ -1855,7 +1983,7 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
     }
     if (ok) {
         write_activations(x, dt, H, token, pairs, layout, xs);
-        int64_t gate_up_tiles = tile_count(2 * I), down_tiles = tile_count(H);
+        int64_t gate_up_tiles = (2 * I + step - 1) / step, down_tiles = (H + step - 1) / step;
         int64_t gate_up_blocks = 2 * I * (H / BLOCK), down_blocks = H * (I / BLOCK), next_tile = 0;
         int blocked = layout == AS_I16_PAIRS; /* the hidden activations go through hb */
 #ifdef _OPENMP
@@ -1878,7 +2006,7 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
                                .round_bf16 = dt == BF16 && layout_size(layout) != 2, .alpha = s->alpha,
                                .limit = s->limit};
                 tile_chunks(expert_kernel(kernel, count), (const char *)xs + first * H * size, size, count, &w,
-                            tile * TILE, min64(2 * I, (tile + 1) * TILE), &ep);
+                            tile * step, min64(2 * I, (tile + 1) * step), &ep);
             }
             /* (the loop's implicit barrier: every hidden activation is written) */
             if (blocked) {
@@ -1897,7 +2025,7 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
                                    .token = token + first, .weight = weight + first};
                     for (int64_t tile = t0; tile < t1; tile++) /* a tile in cache for every chunk of tokens */
                         tile_chunks(expert_kernel(kernel, count), (const char *)hs + first * I * size, size, count,
-                                    &w, tile * TILE, min64(H, (tile + 1) * TILE), &ep);
+                                    &w, tile * step, min64(H, (tile + 1) * step), &ep);
                 }
 #ifdef _OPENMP
 #pragma omp barrier /* every down-projection sum is made */
@@ -2393,8 +2521,10 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     int avx512bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int amx = avx512bf16 && amx_permitted;
     if (!strcmp(name, "best"))
-        active_isa = avx512bf16 ? ISA_AVX512BF16 : avx512 ? ISA_AVX512 : avx2 ? ISA_AVX2 : ISA_C;
+        active_isa = amx ? ISA_AMX : avx512bf16 ? ISA_AVX512BF16 : avx512 ? ISA_AVX512 : avx2 ? ISA_AVX2 : ISA_C;
+    else if (!strcmp(name, "amx") && amx) active_isa = ISA_AMX;
     else if (!strcmp(name, "avx512bf16") && avx512bf16) active_isa = ISA_AVX512BF16;
     else if (!strcmp(name, "avx512") && avx512) active_isa = ISA_AVX512;
     else if (!strcmp(name, "avx2") && avx2) active_isa = ISA_AVX2;
@@ -2443,6 +2573,10 @@ PyMODINIT_FUNC PyInit__native(void) {
     for (int k = 0; k < 32; k++) FP4_BF16[k] = f32_to_bf16(FP4_VALUES[k & 15]);
     __builtin_cpu_init();
     prefetch_to_l2 = __builtin_cpu_is("intel");
+#ifdef __linux__
+    amx_permitted = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+                    syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#endif
     PyObject *module = PyModule_Create(&MODULE);
     if (!module) return NULL;
     PyObject *best = Py_BuildValue("(s)", "best");
