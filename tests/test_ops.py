@@ -275,33 +275,48 @@ def test_mxfp4_extreme_scales(isa, dtype, groups, n):
 def test_mxfp4_one_bf16_row_within_the_block_float_bound(isa, inp):
     """One bf16 row on AVX2 (mxfp4_i16_avx2) is rounded to 16-bit block floats first: a value within
     2^7 of its group's largest stays exact, a smaller one moves by at most 2^-15 of the largest (half
-    a step of 2^(e-15) for a largest in [2^(e-1), 2^e)). So each group of 32 may add
-    2^-15 · max|x| · Σ|w| to the usual bound. Groups here hold one large value (a power of two, the
-    worst case) and 31 tiny ones (down to 2^-20 of it), the case that rounding touches; every other
-    kernel meets the tighter bound anyway."""
+    a step of 2^(e-15) for a largest in [2^(e-1), 2^e)); every other kernel meets the tighter bound
+    anyway."""
     generator = torch.Generator().manual_seed(inp)
-    out = 37
-    blocks, scales = pack(torch.randn(1, inp, out, generator=generator))
+    blocks, scales = pack(torch.randn(1, inp, 37, generator=generator))
     blocks, scales = blocks[0], scales[0]
-    x = torch.randn(1, inp, generator=generator) * 2.0 ** -torch.randint(0, 21, (1, inp), generator=generator)
-    x[0, ::32] = 8.0 * torch.sign(torch.randn(inp // 32, generator=generator))
-    x = x.to(torch.bfloat16)
     weight = unpack(blocks, scales, torch.float32).T
+    x = block_float_worst_case(1, inp, generator)
     with torch.no_grad():
         y = ops.mxfp4_linear(x, blocks, scales)
-    ref = x.float() @ weight.T
-    group_max = x.float().abs().view(inp // 32, 32).amax(dim=1)  # (groups,)
-    group_w = weight.abs().view(out, inp // 32, 32).sum(dim=2)  # (out, groups)
-    rounding = 2**-15 * (group_w * group_max).sum(dim=1)
-    bound = 1e-5 * (x.float().abs() @ weight.abs().T).clamp_min(1.0) + rounding + 2**-8 * ref.abs()
-    assert torch.all((y.float() - ref).abs() <= bound)
-    # values within 2^7 of their group's largest are exact: no rounding term at all
-    near = x.float().abs().view(inp // 32, 32).clamp_min(2.0**-4).view(1, inp) * x.float().sign()
-    near[near == 0] = 2.0**-4
-    near = near.to(torch.bfloat16)
+    assert within_block_float_bound(y, x, weight)
+    near = near_the_largest(x)  # no rounding term at all
     with torch.no_grad():
         y = ops.mxfp4_linear(near, blocks, scales)
     assert close(y, near, weight, near.float() @ weight.T)
+
+
+def block_float_worst_case(n: int, inp: int, generator: torch.Generator) -> torch.Tensor:
+    """bf16 rows whose groups of 32 hold one large value (a power of two, the worst case for
+    16-bit block floats) and 31 tiny ones (down to 2^-20 of it), the values that rounding touches."""
+    x = torch.randn(n, inp, generator=generator) * 2.0 ** -torch.randint(0, 21, (n, inp), generator=generator)
+    x[:, ::32] = 8.0 * torch.sign(torch.randn(n, inp // 32, generator=generator))
+    return x.to(torch.bfloat16)
+
+
+def within_block_float_bound(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """close()'s bound for bf16 outputs, plus what rounding x to 16-bit block floats may add: each
+    group of 32 up to 2^-15 · max|x| · Σ|w|."""
+    (n, inp), out = x.shape, weight.shape[0]
+    ref = x.float() @ weight.T
+    group_max = x.float().abs().view(n, inp // 32, 32).amax(dim=2)  # (n, groups)
+    group_w = weight.abs().view(out, inp // 32, 32).sum(dim=2)  # (out, groups)
+    rounding = 2**-15 * group_max @ group_w.T
+    bound = 1e-5 * (x.float().abs() @ weight.abs().T).clamp_min(1.0) + rounding + 2**-8 * ref.abs()
+    return bool(torch.all((y.float() - ref).abs() <= bound))
+
+
+def near_the_largest(x: torch.Tensor) -> torch.Tensor:
+    """x with every value raised to at least 2^-4 in magnitude: within 2^7 of its group's largest
+    (8), where 16-bit block floats are exact."""
+    near = x.float().abs().clamp_min(2.0**-4) * x.float().sign()
+    near[near == 0] = 2.0**-4
+    return near.to(torch.bfloat16)
 
 
 @native
@@ -387,30 +402,16 @@ def test_int8_linear_bf16_activations(isa, n, inp, out):
 @pytest.mark.parametrize("n,inp", [(1, 64), (3, 2880), (6, 96)])
 def test_int8_bf16_rows_within_the_block_float_bound(isa, n, inp):
     """bf16 rows against int8 weights on AVX-512 (int8w_i16_avx512) are rounded to 16-bit block
-    floats first, as one bf16 row against MXFP4 is on AVX2: a value within 2^7 of its group's
-    largest stays exact, a smaller one moves by at most 2^-15 of the largest. Groups here hold one
-    large value (a power of two, the worst case) and 31 tiny ones (down to 2^-20 of it); every
-    other kernel meets the tighter bound anyway."""
+    floats first, as one bf16 row against MXFP4 is on AVX2 (the bound of the test above)."""
     generator = torch.Generator().manual_seed(n * inp)
-    out = 37
-    weight = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=generator)
-    scale = torch.rand(out, generator=generator) / 64
+    weight = torch.randint(-127, 128, (37, inp), dtype=torch.int8, generator=generator)
+    scale = torch.rand(37, generator=generator) / 64
     dequantized = weight.float() * scale[:, None]
-    x = torch.randn(n, inp, generator=generator) * 2.0 ** -torch.randint(0, 21, (n, inp), generator=generator)
-    x[:, ::32] = 8.0 * torch.sign(torch.randn(n, inp // 32, generator=generator))
-    x = x.to(torch.bfloat16)
+    x = block_float_worst_case(n, inp, generator)
     with torch.no_grad():
         y = ops.int8_linear(x, weight, scale)
-    ref = x.float() @ dequantized.T
-    group_max = x.float().abs().view(n, inp // 32, 32).amax(dim=2)  # (n, groups)
-    group_w = dequantized.abs().view(out, inp // 32, 32).sum(dim=2)  # (out, groups)
-    rounding = 2**-15 * group_max @ group_w.T
-    bound = 1e-5 * (x.float().abs() @ dequantized.abs().T).clamp_min(1.0) + rounding + 2**-8 * ref.abs()
-    assert torch.all((y.float() - ref).abs() <= bound)
-    # values within 2^7 of their group's largest are exact: no rounding term at all
-    near = x.float().abs().clamp_min(2.0**-4) * x.float().sign()
-    near[near == 0] = 2.0**-4
-    near = near.to(torch.bfloat16)
+    assert within_block_float_bound(y, x, dequantized)
+    near = near_the_largest(x)
     with torch.no_grad():
         y = ops.int8_linear(near, weight, scale)
     assert close(y, near, dequantized, near.float() @ dequantized.T)
