@@ -637,7 +637,7 @@ def test_rms_norm(isa, dtype, dim):
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [16, 20, 64])  # 20: not a multiple of the vector width
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 20])  # 20: a prompt's queries (native with AVX-512)
 @pytest.mark.parametrize("keys", [11, 37])  # vector steps of 16 with a tail
 def test_sink_attention_over_a_cache(isa, dtype, dim, tokens, keys):
     from gptoss.model import sink_attention
@@ -678,6 +678,7 @@ def test_prefill_attention_in_bf16_weights_fp32_values(monkeypatch):
     mask = torch.rand(1, 1, tokens, keys, generator=g) < 0.7
     sinks = torch.randn(heads, generator=g)
     monkeypatch.setattr(ops, "BF16_GEMM_IN_HARDWARE", False)
+    monkeypatch.setattr(ops, "_native_prompt_attention", lambda: False)  # (AVX2: not for prompts)
     with torch.no_grad():
         out = ops.sink_attention(q, k, v, mask, sinks)
     ref = sink_attention(q, k, v.float(), mask, sinks, probs_dtype=torch.bfloat16)  # fp32 out
