@@ -2595,7 +2595,7 @@ static PyMethodDef METHODS[] = {
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows, fp32 inside"},
     {"rotary", py_rotary, METH_VARARGS, "NeoX rotary embedding of (tokens, heads, dim) rows, in place"},
     {"sink_attention", py_sink_attention, METH_VARARGS, "attention with per-head sinks over a KV cache"},
-    {"set_isa", py_set_isa, METH_VARARGS, "choose 'best', 'avx512bf16', 'avx512', 'avx2' or 'c'"},
+    {"set_isa", py_set_isa, METH_VARARGS, "choose 'best', 'amx', 'avx512bf16', 'avx512', 'avx2' or 'c'"},
     {"isa", py_isa, METH_NOARGS, "the instruction set in use"},
     {"num_threads", py_num_threads, METH_VARARGS, "get (or set) the kernels' thread count"},
     {NULL, NULL, 0, NULL},
