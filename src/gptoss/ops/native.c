@@ -12,9 +12,10 @@
  * The module takes plain buffer addresses (Python ints from Tensor.data_ptr()), sizes and dtype
  * codes, so it builds with nothing but a C compiler and Python's headers. AVX-512 (with or without
  * BF16 dot products) and AVX2 paths are compiled side by side with target attributes and chosen at
- * run time; a portable C path covers the rest. Accumulation is fp32 throughout, like PyTorch's,
- * except that one bf16 row against MXFP4 weights on AVX2 sums each block exactly in integers after
- * rounding the row to 16-bit block floats (mxfp4_i16_avx2).
+ * run time, AMX tiles for a prompt's experts where Linux grants them; a portable C path covers the
+ * rest. Accumulation is fp32 throughout, like PyTorch's, except that one bf16 row against MXFP4
+ * weights on AVX2, and bf16 rows against int8 weights on AVX-512, sum each block exactly in
+ * integers after rounding the rows to 16-bit block floats (mxfp4_i16_avx2, int8w_i16_avx512).
  *
  * Row counts 1..MAX_ROWS are compile-time constants inside each kernel (one specialisation per
  * count), so the accumulators stay in registers.
