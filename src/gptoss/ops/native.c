@@ -59,8 +59,8 @@
 #define PF_DIST 8192
 #endif
 /* On Intel CPUs the AVX-512 decode kernels ask for their weights into L2 (_MM_HINT_T1), PF_L2_DIST
- * ahead, the bf16 matvec included. On this project's 2-core Xeon (AMX), two threads from DRAM: one
- * MXFP4 row 18.5-18.9 GB/s against 14.4 with PF_DIST into L1, the bf16 matvec 28.8-30.2 against
+ * ahead, the bf16 matvec included. On this project's 2-core Xeon (AMX), two threads from DRAM: the
+ * MoE at one token 18.7 GB/s against 16.1 with PF_DIST into L1, the bf16 matvec 28.8-30.2 against
  * 23.9 with no prefetch, int8 alike (23.4-24.2 against 23.4); T2 measured as T1, and 8-32 KiB ahead
  * alike. On the AMD machines prefetches into L1 PF_DIST ahead measured best for the MXFP4 and int8
  * kernels (T1, T2 and NTA gave nothing or lost) and the bf16 matvec kept up without any. */
@@ -1604,21 +1604,6 @@ static void *scratch(void **buf, size_t *have, size_t need) {
     return *buf;
 }
 
-/* Weight rows [r0, r1) against the n bf16 activation rows x (AS_BF16), with AMX tile multiplies
- * (tdpbf16ps: 16 x 16 outputs, 32 products each, exact bf16 products summed in fp32). The weights are
- * the A operand: a block of 16 rows decodes to 16 rows of 32 bf16 values in their own order (the
- * scale folded into the exponent, as mxfp4_bf16_avx512_rows does), with no transposition; the
- * activations are the B operand, rearranged once per call into pairs of values per token (B[p][t]
- * = x[t][2p], x[t][2p+1]; tokens padded to 16 with zeros). Per 32 weight rows: their blocks decoded
- * once into a thread buffer, then every pair of 16-token chunks gets four accumulator tiles
- * (2 x 16 rows by 2 x 16 tokens), stored, and finished row by row. Rows with scale bytes outside
- * 2..252 take mxfp4_bf16_avx512, as does a call whose buffers could not be had.
- *
- * On the 2-core Xeon, 20b experts, a 128-token prompt: 389 GFLOP/s against 142 for
- * mxfp4_bf16_avx512 (two threads; the 20b prefill 58 against 25 tok/s). Of one thread's time the
- * decoding takes ~60% (~8 TSC ticks a block, about one vector instruction each: two blocks a
- * vpermw, or weights read from cache, measured no faster), the epilogue ~14% before its SwiGLU
- * was vectorised (amx_finish_rows), the activations' rearranging ~8% and the tile products ~5%. */
 /* finish_row for rows [r, r + rows) and e's (at most 32) tokens, row i's sums at sums[i]: a
  * gate_up's SwiGLU 16 tokens at a time with exp512 (the scalar expf took ~14% of mxfp4_amx's
  * time), the other modes row by row. */
@@ -1644,6 +1629,22 @@ AVX512_INLINE void amx_finish_rows(const epilogue *e, int64_t r, int64_t rows, f
     }
 }
 
+/* Weight rows [r0, r1) against the n bf16 activation rows x (AS_BF16), with AMX tile multiplies
+ * (tdpbf16ps: 16 x 16 outputs, 32 products each, exact bf16 products summed in fp32). The weights are
+ * the A operand: a block of 16 rows decodes to 16 rows of 32 bf16 values in their own order (the
+ * scale folded into the exponent, as mxfp4_bf16_avx512_rows does), with no transposition; the
+ * activations are the B operand, rearranged once per call into pairs of values per token (B[p][t]
+ * = x[t][2p], x[t][2p+1]; tokens padded to 16 with zeros). Per 32 weight rows: their blocks decoded
+ * once into a thread buffer, then every pair of 16-token chunks gets four accumulator tiles
+ * (2 x 16 rows by 2 x 16 tokens), stored, and finished row by row. Rows with scale bytes outside
+ * 2..252 take mxfp4_bf16_avx512, as does a call whose buffers could not be had.
+ *
+ * On the 2-core Xeon, 20b experts, a 128-token prompt: 383 GFLOP/s against 150 for
+ * mxfp4_bf16_avx512 (two threads; with amx_finish_rows, the 20b prefill 70 against 27 tok/s). Of
+ * one thread's time the decoding takes ~60% (~8 TSC ticks a block: two blocks a vpermw, weights
+ * read from cache, or each block decoded just before its product measured no faster), the
+ * epilogue ~14% before its SwiGLU was vectorised (amx_finish_rows), the activations' rearranging
+ * ~8% and the tile products ~5%. */
 AMX static void mxfp4_amx(const void *xv, int64_t n, const weights *w, int64_t r0, int64_t r1, const epilogue *e) {
     static _Thread_local void *x_buf, *w_buf;
     static _Thread_local size_t x_have, w_have;
