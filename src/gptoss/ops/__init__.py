@@ -89,9 +89,9 @@ def mxfp4_linear(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None 
 
     Returns (N, out) in x's dtype. The native kernel streams the packed bytes once per chunk of
     `MAX_ROWS` rows (on AVX2, once per pass of up to 48 rows); the reference dequantizes, then
-    multiplies. One bf16 row on an AVX2 CPU is
-    first rounded to 16-bit block floats (each value within 2^-15 of its group of 32's largest;
-    exact within 2^7 of it) for integer dot products: native.c, mxfp4_i16_avx2.
+    multiplies. One bf16 row on an AVX2 CPU is first rounded to 16-bit block floats (each value
+    within 2^-15 of its group of 32's largest; exact within 2^7 of it) for integer dot products:
+    native.c, mxfp4_i16_avx2.
     """
     if _native_ok(x, bias):
         xa, b = _native_dtype(x), None if bias is None else _native_dtype(bias)

@@ -521,14 +521,21 @@ static void mxfp4_block_f32(const uint16_t *x, int64_t in, int64_t n, const uint
     }
 }
 
-/* CHECK: the rows hold extreme scale bytes, whose blocks take the fp32 detour. The code of each
- * weight is looked up with one vpermw: a dword holding byte b and b << 12 indexes the table with b
- * (low nibble; bit 4 is ignored by the doubled table) in its low word and b >> 4 in its high word. */
+/* The block at b with scale byte s as 32 bf16 weights (see above). The code of each weight is
+ * looked up with one vpermw: a dword holding byte b and b << 12 indexes the doubled table FP4_BF16
+ * (`table`) with b (low nibble; bit 4 is ignored) in its low word and b >> 4 in its high word. */
+AVX512BF16_INLINE __m512i mxfp4_block_bf16(const uint8_t *b, uint8_t s, __m512i table) {
+    __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+    __m512i v = _mm512_permutexvar_epi16(_mm512_or_si512(codes, _mm512_slli_epi32(codes, 12)), table);
+    __mmask32 nonzero = _mm512_test_epi16_mask(v, _mm512_set1_epi16(0x7FFF));
+    return _mm512_mask_add_epi16(v, nonzero, v, _mm512_set1_epi16(EXP_SHIFT[s]));
+}
+
+/* CHECK: the rows hold extreme scale bytes, whose blocks take the fp32 detour. */
 AVX512BF16_INLINE void mxfp4_bf16_avx512_rows(const int N, const int R, const int CHECK,
                                               const uint16_t *x, const weights *w, int64_t r,
                                               const epilogue *e, float *gate) {
     const __m512i table = _mm512_loadu_si512((const void *)FP4_BF16);
-    const __m512i magnitude = _mm512_set1_epi16(0x7FFF);
     const int U = STREAMS(N);
     int64_t in = w->in, groups = in / BLOCK;
     const uint8_t *rb = (const uint8_t *)w->w + r * groups * 16;
@@ -555,10 +562,7 @@ AVX512BF16_INLINE void mxfp4_bf16_avx512_rows(const int N, const int R, const in
             for (int q = 0; q < R; q++) {
                 const uint8_t *b = rb + (q * groups + g) * 16;
                 uint8_t s = rs[q * groups + g];
-                __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
-                wv[q] = _mm512_permutexvar_epi16(_mm512_or_si512(codes, _mm512_slli_epi32(codes, 12)), table);
-                __mmask32 nonzero = _mm512_test_epi16_mask(wv[q], magnitude);
-                wv[q] = _mm512_mask_add_epi16(wv[q], nonzero, wv[q], _mm512_set1_epi16(EXP_SHIFT[s]));
+                wv[q] = mxfp4_block_bf16(b, s, table);
                 if (CHECK && !SAFE_SCALE(s)) {
                     mxfp4_block_f32(x, in, N, b, s, g * BLOCK, extra[q]);
                     wv[q] = _mm512_setzero_si512();
@@ -1593,12 +1597,17 @@ typedef struct {
     uint8_t rows[16];
 } amx_config;
 
+/* Memory the kernels read 64 bytes at a time: on a cache line's start, as malloc's 16-byte alignment
+ * is not. A load across two lines cost the MXFP4 decode kernel ~17% of its rate from memory
+ * (single thread: 34-36 GB/s aligned against 28-30 with the activations 16 bytes off). */
+static void *line_aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
 /* A thread's buffer of at least `need` bytes, kept for its next call: an MoE prompt makes hundreds
  * of calls a layer, and malloc would serve buffers this size with fresh pages (mmap) every time. */
 static void *scratch(void **buf, size_t *have, size_t need) {
     if (*have < need) {
         free(*buf);
-        *buf = aligned_alloc(64, (need + 63) / 64 * 64);
+        *buf = line_aligned(need);
         *have = *buf ? need : 0;
     }
     return *buf;
@@ -1675,21 +1684,14 @@ AMX static void mxfp4_amx(const void *xv, int64_t n, const weights *w, int64_t r
     for (int i = 0; i < 8; i++) config.rows[i] = 16, config.colsb[i] = 64;
     _tile_loadconfig(&config);
     const __m512i table = _mm512_loadu_si512((const void *)FP4_BF16);
-    const __m512i magnitude = _mm512_set1_epi16(0x7FFF);
     float sums[32][32], gate[32];
     for (int64_t rs = r0; rs < r1; rs += 32) {
         int64_t rows = min64(32, r1 - rs);
         /* A tile (h, g): rows rs + 16h .. + 15, block g, as 16 rows of 32 bf16 */
         for (int64_t i = 0; i < 32; i++)
             for (int64_t g = 0; g < groups; g++) {
-                __m512i v = _mm512_setzero_si512();
-                if (i < rows) {
-                    int64_t r = rs + i;
-                    __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blocks + (r * groups + g) * 16)));
-                    v = _mm512_permutexvar_epi16(_mm512_or_si512(codes, _mm512_slli_epi32(codes, 12)), table);
-                    v = _mm512_mask_add_epi16(v, _mm512_test_epi16_mask(v, magnitude), v,
-                                              _mm512_set1_epi16(EXP_SHIFT[scales[r * groups + g]]));
-                }
+                int64_t at = (rs + i) * groups + g;
+                __m512i v = i < rows ? mxfp4_block_bf16(blocks + at * 16, scales[at], table) : _mm512_setzero_si512();
                 _mm512_store_si512((void *)(wb + ((i / 16) * groups + g) * (AMX_TILE_BYTES / 2) + (i % 16) * 32), v);
             }
         for (int64_t c = 0; c < chunks; c += 2) {
@@ -1740,7 +1742,7 @@ static int takes_all_rows(row_fn kernel) {
 
 /* ------------------------------------------------------------------ dispatch */
 /* ISA_AMX: as ISA_AVX512BF16, and an MoE call whose busiest expert has AMX_MIN_TOKENS or more
- * takes mxfp4_amx (moe_kernel). */
+ * takes mxfp4_amx (moe). */
 enum isa { ISA_C = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512BF16 = 3, ISA_AMX = 4 };
 static enum isa active_isa = ISA_C;
 static const char *ISA_NAMES[] = {"c", "avx2", "avx512", "avx512bf16", "amx"};
@@ -1825,12 +1827,7 @@ static void tile_chunks(row_fn kernel, const void *x, size_t x_size, int64_t n, 
     }
 }
 
-/* Memory the kernels read 64 bytes at a time: on a cache line's start, as malloc's 16-byte alignment
- * is not. A load across two lines cost the MXFP4 decode kernel ~17% of its rate from memory
- * (single thread: 34-36 GB/s aligned against 28-30 with the activations 16 bytes off). */
-static void *line_aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
-
-static int64_t tile_count(int64_t rows) { return (rows + TILE - 1) / TILE; }
+static int64_t tile_count(int64_t rows, int64_t step) { return (rows + step - 1) / step; }
 
 #define MAX_MANY 4 /* weights one matmul_many call takes */
 
@@ -1850,7 +1847,7 @@ static int matmul_many(const weights *w, const epilogue *e, int count, const voi
         xa = owned;
     }
     int64_t first[MAX_MANY + 1] = {0}; /* weight i's tiles are first[i] .. first[i + 1] - 1 */
-    for (int i = 0; i < count; i++) first[i + 1] = first[i] + tile_count(w[i].out);
+    for (int i = 0; i < count; i++) first[i + 1] = first[i] + tile_count(w[i].out, TILE);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(guided)
 #endif
@@ -2025,7 +2022,7 @@ static int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t 
     }
     if (ok) {
         write_activations(x, dt, H, token, pairs, layout, xs);
-        int64_t gate_up_tiles = (2 * I + step - 1) / step, down_tiles = (H + step - 1) / step;
+        int64_t gate_up_tiles = tile_count(2 * I, step), down_tiles = tile_count(H, step);
         int64_t gate_up_blocks = 2 * I * (H / BLOCK), down_blocks = H * (I / BLOCK), next_tile = 0;
         int blocked = layout == AS_I16_PAIRS; /* the hidden activations go through hb */
 #ifdef _OPENMP
