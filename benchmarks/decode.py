@@ -6,6 +6,7 @@ and micro-benchmarks of the CPU kernels in GB/s of weights read, beside the meas
     python benchmarks/decode.py --models nano --batch 1 8 --json decode.json
     python benchmarks/decode.py --models nano --engines ours --long-context   # fill 131,072 tokens
     python benchmarks/decode.py kernels              # kernel GB/s; --threads N, --json FILE
+    python benchmarks/decode.py --models 20b --engines ours llama.cpp --batch 1   # see vs_llama_cpp.py
 
 Every (model, engine) runs in a fresh subprocess so that its peak RSS is its own. The 20b-shaped
 checkpoint (random weights, MXFP4 experts, ~13 GB) is written once, tensor by tensor, under --dir
@@ -43,6 +44,9 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
 from tqdm import tqdm
+from vs_llama_cpp import ENGINES as LLAMA_ENGINES  # (benchmarks/ is on sys.path when this script runs)
+from vs_llama_cpp import measure as measure_llama_cpp
+from vs_llama_cpp import source_tree as llama_cpp_tree
 
 from gptoss import ModelConfig, get_config
 from gptoss.checkpoint import INDEX_FILE, MXFP4_QUANTIZATION_CONFIG, hf_tensor_map
@@ -556,7 +560,14 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/gptoss-bench"), help="where checkpoints go")
-    parser.add_argument("--engines", nargs="+", default=["ours", "ours-int8", "transformers"])
+    parser.add_argument(
+        "--engines", nargs="+", default=["ours", "ours-int8", "transformers"],
+        choices=["ours", "ours-int8", "transformers", *LLAMA_ENGINES],
+    )  # fmt: skip
+    parser.add_argument(
+        "--llama-cpp", type=Path, default=None,
+        help="a llama.cpp source tree for the llama.cpp engines (default: fetched into DIR from PyPI)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch and native threads (default: torch's)"
@@ -602,7 +613,19 @@ def main() -> None:
                 "threads": args.threads,
                 "repeats": args.repeats,
             }
-            if engine == "transformers" and not _fits_in_memory(config):
+            if engine in LLAMA_ENGINES:
+                if args.batch != [1]:
+                    console.print(f"[dim]{engine}: batch 1 only (llama-bench decodes one sequence)[/dim]")
+                tree = llama_cpp_tree(args.llama_cpp, args.dir, console)
+                console.print(f"[dim]{key} / {engine} ...[/dim]")
+                before = read_bandwidth()
+                result = measure_llama_cpp(
+                    path, engine, tree, args.dir, threads, args.prompt_len, args.new_tokens,
+                    args.repeats, args.timeout, console,
+                )  # fmt: skip
+                run_bandwidth = max(before, read_bandwidth())
+                spec = {"model": key, "path": str(path), "engine": engine, "threads": threads}
+            elif engine == "transformers" and not _fits_in_memory(config):
                 need = config.weight_bytes(2) / 2**30
                 result = {
                     "error": f"does not fit: transformers expands MXFP4 to {need:.0f} GiB of bf16 on CPU"
@@ -641,6 +664,9 @@ def main() -> None:
         run = {"model": "nano-131k", "engine": "ours", "bandwidth_gb_s": run_bandwidth / 1e9}
         report["runs"].append(run | {"roofline_tok_s": roofline} | result)
     _print_table(console, report, args.batch)
+    for run in report["runs"]:
+        if "note" in run:
+            console.print(f"{run['model']} / {run['engine']}: {run['note']}")
     out = args.json or args.dir / "decode.json"
     out.write_text(json.dumps(report, indent=2))
     console.print(f"wrote {out}")
@@ -669,9 +695,9 @@ def _print_table(console: Console, report: dict[str, Any], batches: list[int]) -
         if "error" in run:
             table.add_row(run["model"], run["engine"], f"[red]{run['error']}[/red]")
             continue
-        cells = [run["model"], run["engine"], f"{run['load_s']:.1f}"]
-        huge = f"{run['huge_pages_gib']:.2f}" if "huge_pages_gib" in run else "-"
-        cells += [f"{run['rss_after_load_gib']:.2f}", huge, f"{run['peak_rss_gib']:.2f}"]
+        cells = [run["model"], run["engine"], _num(run.get("load_s"))]
+        memory = [run.get("rss_after_load_gib"), run.get("huge_pages_gib"), run["peak_rss_gib"]]
+        cells += [_num(m) for m in memory]
         for b in batches:
             r = run.get(f"b{b}", {})
             cells += [_num(r.get("prefill_tok_s")), _num(r.get("decode_tok_s"))]
@@ -680,7 +706,8 @@ def _print_table(console: Console, report: dict[str, Any], batches: list[int]) -
         cells.append(f"{b1 / run['roofline_tok_s']:.0%} of {run['roofline_tok_s']:.1f}" if b1 else "-")
         cells.append(_per_generation(run.get("b1", {}).get("generations", []), run.get("bytes_per_token", 0)))
         cells.append(f"{run['int8_head_kl']:.1e} / {run['int8_kl']:.1e}" if "int8_kl" in run else "")
-        cells.append(f"{run['load_average_before']:.1f}-{run['load_average_after']:.1f}")
+        load = [run.get("load_average_before"), run.get("load_average_after")]
+        cells.append(f"{load[0]:.1f}-{load[1]:.1f}" if None not in load else "-")
         table.add_row(*cells)
     console.print(table)
 

@@ -22,6 +22,7 @@ from gptoss.tokenizer import (
     ensure_rank_file,
     get_harmony_encoding,
     get_tokenizer,
+    write_hf_tokenizer,
 )
 
 # The special tokens as DESIGN.md states them (independent of the constants in tokenizer.py).
@@ -184,3 +185,22 @@ def test_agrees_with_openai_harmony():
     )
     assert [harmony.decode([i]) for i in SPECIALS.values()] == list(SPECIALS)
     assert set(harmony.stop_tokens_for_assistant_actions()) <= Tokenizer.STOP_TOKENS
+
+
+def test_hf_tokenizer_json_encodes_as_we_do(tmp_path):
+    """tokenizer.json, read by Hugging Face `tokenizers`, gives our ids: text, specials, every id."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = write_hf_tokenizer(tmp_path)
+    assert path == tmp_path / "tokenizer.json" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    hf, tok = HFTokenizer.from_file(str(path)), get_tokenizer()
+    assert hf.get_vocab_size() == Tokenizer.N_VOCAB
+    text = _large_text_sample()[:300_000].replace("<|", "< |")  # specials are tested below
+    assert hf.encode(text, add_special_tokens=False).ids == tok.encode_ordinary(text)
+    for sample in SAMPLES:
+        assert hf.encode(sample, add_special_tokens=False).ids == tok.encode(sample, allowed_special="all")
+    for name, token in SPECIALS.items():
+        assert hf.token_to_id(name) == token
+    assert hf.token_to_id("<|reserved_201087|>") == 201_087 and hf.token_to_id("<|endofprompt|>") == 200_018
+    every_id = list(range(0, Tokenizer.N_VOCAB, 97))
+    assert hf.decode(every_id, skip_special_tokens=False) == tok.decode(every_id)

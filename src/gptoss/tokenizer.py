@@ -159,6 +159,39 @@ def get_tokenizer() -> Tokenizer:
     )
 
 
+def write_hf_tokenizer(directory: str | Path) -> Path:
+    """Write ``tokenizer.json``, this vocabulary for Hugging Face ``tokenizers``, into directory.
+
+    Consumers of Hugging Face checkpoints read it: transformers' ``AutoTokenizer``, vLLM, llama.cpp's
+    converter. The same BPE ranks, split pattern and special ids as `get_tokenizer` (a test compares
+    the two on text and special tokens). The file is written under a temporary name and renamed
+    when whole. Needs ``transformers`` (its tiktoken converter), which gptoss does not depend on.
+    """
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converter = TikTokenConverter(vocab_file=str(ensure_rank_file()), pattern=_O200K_PATTERN)
+    hf = converter.converted()
+    names: dict[int, str] = {}
+    for name, token_id in _special_tokens().items():
+        names.setdefault(token_id, name)  # 200018 has two names; the first is o200k_base's
+    # added tokens take the next free ids in order, so the specials must follow the ranks gaplessly
+    if sorted(names) != list(range(hf.get_vocab_size(), Tokenizer.N_VOCAB)):
+        raise RuntimeError(f"the special ids do not follow the {hf.get_vocab_size()} converted ranks")
+    hf.add_special_tokens([AddedToken(names[i], special=True, normalized=False) for i in sorted(names)])
+    path = Path(directory) / "tokenizer.json"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tokenizer.", suffix=".json.tmp")
+    os.close(fd)
+    try:
+        hf.save(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 @functools.cache
 def get_harmony_encoding() -> HarmonyEncoding:
     """openai-harmony's gpt-oss encoding, loaded from the verified rank file instead of the network."""
