@@ -1,5 +1,6 @@
-"""Prefill and decode speed, peak memory and the memory-bandwidth roofline, ours beside transformers;
-and micro-benchmarks of the CPU kernels in GB/s of weights read, beside the measured read bandwidth.
+"""Prefill and decode speed, peak memory and the memory-bandwidth roofline, ours beside transformers
+and llama.cpp (vs_llama_cpp.py); and micro-benchmarks of the CPU kernels in GB/s of weights read,
+beside the measured read bandwidth.
 
     python benchmarks/decode.py                      # nano and a random 20b-shaped MXFP4 checkpoint
     python benchmarks/decode.py --models 20b --engines ours --batch 1 --repeats 1
