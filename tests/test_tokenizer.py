@@ -188,7 +188,7 @@ def test_agrees_with_openai_harmony():
 
 
 def test_hf_tokenizer_json_encodes_as_we_do(tmp_path):
-    """tokenizer.json, read by Hugging Face `tokenizers`, gives our ids: text, specials, every id."""
+    """tokenizer.json, read by Hugging Face `tokenizers`, gives our ids: text, specials, sampled ids."""
     from tokenizers import Tokenizer as HFTokenizer
 
     path = write_hf_tokenizer(tmp_path)
