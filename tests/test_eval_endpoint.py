@@ -17,7 +17,7 @@ from gptoss.eval import (
     run_mmlu,
     run_perplexity,
 )
-from gptoss.server import ModelRunner
+from gptoss.inference import ModelRunner
 from test_eval_humaneval import FAST
 from test_eval_mmlu import CSV_LAYOUT, scripted_gpt_oss
 from test_server_support import MODEL, ScriptedRunner, harmony, live_server

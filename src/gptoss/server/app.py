@@ -23,17 +23,19 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gptoss.checkpoint import load_model
+from gptoss.inference import ModelRunner, Runner
 from gptoss.inference.optimize import prepare_for_inference
 from gptoss.server import chat, responses
 from gptoss.server.errors import APIError, install_error_handlers
 from gptoss.server.metrics import MetricsMiddleware
-from gptoss.server.runner import DEFAULT_CONTEXT, DEFAULT_MAX_BATCH, ModelRunner, Runner
 from gptoss.server.schemas import ModelCard, ModelList
 from gptoss.server.service import ServerSettings, Service, ServiceDep
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "GPTOSS_API_KEY"
+DEFAULT_CONTEXT = 8192  # tokens per sequence (prompt + completion)
+DEFAULT_MAX_BATCH = 32  # sequences that decode together
 PUBLIC_PATHS = frozenset({"/health"})
 
 
@@ -46,7 +48,7 @@ class Gate:
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -72,7 +74,8 @@ class Gate:
     def _check(self, scope: Scope) -> APIError | None:
         headers = Headers(scope=scope)
         if self.expected is not None and scope["path"] not in PUBLIC_PATHS:
-            given = headers.get("authorization", "").encode()
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            given = token.strip().encode() if scheme.lower() == "bearer" else b""  # schemes ignore case
             if not secrets.compare_digest(given, self.expected):
                 return APIError(
                     401,
@@ -89,17 +92,17 @@ class Gate:
 
 
 def create_app(runner: Runner, settings: ServerSettings) -> FastAPI:
-    """The OpenAI-compatible app for `runner`. The scheduler thread runs while the app's lifespan
+    """The OpenAI-compatible app for `runner`. The engine thread runs while the app's lifespan
     does (uvicorn starts and stops it)."""
     service = Service(runner, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service.scheduler.start()
+        service.engine.start()
         try:
             yield
         finally:
-            service.scheduler.stop()
+            service.engine.stop()
             service.store.close()
 
     app = FastAPI(

@@ -33,6 +33,11 @@ def check_json_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
     return schema
 
 
+# Stop strings are matched as the text streams (gptoss.inference.stops): these bounds keep the
+# matcher's setup and per-token work small whatever a client sends.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 4096
+
 FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 
 
@@ -43,6 +48,18 @@ class FunctionDefinition(BaseModel):
     strict: bool | None = None
 
     _check = field_validator("parameters")(check_json_schema)
+
+
+def function_tools_only(value: Any) -> Any:
+    """Refuse tools of other types with a message that says so (rather than "name: Field required")."""
+    for i, tool in enumerate(value if isinstance(value, list) else []):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise ValueError(
+                f"tools[{i}] has type {kind!r}, but this server runs function tools only "
+                "(type 'function'); built-in tools such as web_search are not available"
+            )
+    return value
 
 
 class ChatTool(BaseModel):
@@ -86,7 +103,7 @@ class SamplingFields(Request):
     """Sampling controls common to chat and completions."""
 
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     logit_bias: dict[int, float] | None = None
@@ -105,8 +122,10 @@ class SamplingFields(Request):
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"a stop sequence may hold at most {MAX_STOP_LENGTH} characters")
         return [s for s in stops if s]
 
     @field_validator("logit_bias")
@@ -163,6 +182,7 @@ class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessageIn] = Field(min_length=1)
     tools: list[ChatTool] | None = None
+    _tools = field_validator("tools", mode="before")(function_tools_only)
     tool_choice: ToolChoiceMode | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
@@ -423,12 +443,13 @@ class ResponsesRequest(Request):
     input: str | list[InputItem]
     instructions: str | None = None
     tools: list[FunctionTool] = []
+    _tools = field_validator("tools", mode="before")(function_tools_only)
     tool_choice: ToolChoiceMode | NamedFunction = "auto"
     parallel_tool_calls: bool = True
     reasoning: ReasoningConfig | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None
@@ -436,3 +457,9 @@ class ResponsesRequest(Request):
     text: TextConfig | None = None
     user: str | None = None
     seed: int | None = None  # an extension: the Responses API has no seed
+
+
+class InputTokensRequest(ResponsesRequest):
+    """POST /v1/responses/input_tokens: a Responses request whose prompt is counted, not run."""
+
+    model: str | None = None  # type: ignore[assignment]

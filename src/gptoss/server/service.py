@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -14,20 +15,23 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.responses import StreamingResponse
 
-from gptoss.inference import SamplingParams, TokenEvent
-from gptoss.server.errors import APIError, error_body
-from gptoss.server.metrics import Metrics
-from gptoss.server.runner import Runner
-from gptoss.server.scheduler import (
-    DEFAULT_MAX_QUEUE,
+from gptoss.inference import (
+    AsyncEngine,
     EngineError,
     QueueFull,
-    Scheduler,
+    Runner,
+    SamplingParams,
     SequenceRequest,
+    TokenEvent,
     TokenStream,
 )
+from gptoss.inference.async_engine import DEFAULT_MAX_QUEUE
+from gptoss.server.errors import APIError, error_body
+from gptoss.server.metrics import Metrics
 from gptoss.server.store import ResponseStore
 from gptoss.tokenizer import cache_dir
+
+log = logging.getLogger(__name__)
 
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
@@ -50,9 +54,9 @@ class Service:
     def __init__(self, runner: Runner, settings: ServerSettings) -> None:
         self.settings = settings
         self.runner = runner
-        self.scheduler = Scheduler(runner, settings.max_queue, settings.prefill_budget)
-        self.metrics = Metrics(self.scheduler)
-        self.scheduler.on_decode = self.metrics.batch_size.observe
+        self.engine = AsyncEngine(runner, settings.max_queue, settings.prefill_budget)
+        self.metrics = Metrics(self.engine)
+        self.engine.on_decode = self.metrics.batch_size.observe
         self.store = ResponseStore(settings.responses_db or cache_dir() / "responses.sqlite3")
         self.created = int(time.time())
         self.fingerprint = f"fp_gptoss_{runner.context}"
@@ -85,7 +89,9 @@ class Service:
 
     def submit(self, requests: list[SequenceRequest]) -> TokenStream:
         try:
-            stream = self.scheduler.submit(requests)
+            stream = self.engine.submit(requests)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
         except QueueFull as exc:
             raise APIError(
                 429,
@@ -128,6 +134,14 @@ class Service:
                     yield line
             except EngineError as exc:  # headers are sent: report the failure inside the stream
                 yield sse(error_body(str(exc), "server_error", code="engine_error"))
+                yield sse("[DONE]")
+            except APIError as exc:
+                yield sse(exc.body())
+                yield sse("[DONE]")
+            except Exception:  # a bug of ours: the client still gets an error event and the end
+                log.exception("streaming a response failed")
+                yield sse(error_body("The server failed while streaming this response.", "server_error"))
+                yield sse("[DONE]")
             finally:
                 stream.cancel()
                 self._observe(stream)
