@@ -38,6 +38,7 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.matched: str | None = None  # the stop string found
 
     def push(self, text: str) -> tuple[str, bool]:
         """The text that is safe to release, and whether a stop string was found (text after
@@ -45,10 +46,11 @@ class StopMatcher:
         if not self.stops:
             return text, False
         buffer = self.pending + text
-        hits = [i for s in self.stops if (i := buffer.find(s)) >= 0]
+        hits = [(i, s) for s in self.stops if (i := buffer.find(s)) >= 0]
         if hits:
             self.pending = ""
-            return buffer[: min(hits)], True
+            at, self.matched = min(hits)
+            return buffer[:at], True
         keep = max((k for s in self.stops for k in range(1, len(s)) if buffer.endswith(s[:k])), default=0)
         self.pending = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep], False

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,9 +15,10 @@ from fastapi import Depends, Request
 from fastapi.responses import StreamingResponse
 
 from gptoss.inference import SamplingParams, TokenEvent
+from gptoss.inference.scoring import PromptScores, score_tokens
 from gptoss.server.errors import APIError, error_body
 from gptoss.server.metrics import Metrics
-from gptoss.server.runner import Runner
+from gptoss.server.runner import DEFAULT_PREFILL_CHUNK, Runner
 from gptoss.server.scheduler import (
     DEFAULT_MAX_QUEUE,
     EngineError,
@@ -56,6 +57,7 @@ class Service:
         self.store = ResponseStore(settings.responses_db or cache_dir() / "responses.sqlite3")
         self.created = int(time.time())
         self.fingerprint = f"fp_gptoss_{runner.context}"
+        self._scoring = asyncio.Lock()  # one prompt scored at a time, beside the scheduler
 
     def check_model(self, name: str) -> None:
         if name != self.settings.model_name:
@@ -117,6 +119,21 @@ class Service:
                 task.cancel()
             stream.cancel()
             self._observe(stream)
+
+    async def score(self, tokens: Sequence[int], top: int) -> PromptScores:
+        """Log-probabilities of the prompt `tokens` (and the `top` alternatives at each), computed
+        off the event loop."""
+        model = getattr(self.runner, "model", None)
+        if model is None:
+            raise APIError(
+                400, "this server cannot score prompts (its runner exposes no model)", param="echo"
+            )
+        chunk = getattr(self.runner, "prefill_chunk", None) or DEFAULT_PREFILL_CHUNK
+        async with self._scoring:
+            try:
+                return await asyncio.to_thread(score_tokens, model, tokens, top, chunk)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="prompt") from None
 
     def event_stream(self, stream: TokenStream, events: AsyncIterator[str]) -> StreamingResponse:
         """An SSE response. Starlette cancels `events` when the client disconnects; the
