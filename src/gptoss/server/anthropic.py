@@ -5,7 +5,8 @@ Content blocks become OpenAI chat messages (one conversion path into harmony for
 `thinking` → the assistant's reasoning, `tool_use` → tool calls, `tool_result` → tool messages.
 The model's harmony output becomes blocks again: analysis → `thinking` (shown only when the
 request enables thinking; gpt-oss always reasons, so without it the effort is low and the reasoning
-hidden), final text → `text`, calls → `tool_use`. ``budget_tokens`` picks the reasoning effort.
+hidden), final text → `text`, calls → `tool_use`. ``output_config.effort``, else the thinking
+``budget_tokens``, picks the reasoning effort; ``output_config.format`` asks for JSON by schema.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gptoss.harmony import Event, MessageEnd, ReasoningDelta, TextDelta, ToolCallDelta, ToolCallStart
 from gptoss.server.errors import APIError, register_error_shape
 from gptoss.server.output import HarmonyOutput, new_id
-from gptoss.server.prompting import ToolChoice, build_prompt, parse_tool_choice
+from gptoss.server.prompting import JsonFormat, ToolChoice, build_prompt, parse_tool_choice
 from gptoss.server.scheduler import EngineError
 from gptoss.server.schemas import FunctionName, check_json_schema
 from gptoss.server.schemas import Request as RequestModel
@@ -118,6 +119,19 @@ class ToolChoiceParam(_Block):
 class ThinkingConfig(_Block):
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = Field(default=None, ge=1024)
+    display: Literal["summarized", "omitted"] | None = None
+
+
+class JsonOutputFormat(_Block):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+    _check = field_validator("schema_")(check_json_schema)
+
+
+class OutputConfig(_Block):
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    format: JsonOutputFormat | None = None
 
 
 class CountTokensRequest(RequestModel):
@@ -127,6 +141,7 @@ class CountTokensRequest(RequestModel):
     tools: list[Tool] | None = None
     tool_choice: ToolChoiceParam | None = None
     thinking: ThinkingConfig | None = None
+    output_config: OutputConfig | None = None
 
 
 class MessagesRequest(CountTokensRequest):
@@ -225,8 +240,13 @@ def _tools(body: CountTokensRequest) -> tuple[list[dict[str, Any]], ToolChoice]:
     return tools, parse_tool_choice({"auto": "auto", "any": "required", "none": "none"}[choice.type], names)
 
 
-def _effort(thinking: ThinkingConfig | None) -> str:
-    """Reasoning effort for a thinking budget (gpt-oss cannot stop reasoning: low when disabled)."""
+def _effort(body: CountTokensRequest) -> str:
+    """Reasoning effort: `output_config.effort` (gpt-oss's highest is "high"), else the thinking
+    budget's; gpt-oss cannot stop reasoning, so without thinking it reasons little (low)."""
+    effort = body.output_config.effort if body.output_config else None
+    if effort is not None:
+        return effort if effort in ("low", "medium") else "high"
+    thinking = body.thinking
     if thinking is None or thinking.type == "disabled":
         return "low"
     budget = thinking.budget_tokens or 8192
@@ -234,7 +254,13 @@ def _effort(thinking: ThinkingConfig | None) -> str:
 
 
 def _shows_thinking(body: CountTokensRequest) -> bool:
-    return body.thinking is not None and body.thinking.type != "disabled"
+    thinking = body.thinking
+    return thinking is not None and thinking.type != "disabled" and thinking.display != "omitted"
+
+
+def _json_format(body: CountTokensRequest) -> JsonFormat | None:
+    fmt = body.output_config.format if body.output_config else None
+    return JsonFormat("response", fmt.schema_) if fmt else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +273,11 @@ async def count_tokens(body: CountTokensRequest, service: ServiceDep) -> dict[st
     service.check_model(body.model)
     tools, choice = _tools(body)
     prompt = build_prompt(
-        to_chat_messages(body), tools=tools, tool_choice=choice, reasoning_effort=_effort(body.thinking)
+        to_chat_messages(body),
+        tools=tools,
+        tool_choice=choice,
+        reasoning_effort=_effort(body),
+        json_format=_json_format(body),
     )
     return {"input_tokens": len(service.runner.fit_prompt(prompt.tokens))}
 
@@ -261,11 +291,12 @@ async def create_message(body: MessagesRequest, request: Request, service: Servi
         to_chat_messages(body),
         tools=tools,
         tool_choice=choice,
-        reasoning_effort=_effort(body.thinking),
+        reasoning_effort=_effort(body),
         sampling=sampling_fields(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k),
         max_tokens=body.max_tokens,
         max_tokens_param="max_tokens",
         stop=body.stop_sequences or (),
+        json_format=_json_format(body),
     )
     reply = _Reply(service, body, turn, _shows_thinking(body))
     if body.stream:
