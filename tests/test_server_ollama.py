@@ -190,6 +190,15 @@ def test_bad_requests_get_ollama_errors(scripted, path, body, status, words):
     assert list(reply.json()) == ["error"] and words in reply.json()["error"]
 
 
+def test_bodies_are_json_whatever_their_content_type(scripted):
+    """Ollama's own examples post with `curl -d`, which sends a form content type."""
+    body = json.dumps({"model": MODEL, "messages": user("think first"), "stream": False})
+    for kind in (None, "application/x-www-form-urlencoded", "text/plain"):
+        headers = {"content-type": kind} if kind else {}
+        reply = httpx.post(scripted.url + "/api/chat", content=body, headers=headers)
+        assert reply.status_code == 200 and reply.json()["message"]["content"] == "4"
+
+
 def test_the_client_raises_response_error(scripted):
     with pytest.raises(ollama.ResponseError) as caught:
         scripted.ollama.chat(model="llama3", messages=user("hi"))

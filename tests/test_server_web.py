@@ -114,9 +114,8 @@ def test_chat_in_the_browser(server, browser, tmp_path):
     reasoning.find_element(By.TAG_NAME, "summary").click()
     text = reasoning.find_element(By.CLASS_NAME, "reasoning-text")
     assert text.text == "Two plus two is four."
-    assert text.value_of_css_property("color") != answer.find_element(By.CLASS_NAME, "content").value_of_css_property(
-        "color"
-    )  # dimmed
+    content = answer.find_element(By.CLASS_NAME, "content")
+    assert text.value_of_css_property("color") != content.value_of_css_property("color")  # dimmed
     assert "tokens/s" in answer.find_element(By.CLASS_NAME, "meta").text
 
     # Stop a long answer half way: the text stops growing and the slot is freed.

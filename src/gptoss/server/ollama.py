@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 import gptoss
@@ -29,7 +30,25 @@ from gptoss.server.schemas import Request as RequestModel
 from gptoss.server.service import Service, ServiceDep
 from gptoss.server.turn import Turn, record_repairs, sampling_fields, start_turn
 
-router = APIRouter(prefix="/api")
+
+class _JsonBody(APIRoute):
+    """Every body is read as JSON, whatever its Content-Type: Ollama does so, and its documented
+    examples post with ``curl -d``, which says form-urlencoded."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+                request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+                request = Request(request.scope, request.receive)
+            return await handler(request)
+
+        return route
+
+
+router = APIRouter(prefix="/api", route_class=_JsonBody)
 
 # The Ollama API release whose routes and fields these follow (clients gate features on it).
 OLLAMA_API_VERSION = "0.12.0"
