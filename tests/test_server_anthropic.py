@@ -263,6 +263,23 @@ def test_bad_requests_get_anthropic_errors(scripted, body, status, kind, words):
     assert words in data["error"]["message"]
 
 
+BAD_TOOL = [{"name": "f", "input_schema": {"type": 3}}]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"model": MODEL}, "messages"),
+        ({"model": MODEL, "messages": user("hi"), "tools": BAD_TOOL}, "JSON Schema"),
+        ({"model": "other", "messages": user("hi")}, "other"),
+    ],
+)
+def test_count_tokens_refuses_bad_input(scripted, body, words):
+    reply = httpx.post(f"{scripted.url}/v1/messages/count_tokens", headers={"x-api-key": KEY}, json=body)
+    assert 400 <= reply.status_code < 500 and reply.json()["type"] == "error"
+    assert words in reply.json()["error"]["message"]
+
+
 def test_sdk_errors_carry_the_message(scripted):
     with pytest.raises(anthropic.NotFoundError, match="claude-x"):
         client(scripted).messages.create(model="claude-x", max_tokens=5, messages=user("hi"))

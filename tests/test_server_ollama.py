@@ -210,3 +210,14 @@ def test_the_client_raises_response_error(scripted):
         scripted.url + "/api/chat", content=b"{", headers={"content-type": "application/json"}
     )
     assert garbage.status_code == 400 and "JSON" in garbage.json()["error"]
+
+
+def test_a_key_is_asked_for_in_ollama_shape(tmp_path):
+    with live_server(ScriptedRunner(script), tmp_path, api_key="k3y") as server:
+        refused = httpx.post(server.url + "/api/chat", json={"model": MODEL, "messages": user("hi")})
+        assert refused.status_code == 401 and "API key" in refused.json()["error"]
+        with pytest.raises(ollama.ResponseError) as caught:
+            ollama.Client(host=server.url).list()
+        assert caught.value.status_code == 401
+        keyed = ollama.Client(host=server.url, headers={"Authorization": "Bearer k3y"})
+        assert keyed.chat(model=MODEL, messages=user("hi")).message.content == "Hello!"

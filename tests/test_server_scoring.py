@@ -164,8 +164,10 @@ def test_lm_eval_local_completions_matches_the_local_scorer(real, tmp_path, monk
         tasks=[task],
         bootstrap_iters=0,
         log_samples=True,
-        task_manager=TaskManager(),
+        task_manager=TaskManager(include_defaults=False),  # our one task: no index of lm-eval's
     )
+    metrics = httpx.get(f"{real.url}/metrics").text
+    assert 'route="/tokenize"' in metrics  # lm-eval chose the server's tokenizer by itself
     samples = out["samples"]["tiny_qa_remote"]
     docs = [json.loads(line) for line in TASK_DATA.read_text().splitlines()]
     assert len(samples) == len(docs)
