@@ -231,7 +231,7 @@ def _tools(body: CountTokensRequest) -> tuple[list[dict[str, Any]], ToolChoice]:
     tools = [{k: v for k, v in t.items() if v is not None} for t in tools]
     names = [t["name"] for t in tools]
     choice = body.tool_choice
-    if choice is None or not tools and choice.type == "auto":
+    if choice is None:
         return tools, parse_tool_choice(None, names)
     if choice.type == "tool":
         if not choice.name:

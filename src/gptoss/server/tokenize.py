@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
 from gptoss.inference.scoring import PromptScores
 from gptoss.server.errors import APIError
@@ -44,7 +44,7 @@ class TokenizeRequest(Request):
 
 class DetokenizeRequest(Request):
     model: str | None = None
-    tokens: list[int] = Field(min_length=0)
+    tokens: list[int]
 
 
 def token_text(token: int) -> str:

@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gptoss.harmony import Event
+from gptoss.inference import TokenEvent
 from gptoss.server.errors import APIError
 from gptoss.server.output import HarmonyOutput
 from gptoss.server.prompting import JsonFormat, ToolChoice, build_prompt
@@ -28,7 +30,7 @@ class Turn:
     stream: TokenStream
     output: HarmonyOutput
 
-    def feed(self, event: Any) -> list[Any]:
+    def feed(self, event: TokenEvent) -> list[Event]:
         """The harmony events one generated token produces (a stop string ends the sequence)."""
         events = self.output.feed(event)
         if self.output.stopped:
