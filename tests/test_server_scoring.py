@@ -142,6 +142,7 @@ def test_lm_eval_local_completions_matches_the_local_scorer(real, tmp_path, monk
     """lm-eval-harness's own API model, tokenizing through /tokenize: per example, the same
     log-likelihoods as `LocalModel` on the same weights."""
     lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.openai_completions import LocalCompletionsAPI  # "local-completions"
     from lm_eval.tasks import TaskManager
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -159,8 +160,9 @@ def test_lm_eval_local_completions_matches_the_local_scorer(real, tmp_path, monk
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
     }
     out = lm_eval.simple_evaluate(
-        model="local-completions",
-        model_args=f"base_url={real.url}/v1/completions,model={MODEL},max_retries=1,max_length=512",
+        model=LocalCompletionsAPI(
+            base_url=f"{real.url}/v1/completions", model=MODEL, max_retries=1, max_length=512
+        ),
         tasks=[task],
         bootstrap_iters=0,
         log_samples=True,
