@@ -29,7 +29,7 @@ SCRIPTS = {
     "avoids recursion depth limits and runs in linear time.<|end|>"
     "<|start|>assistant<|channel|>final<|message|>Here is an iterative version:\n\n```python\n"
     "def fibonacci(n: int) -> int:\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"
-    "    return a\n```\n\nIt runs in O(n) time and O(1) memory.<|return|>",
+    "    return a\n```\n\nIt runs in **O(n)** time and O(1) memory; `fibonacci(10)` is 55.<|return|>",
     "weather?": "<|channel|>analysis<|message|>I should call the tool.<|end|>"
     "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
     '{"city": "Paris"}<|call|>',
@@ -151,6 +151,9 @@ def test_chat_in_the_browser(server, browser, tmp_path):
     wait(driver, lambda: "O(1) memory" in last_answer(driver).find_element(By.CLASS_NAME, "content").text)
     wait(driver, lambda: idle(driver))
     assert last_answer(driver).find_element(By.TAG_NAME, "pre").text.startswith("def fibonacci")
+    content = last_answer(driver).find_element(By.CLASS_NAME, "content")
+    assert content.find_element(By.CSS_SELECTOR, "span code").text == "fibonacci(10)"
+    assert content.find_element(By.TAG_NAME, "strong").text == "O(n)"
     driver.refresh()
     titles = [c.text for c in driver.find_elements(By.CLASS_NAME, "chat-link")]
     assert titles[:2] == ["Write fibonacci in Python", "think first"]

@@ -63,6 +63,16 @@ async function findModel() {
 
 // ------------------------------------------------------------------ rendering
 
+// Inline `code` and **bold** in a run of text.
+function inline(text) {
+  return text.split(/(`[^`\n]+`|\*\*[^*\n]+\*\*)/).map((piece, i) => {
+    if (i % 2 === 0) return document.createTextNode(piece);
+    const node = document.createElement(piece.startsWith("`") ? "code" : "strong");
+    node.textContent = piece.startsWith("`") ? piece.slice(1, -1) : piece.slice(2, -2);
+    return node;
+  });
+}
+
 // Text with ``` fenced code blocks; everything goes through textContent, never innerHTML.
 function renderText(element, text) {
   element.replaceChildren();
@@ -80,7 +90,7 @@ function renderText(element, text) {
       if (i < parts.length - 1) part = part.replace(/\n+$/, "");
       if (!part) return;
       const span = document.createElement("span");
-      span.textContent = part;
+      span.append(...inline(part));
       element.append(span);
     }
   });
