@@ -14,9 +14,13 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
+from gptoss import load_model
+from gptoss.checkpoint import DEFAULT_MODEL
 from gptoss.eval import LocalModel
 from gptoss.inference.scoring import score_tokens
+from gptoss.server import ModelRunner
 from gptoss.tokenizer import get_tokenizer
+from gptoss.vocab import fit_tokens
 from test_eval_perplexity import brute_force_logprobs
 from test_server_support import MODEL, ScriptedRunner, live_server, model_server
 
@@ -185,3 +189,22 @@ def test_lm_eval_local_completions_matches_the_local_scorer(real, tmp_path, monk
         right += max(range(len(scores)), key=scores.__getitem__) == sample["doc"]["label"]
     assert out["results"]["tiny_qa_remote"]["acc,none"] == pytest.approx(right / len(docs))
     assert all(math.isfinite(lp) for sample in samples for (lp, _) in (r[0] for r in sample["resps"]))
+
+
+def test_the_bundled_trimmed_vocabulary_model_scores_what_it_reads(tmp_path):
+    """gptoss-nano keeps rows for 12,288 ids and spells the rest in bytes: /tokenize reports the
+    ids it reads, and every one of them gets a finite log-probability, equal to the local scorer's."""
+    nano = load_model(DEFAULT_MODEL, dtype=torch.float32)
+    runner = ModelRunner(nano, max_batch=2, context=256, prefill_chunk=16)
+    text = "def slugify(text): return antidisestablishmentarianism"
+    with live_server(runner, tmp_path) as server:
+        tokens = httpx.post(f"{server.url}/tokenize", json={"prompt": text}).json()["tokens"]
+        assert tokens == fit_tokens(nano, get_tokenizer().encode_ordinary(text))
+        assert tokens != get_tokenizer().encode_ordinary(text)  # some ids were respelled
+        reply = server.client().completions.create(
+            model=MODEL, prompt=tokens, max_tokens=0, echo=True, logprobs=1
+        )
+    scored = reply.choices[0].logprobs.token_logprobs
+    assert reply.choices[0].text == text and all(math.isfinite(lp) for lp in scored[1:])
+    [(expected, _)] = LocalModel(nano).loglikelihood_tokens([(tokens[:1], tokens[1:])])
+    assert sum(scored[1:]) == pytest.approx(expected, abs=1e-3)
