@@ -10,12 +10,12 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 ASSETS_PATH = "/ui"
-_HERE = Path(__file__).parent / "web"
+_FILES = Path(__file__).parent / "web"
 
 
 def install(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
-        return FileResponse(_HERE / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(_FILES / "index.html", headers={"Cache-Control": "no-cache"})
 
-    app.mount(ASSETS_PATH, StaticFiles(directory=_HERE), name="ui")
+    app.mount(ASSETS_PATH, StaticFiles(directory=_FILES), name="ui")
