@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -24,6 +25,7 @@ from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK, Runner
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE = 256
+T = TypeVar("T")
 
 
 class QueueFull(Exception):
@@ -93,6 +95,7 @@ class AsyncEngine:
         self._cond = threading.Condition()
         self._incoming: list[tuple[SequenceRequest, TokenStream]] = []
         self._cancels: list[int] = []
+        self._calls: list[tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._streams: dict[int, TokenStream] = {}  # engine sequence id → stream (thread-owned)
         self._queued = 0  # sequences submitted and not yet running or finished
         self._thread: threading.Thread | None = None
@@ -146,6 +149,16 @@ class AsyncEngine:
             self._cond.notify()
         return stream
 
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between two steps (work on the model that is not a
+        sequence, e.g. scoring a prompt): the model is never used by two threads at once."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        with self._cond:
+            self._calls.append((fn, loop, future))
+            self._cond.notify()
+        return await future
+
     def cancel(self, seq_ids: Sequence[int]) -> None:
         with self._cond:
             self._cancels.extend(seq_ids)
@@ -157,12 +170,17 @@ class AsyncEngine:
         engine = self.engine
         while True:
             with self._cond:
-                while not self._stopping and not self._incoming and not self._cancels and not engine.has_work:
+                while not (
+                    self._stopping or self._incoming or self._cancels or self._calls or engine.has_work
+                ):
                     self._cond.wait()
                 if self._stopping:
                     break
                 incoming, self._incoming = self._incoming, []
                 cancels, self._cancels = self._cancels, []
+                calls, self._calls = self._calls, []
+            for fn, loop, future in calls:
+                _run_call(fn, loop, future)
             out: list[tuple[TokenStream, TokenEvent | SequenceFailure]] = []
             self._take(incoming, cancels, out)
             try:
@@ -178,6 +196,10 @@ class AsyncEngine:
             self._deliver(out)
         with self._cond:
             incoming, self._incoming = self._incoming, []
+            calls, self._calls = self._calls, []
+        for _, loop, future in calls:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, future, None, RuntimeError("the server is shutting down"))
         streams = {id(s): s for s in [*self._streams.values(), *(s for _, s in incoming)]}
         self._deliver([(s, SequenceFailure(-1, "the server is shutting down")) for s in streams.values()])
 
@@ -221,6 +243,24 @@ class AsyncEngine:
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
                 loop.call_soon_threadsafe(_put_all, items)
+
+
+def _run_call(fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+    try:
+        result, error = fn(), None
+    except Exception as exc:  # handed to the awaiting coroutine
+        result, error = None, exc
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+        loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the awaiting request was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, TokenEvent | SequenceFailure]]) -> None:

@@ -14,7 +14,7 @@ sampler, parser and HTTP layer through exact token sequences.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -97,8 +97,16 @@ def prefill_chunk_length(model: GptOss, start: int, remaining: int, prefill_chun
 
 
 @torch.inference_mode()
-def prefill(model: GptOss, cache: KVCache, row: int, tokens: Sequence[int], prefill_chunk: int) -> Tensor:
+def prefill(
+    model: GptOss,
+    cache: KVCache,
+    row: int,
+    tokens: Sequence[int],
+    prefill_chunk: int,
+    each_chunk: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
     """Append `tokens` to cache row `row` in chunks; the hidden state (H,) after the last one.
+    `each_chunk(start, hidden)` sees every chunk's hidden states (T, H), `start` its first index.
 
     The one prefill loop: the engine's runner and every caller of the model with a cache use it."""
     if not tokens:
@@ -108,6 +116,8 @@ def prefill(model: GptOss, cache: KVCache, row: int, tokens: Sequence[int], pref
     while done < len(ids):
         n = prefill_chunk_length(model, cache.lengths[row], len(ids) - done, prefill_chunk)
         hidden = forward_hidden(model, cache, ids[None, done : done + n], slice(row, row + 1))
+        if each_chunk is not None:
+            each_chunk(done, hidden[0])
         done += n
     return hidden[0, -1]
 

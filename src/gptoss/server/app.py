@@ -25,8 +25,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gptoss.checkpoint import load_model
 from gptoss.inference import ModelRunner, Runner
 from gptoss.inference.optimize import prepare_for_inference
-from gptoss.server import chat, responses
-from gptoss.server.errors import APIError, install_error_handlers
+from gptoss.server import anthropic, chat, ollama, page, responses, tokenize
+from gptoss.server.errors import APIError, error_response, install_error_handlers
 from gptoss.server.metrics import MetricsMiddleware
 from gptoss.server.schemas import ModelCard, ModelList
 from gptoss.server.service import ServerSettings, Service, ServiceDep
@@ -36,15 +36,17 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "GPTOSS_API_KEY"
 DEFAULT_CONTEXT = 8192  # tokens per sequence (prompt + completion)
 DEFAULT_MAX_BATCH = 32  # sequences that decode together
-PUBLIC_PATHS = frozenset({"/health"})
+# The chat page and its files load without a key: the page asks for it and sends it with each call.
+PUBLIC_PATHS = frozenset({"/health", "/"})
+PUBLIC_PREFIXES = (page.ASSETS_PATH + "/",)
 
 
 class Gate:
-    """The door, before any routing. With an API key, every route but /health needs
-    ``Authorization: Bearer <key>`` (docs and 404s included, hence middleware rather than a route
-    dependency). Request bodies over `max_bytes` get 413: at once when Content-Length says so,
-    else as soon as the streamed body passes the limit. (FastAPI's own `max_body_size` answers in
-    plain text, not in OpenAI's error shape.)"""
+    """The door, before any routing. With an API key, every route but /health and the chat page
+    needs ``Authorization: Bearer <key>`` or Anthropic's ``x-api-key: <key>`` (docs and 404s
+    included, hence middleware rather than a route dependency). Request bodies over `max_bytes` get
+    413: at once when Content-Length says so, else as soon as the streamed body passes the limit.
+    (FastAPI's own `max_body_size` answers in plain text, not in the APIs' error shapes.)"""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int) -> None:
         self.app = app
@@ -57,7 +59,7 @@ class Gate:
             return
         error = self._check(scope)
         if error is not None:
-            await error.response()(scope, receive, send)
+            await error_response(scope["path"], error)(scope, receive, send)
             return
         received = 0
 
@@ -73,13 +75,15 @@ class Gate:
 
     def _check(self, scope: Scope) -> APIError | None:
         headers = Headers(scope=scope)
-        if self.expected is not None and scope["path"] not in PUBLIC_PATHS:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            given = token.strip().encode() if scheme.lower() == "bearer" else b""  # schemes ignore case
-            if not secrets.compare_digest(given, self.expected):
+        path = scope["path"]
+        if self.expected is not None and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            scheme, _, token = headers.get("authorization", "").partition(" ")  # schemes ignore case
+            given = token.strip() if scheme.lower() == "bearer" else headers.get("x-api-key", "")
+            if not secrets.compare_digest(given.encode(), self.expected):
                 return APIError(
                     401,
-                    "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
+                    "Incorrect or missing API key: send it as 'Authorization: Bearer <key>' "
+                    "or 'x-api-key: <key>'.",
                     code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
@@ -114,6 +118,10 @@ def create_app(runner: Runner, settings: ServerSettings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(responses.router)
+    app.include_router(anthropic.router)
+    app.include_router(ollama.router)
+    app.include_router(tokenize.router)
+    page.install(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

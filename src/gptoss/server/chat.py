@@ -33,6 +33,7 @@ from gptoss.server.schemas import (
     Usage,
 )
 from gptoss.server.service import Service, ServiceDep, check_logit_bias, sampling_params, sse
+from gptoss.server.tokenize import prompt_logprobs
 from gptoss.tokenizer import Tokenizer, get_tokenizer
 
 router = APIRouter()
@@ -273,8 +274,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     check_logit_bias(body.logit_bias, service.runner.vocab_size)
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs (prompt log-probabilities) is not supported", param="echo")
+    if body.max_tokens == 0 and body.stream:
+        raise APIError(400, "max_tokens 0 scores the prompt only and does not stream", param="stream")
 
     def prepare() -> tuple[list[list[int]], list[str]]:  # tokenizing: off the loop
         prompts = [service.runner.fit_prompt(p) for p in _prompts(body.prompt, service.runner.vocab_size)]
@@ -285,13 +286,20 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     stop_ids = Tokenizer.STOP_TOKENS
     for p, tokens in enumerate(prompts):
         max_tokens = service.completion_budget(len(tokens), body.max_tokens, "max_tokens")
-        for i in range(body.n):
+        for i in range(body.n if max_tokens else 0):
             params = sampling_params(body, max_tokens, i, body.logprobs, stop_ids)
             requests.append(SequenceRequest(tokens, params, p * body.n + i))
-    stream = service.submit(requests)
     outputs = await run_in_threadpool(
-        lambda: [TextOutput(body.stop, body.logprobs, len(texts[k // body.n])) for k in range(len(requests))]
+        lambda: [
+            TextOutput(body.stop, body.logprobs, len(texts[k // body.n])) for k in range(len(texts) * body.n)
+        ]
     )
+    if body.echo and body.logprobs is not None:  # the prompt's own log-probabilities come first
+        for p, tokens in enumerate(prompts):
+            scored = prompt_logprobs(tokens, await service.score(tokens, body.logprobs))
+            for out in outputs[p * body.n : (p + 1) * body.n]:
+                for key, values in scored.items():
+                    out.logprobs[key].extend(values)
     reply_id, created = new_id("cmpl-"), int(time.time())
     prompt_tokens = sum(len(t) for t in prompts)
 
@@ -323,6 +331,13 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
             usage=usage() if with_usage else None,
         )
 
+    if body.max_tokens == 0:  # nothing to generate: the echoed prompt (and its scores) is the answer
+        choices = [
+            CompletionChoice(index=k, text=texts[k // body.n], finish_reason="length", logprobs=logprobs(o))
+            for k, o in enumerate(outputs)
+        ]
+        return reply(choices, with_usage=True)
+    stream = service.submit(requests)
     if not body.stream:
         await service.run(request, stream, feed)
         choices = [
@@ -338,8 +353,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     async def chunks() -> AsyncIterator[str]:
         if body.echo:
             choices = [
-                CompletionChoice(index=k, text=texts[k // body.n], finish_reason=None)
-                for k in range(len(outputs))
+                CompletionChoice(index=k, text=texts[k // body.n], finish_reason=None, logprobs=logprobs(o))
+                for k, o in enumerate(outputs)
             ]
             yield chunk_json(reply(choices, False), include_usage)
         async for event in stream:

@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,6 +26,8 @@ from gptoss.inference import (
     TokenStream,
 )
 from gptoss.inference.async_engine import DEFAULT_MAX_QUEUE
+from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK
+from gptoss.inference.scoring import PromptScores, score_tokens
 from gptoss.server.errors import APIError, error_body
 from gptoss.server.metrics import Metrics
 from gptoss.server.store import ResponseStore
@@ -123,6 +125,20 @@ class Service:
                 task.cancel()
             stream.cancel()
             self._observe(stream)
+
+    async def score(self, tokens: Sequence[int], top: int) -> PromptScores:
+        """Log-probabilities of the prompt `tokens` (and the `top` alternatives at each), computed
+        off the event loop."""
+        model = getattr(self.runner, "model", None)
+        if model is None:
+            raise APIError(
+                400, "this server cannot score prompts (its runner exposes no model)", param="echo"
+            )
+        chunk = getattr(self.runner, "prefill_chunk", None) or DEFAULT_PREFILL_CHUNK
+        try:
+            return await self.engine.call(lambda: score_tokens(model, tokens, top, chunk))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt") from None
 
     def event_stream(self, stream: TokenStream, events: AsyncIterator[str]) -> StreamingResponse:
         """An SSE response. Starlette cancels `events` when the client disconnects; the
