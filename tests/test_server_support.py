@@ -78,6 +78,9 @@ class ScriptedRunner:
     def fit_prompt(self, tokens: Sequence[int]) -> list[int]:
         return list(tokens)
 
+    def reuse(self, seq: int, prompt: Sequence[int]) -> int:
+        return 0  # no prefix cache: every prompt is prefilled whole
+
     def _next(self, seq: int) -> torch.Tensor:
         out = self.outputs[seq]
         token = out.pop(0) if out else Tokenizer.RETURN

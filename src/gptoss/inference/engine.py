@@ -47,6 +47,7 @@ class TokenEvent:
     top_logprobs: tuple[tuple[int, float], ...] | None = None
     finish_reason: FinishReason | None = None  # set on the sequence's last token
     stop: int | str | None = None  # the stop token id or stop string that ended it
+    cached_tokens: int | None = None  # on the first token: prompt tokens the prefix cache gave
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class _Seq:
     stops: StopStrings | None = None
     utf8: Any = None  # incremental decoder for stop strings
     cancelled: bool = False
+    cached: int | None = None  # prompt tokens the prefix cache gave (None: not looked up yet)
 
 
 Output = TokenEvent | SequenceFailure
@@ -147,7 +149,9 @@ class Engine:
         if held > self.runner.context:
             raise ContextFullError(f"the sequence holds {held} tokens; the context is {self.runner.context}")
         del self.parked[seq_id]
-        self.waiting.append(self._new_seq(seq_id, replace(request, keep=True), [], held))
+        seq = self._new_seq(seq_id, replace(request, keep=True), [], held)
+        seq.cached = 0  # its row already holds the prompt
+        self.waiting.append(seq)
 
     def _new_seq(self, seq_id: int, request: SequenceRequest, pending: list[int], used: int) -> _Seq:
         params = request.params
@@ -194,12 +198,15 @@ class Engine:
         budget = self.prefill_budget
         while self.waiting and len(self.running) < self.runner.max_batch:
             seq = self.waiting[0]
-            n = min(budget, len(seq.pending))
-            if n == 0 and seq.pending:
-                return  # the budget is spent
-            chunk, seq.pending = seq.pending[:n], seq.pending[n:]
-            last = not seq.pending
             try:
+                if seq.cached is None:  # restored tokens cost no prefill, so no budget either
+                    seq.cached = self.runner.reuse(seq.id, seq.pending)
+                    seq.pending = seq.pending[seq.cached :]
+                n = min(budget, len(seq.pending))
+                if n == 0 and seq.pending:
+                    return  # the budget is spent
+                chunk, seq.pending = seq.pending[:n], seq.pending[n:]
+                last = not seq.pending
                 self.runner.prefill(seq.id, chunk, last)
             except Exception as exc:  # this prompt's failure: the rows of the others are untouched
                 log.exception("prefill of sequence %d failed", seq.id)
@@ -244,8 +251,9 @@ class Engine:
                 )
                 self._end(seq, release=True)
                 continue
+            cached = seq.cached if len(seq.generated) == 1 else None
             event = TokenEvent(
-                seq.request.index, choice.token, choice.logprob, choice.top_logprobs, reason, stop
+                seq.request.index, choice.token, choice.logprob, choice.top_logprobs, reason, stop, cached
             )
             out.append((seq.id, event))
             if reason is not None:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from gptoss.inference.cache import KVCache
+from gptoss.inference.prefix_cache import Node, PrefixCache
 from gptoss.model import GptOss
 from gptoss.vocab import fit_tokens
 
@@ -47,6 +48,12 @@ class Runner(Protocol):
 
     def fit_prompt(self, tokens: Sequence[int]) -> list[int]:
         """`tokens` as the model reads them (a trimmed vocabulary spells ids it lacks in bytes)."""
+        ...
+
+    def reuse(self, seq: int, prompt: Sequence[int]) -> int:
+        """Start new sequence `seq` of `prompt` from the longest cached prefix of it; returns how
+        many of its tokens are already in place (0 without a prefix cache). Its `prefill` calls
+        then bring the rest."""
         ...
 
     def prefill(self, seq: int, tokens: Sequence[int], last: bool) -> None:
@@ -122,6 +129,17 @@ def prefill(
     return hidden[0, -1]
 
 
+@dataclass
+class _Tracked:
+    """A sequence whose states go to the prefix cache: every token in its row, and the node it
+    continues (the hit's, pinned) and its own node once it stored one (pinned too)."""
+
+    tokens: list[int]
+    base: Node
+    start: int
+    own: Node | None = None
+
+
 @dataclass(frozen=True)
 class RowMark:
     """A point in a parked sequence to rewind to (see `ModelRunner.mark`)."""
@@ -137,6 +155,10 @@ class ModelRunner:
     Memory is `max_batch · config.kv_cache_bytes(context)`, allocated up front. Besides the
     `Runner` protocol it can `park` a finished sequence (its row, keys and values stay, and a later
     `prefill` continues it) and `mark`/`rewind` a parked one: multi-turn sessions use that.
+
+    With a `prefix_cache`, every sequence started by `reuse` leaves its states there (at the end of
+    each prefill call and when it is released or parked) and begins from the longest one that its
+    prompt shares.
     """
 
     def __init__(
@@ -145,6 +167,7 @@ class ModelRunner:
         max_batch: int,
         context: int,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         config = model.config
         self.model = model.eval()
@@ -157,6 +180,8 @@ class ModelRunner:
         self.running: list[int] = []  # the decode batch: sequence of rows 0..R-1
         self.hidden: dict[int, Tensor] = {}  # last hidden state of sequences not in the batch
         self.joined: set[int] = set()  # joined since the last decode: no token to feed yet
+        self.prefix_cache = prefix_cache
+        self.tracked: dict[int, _Tracked] = {}  # sequences that store states in the prefix cache
         log.info(
             "KV cache: %d sequences × %d tokens, %.2f GiB", max_batch, self.context, self.cache.nbytes / 2**30
         )
@@ -168,17 +193,32 @@ class ModelRunner:
         """Tokens of `seq` in the cache."""
         return self.cache.lengths[self.row_of[seq]]
 
+    def reuse(self, seq: int, prompt: Sequence[int]) -> int:
+        if seq in self.row_of:
+            raise RuntimeError(f"sequence {seq} has already started")
+        row = self._claim_row(seq)
+        if self.prefix_cache is None:
+            return 0
+        hit = self.prefix_cache.lookup(prompt)
+        self.prefix_cache.restore(hit, self.cache, row)
+        base = hit.node or self.prefix_cache.root
+        self.prefix_cache.pin(base)
+        self.tracked[seq] = _Tracked(list(prompt[: hit.length]), base, hit.length)
+        if hit.length == len(prompt):  # the whole prompt: its first logits come from the snapshot
+            self.hidden[seq] = hit.hidden.clone()
+        return hit.length
+
     def prefill(self, seq: int, tokens: Sequence[int], last: bool) -> None:
         if seq in self.running:
             raise RuntimeError(f"sequence {seq} is decoding; it cannot be prefilled")
         if seq not in self.row_of:
-            free = sorted(set(range(self.max_batch)) - set(self.row_of.values()))
-            if not free:
-                raise RuntimeError("every row of the KV cache is taken")
-            self.row_of[seq] = free[0]
-            self.cache.clear_row(free[0])
+            self._claim_row(seq)
         if tokens:
             self.hidden[seq] = prefill(self.model, self.cache, self.row_of[seq], tokens, self.prefill_chunk)
+            tracked = self.tracked.get(seq)
+            if tracked is not None:
+                tracked.tokens += tokens
+                self._store(seq, self.hidden[seq])
         if not last:
             return
         if seq not in self.hidden:
@@ -201,6 +241,9 @@ class ModelRunner:
         if fed:
             ids = torch.tensor([[tokens[s]] for s in self.running[:fed]], device=model_device(self.model))
             hidden.append(forward_hidden(self.model, self.cache, ids, slice(0, fed))[:, -1])
+            for s in self.running[:fed]:
+                if s in self.tracked:
+                    self.tracked[s].tokens.append(tokens[s])
         if self.joined:
             hidden.append(torch.stack([self.hidden.pop(s) for s in self.running[fed:]]))
         logits = self.model.lm_head(torch.cat(hidden))  # (R, V): one pass over the head for all
@@ -208,6 +251,8 @@ class ModelRunner:
         return {s: logits[r] for r, s in enumerate(self.running)}
 
     def release(self, seq: int) -> None:
+        self._store(seq, None)
+        self._untrack(seq)
         if seq in self.running:
             self._leave_batch(seq)
         row = self.row_of.pop(seq, None)
@@ -218,9 +263,12 @@ class ModelRunner:
     def park(self, seq: int) -> None:
         """Take `seq` out of the decode batch but keep its row: a later `prefill` continues it.
         Its last sampled token was not fed, so it has no hidden state until it is prefilled."""
+        self._store(seq, None)
         self._leave_batch(seq)
 
     def reset(self) -> None:
+        for seq in list(self.tracked):
+            self._untrack(seq)
         self.cache.reset()
         self.row_of, self.running = {}, []
         self.hidden.clear()
@@ -243,6 +291,7 @@ class ModelRunner:
         return RowMark(self.cache.lengths[row], rings, None if hidden is None else hidden.clone())
 
     def rewind(self, seq: int, mark: RowMark) -> None:
+        self._untrack(seq)  # its row no longer follows the tokens it stored
         row = self.row_of[seq]
         if mark.length > self.cache.lengths[row]:
             raise ValueError("this mark lies ahead of the sequence (was it taken before a reset?)")
@@ -257,7 +306,34 @@ class ModelRunner:
         if mark.hidden is not None:
             self.hidden[seq] = mark.hidden
 
+    # ------------------------------------------------------------------ prefix cache
+    def _store(self, seq: int, hidden: Tensor | None) -> None:
+        """Snapshot `seq`'s row into the prefix cache (a pass boundary: lengths move only there)."""
+        tracked = self.tracked.get(seq)
+        row = self.row_of.get(seq)
+        if tracked is None or row is None or row in self.cache.broken or self.prefix_cache is None:
+            return
+        tracked.own = self.prefix_cache.extend(
+            tracked.own, tracked.base, tracked.start, tracked.tokens, self.cache, row, hidden
+        )
+
+    def _untrack(self, seq: int) -> None:
+        tracked = self.tracked.pop(seq, None)
+        if tracked is None or self.prefix_cache is None:
+            return
+        if tracked.own is not None:
+            self.prefix_cache.unpin(tracked.own)
+        self.prefix_cache.unpin(tracked.base)
+
     # ------------------------------------------------------------------ rows
+    def _claim_row(self, seq: int) -> int:
+        free = sorted(set(range(self.max_batch)) - set(self.row_of.values()))
+        if not free:
+            raise RuntimeError("every row of the KV cache is taken")
+        self.row_of[seq] = free[0]
+        self.cache.clear_row(free[0])
+        return free[0]
+
     def _leave_batch(self, seq: int) -> None:
         if self.joined:
             raise RuntimeError("a sequence may leave the batch only between a decode and the next prefill")
