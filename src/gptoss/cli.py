@@ -314,6 +314,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         int8=args.int8,
         max_batch=args.max_batch,
         context=args.max_model_len,
+        prefix_cache_gib=args.prefix_cache_gib,
         max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes,
         responses_db=args.responses_db,
@@ -333,6 +334,12 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=int, default=256, help="sequences waiting before a 429")
     serve.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="largest request body")
     serve.add_argument("--responses-db", default=None, help="SQLite file for stored responses")
+    serve.add_argument(
+        "--prefix-cache-gib",
+        type=float,
+        default=None,
+        help="memory for cached prompt prefixes (default: a quarter of the free memory, at most 8; 0: off)",
+    )
     serve.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's own")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     serve.add_argument("--int8", action="store_true", help="weight-only int8 attention and output head")

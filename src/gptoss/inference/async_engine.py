@@ -49,6 +49,13 @@ class TokenStream:
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
         self.tokens = 0  # events yielded so far
+        self.cached_tokens: dict[int, int] = {}  # choice index → prompt tokens the prefix cache gave
+
+    @property
+    def cached(self) -> int:
+        """Prompt tokens the prefix cache gave, the fewest among the sequences (known once each
+        has its first token)."""
+        return min(self.cached_tokens.values(), default=0)
 
     def cancel(self, index: int | None = None) -> None:
         """Stop sequence `index`, or all of them; their later events are not delivered."""
@@ -63,6 +70,8 @@ class TokenStream:
             if isinstance(item, SequenceFailure):
                 raise EngineError(item.message)
             if item.index in running:
+                if item.cached_tokens is not None:
+                    self.cached_tokens[item.index] = item.cached_tokens
                 if self.first_token_at is None:
                     self.first_token_at = time.monotonic()
                 self.tokens += 1

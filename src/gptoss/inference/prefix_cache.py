@@ -19,6 +19,7 @@ budget evicts least-recently-used leaves; a node that a live sequence continues 
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -223,6 +224,22 @@ class PrefixCache:
             out.append(node)
             stack += node.children
         return out
+
+
+# The default budget: a share of the memory left free once the model and its KV cache are in
+# place, capped so that a large machine does not hand most of its memory to old conversations.
+DEFAULT_SHARE = 0.25
+DEFAULT_CAP_BYTES = 8 * 2**30
+
+
+def default_budget_bytes(device: torch.device | str) -> int:
+    """A quarter of the memory free now on `device` (call it after loading), at most 8 GiB."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(min(free * DEFAULT_SHARE, DEFAULT_CAP_BYTES))
 
 
 def _path(node: Node) -> list[Node]:

@@ -334,10 +334,11 @@ class _Reply:
 
     def usage(self, output_tokens: int) -> dict[str, int]:
         return {
-            "input_tokens": self.turn.prompt_tokens,
+            # Anthropic counts the prompt tokens read from the cache apart from the others.
+            "input_tokens": self.turn.prompt_tokens - self.turn.stream.cached,
             "output_tokens": output_tokens,
             "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
+            "cache_read_input_tokens": self.turn.stream.cached,
         }
 
     def envelope(self, content: list[dict[str, Any]], done: bool) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gptoss.checkpoint import load_model
 from gptoss.inference import ModelRunner, Runner
 from gptoss.inference.optimize import prepare_for_inference
+from gptoss.inference.prefix_cache import PrefixCache, default_budget_bytes
 from gptoss.server import anthropic, chat, ollama, page, responses, tokenize
 from gptoss.server.errors import APIError, error_response, install_error_handlers
 from gptoss.server.metrics import MetricsMiddleware
@@ -163,14 +164,23 @@ def serve(
     int8: bool = False,
     max_batch: int = DEFAULT_MAX_BATCH,
     context: int = DEFAULT_CONTEXT,
+    prefix_cache_gib: float | None = None,
     **settings: Any,
 ) -> None:
     """Load `model` (a checkpoint directory or preset name) and serve it until interrupted.
 
-    `api_key` defaults to $GPTOSS_API_KEY; other keyword arguments are `ServerSettings` fields.
+    `api_key` defaults to $GPTOSS_API_KEY; `prefix_cache_gib` is the prefix cache's memory (None:
+    a quarter of what is free after loading, at most 8 GiB; 0: no prefix cache); other keyword
+    arguments are `ServerSettings` fields.
     """
+    if prefix_cache_gib is not None and prefix_cache_gib < 0:
+        raise ValueError(f"--prefix-cache-gib must be 0 (off) or more, got {prefix_cache_gib}")
     loaded = prepare_for_inference(load_model(model, device=device, dtype=dtype), int8=int8)
     runner = ModelRunner(loaded, max_batch=max_batch, context=context)
+    budget = default_budget_bytes(device) if prefix_cache_gib is None else int(prefix_cache_gib * 2**30)
+    if budget > 0:
+        runner.prefix_cache = PrefixCache(budget)
+        log.info("prefix cache: %.2f GiB", budget / 2**30)
     name = served_model_name or Path(str(model)).name
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(runner, ServerSettings(model_name=name, api_key=api_key, **settings))

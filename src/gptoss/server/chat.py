@@ -103,7 +103,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
             for i in range(body.n)
         ]
     )
-    reply = _ChatReply(service, body, len(prompt.tokens), outputs, fmt)
+    reply = _ChatReply(service, body, len(prompt.tokens), outputs, fmt, stream)
     if body.stream:
         return service.event_stream(stream, reply.chunks(stream))
     await service.run(request, stream, lambda event: reply.feed(stream, event))
@@ -120,11 +120,13 @@ class _ChatReply:
         prompt_tokens: int,
         outputs: list[HarmonyOutput],
         fmt: JsonFormat | None,
+        stream: TokenStream,
     ) -> None:
         self.service = service
         self.body = body
         self.prompt_tokens = prompt_tokens
         self.outputs = outputs
+        self.stream = stream
         self.fmt = fmt
         self.id = new_id("chatcmpl-")
         self.created = int(time.time())
@@ -151,7 +153,7 @@ class _ChatReply:
             completion_tokens=completion,
             total_tokens=self.prompt_tokens + completion,
             completion_tokens_details={"reasoning_tokens": sum(o.reasoning_tokens for o in self.outputs)},
-            prompt_tokens_details={"cached_tokens": 0},
+            prompt_tokens_details={"cached_tokens": self.stream.cached},
         )
 
     def completion(self) -> ChatCompletion:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gptoss.inference import AsyncEngine
+from gptoss.inference import AsyncEngine, Runner
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -60,9 +62,40 @@ class Metrics:
         Gauge("gptoss_batch_capacity", "Sequences that can decode together", registry=r).set_function(
             lambda: engine.runner.max_batch
         )
+        r.register(_PrefixCacheCollector(engine.runner))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PrefixCacheCollector:
+    """The prefix cache's own counters, read at scrape time (none without a prefix cache)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def collect(self) -> Iterator[Metric]:
+        cache = getattr(self.runner, "prefix_cache", None)
+        if cache is None:
+            return
+        stats = cache.stats
+        yield CounterMetricFamily(
+            "gptoss_prefix_cache_hits", "Prompts that began from a cached prefix", stats.hits
+        )
+        yield CounterMetricFamily("gptoss_prefix_cache_misses", "Prompts with no cached prefix", stats.misses)
+        yield CounterMetricFamily(
+            "gptoss_prefix_cache_hit_tokens", "Prompt tokens restored instead of prefilled", stats.hit_tokens
+        )
+        yield CounterMetricFamily(
+            "gptoss_prefix_cache_evictions", "Cached prefixes dropped for the memory budget", stats.evictions
+        )
+        yield GaugeMetricFamily("gptoss_prefix_cache_bytes", "Memory the prefix cache holds", cache.nbytes)
+        yield GaugeMetricFamily(
+            "gptoss_prefix_cache_budget_bytes", "Memory the prefix cache may hold", cache.budget_bytes
+        )
+        yield GaugeMetricFamily(
+            "gptoss_prefix_cache_entries", "Points a prompt can resume from", cache.entries
+        )
 
 
 class MetricsMiddleware:

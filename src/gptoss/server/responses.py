@@ -199,7 +199,8 @@ async def create_response(body: ResponsesRequest, request: Request, service: Ser
     sampling = SamplingFields(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     params = sampling_params(sampling, max_tokens, 0, None, Tokenizer.STOP_TOKENS)
     stream = service.submit([SequenceRequest(prompt.tokens, params, 0, prompt.constraint())])
-    reply = _Reply(service, body, items, len(prompt.tokens), HarmonyOutput((), prompt.tools_allowed), fmt)
+    output = HarmonyOutput((), prompt.tools_allowed)
+    reply = _Reply(service, body, items, len(prompt.tokens), output, fmt, stream)
     if body.stream:
         return service.event_stream(stream, reply.events(stream))
     await service.run(request, stream, reply.feed)
@@ -263,9 +264,11 @@ class _Reply:
         prompt_tokens: int,
         output: HarmonyOutput,
         fmt: JsonFormat | None,
+        stream: TokenStream,
     ) -> None:
         self.service = service
         self.body = body
+        self.stream = stream
         self.input_items = input_items
         self.prompt_tokens = prompt_tokens
         self.output = output
@@ -306,7 +309,7 @@ class _Reply:
         out = self.output
         return {
             "input_tokens": self.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": self.stream.cached},
             "output_tokens": out.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": out.reasoning_tokens},
             "total_tokens": self.prompt_tokens + out.completion_tokens,
