@@ -1,6 +1,7 @@
 """Harmony: rendering against openai-harmony, chat conversion, and the never-raising parser."""
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -27,6 +28,7 @@ from gptoss.harmony import (
     TextDelta,
     ToolCallDelta,
     ToolCallStart,
+    call_header,
     chat_messages_to_harmony,
     harmony_to_chat_messages,
     parse_completion,
@@ -257,7 +259,16 @@ def test_rendering_is_token_identical_to_openai_harmony(case):
     reference = get_harmony_encoding().render_conversation_for_completion(
         Conversation.from_messages(expected), Role.ASSISTANT
     )
-    assert ours == reference
+    if not any(m.recipient for m in expected):
+        assert ours == reference
+    # openai-harmony puts a call's recipient before the channel; we render it where gpt-oss writes it.
+    tok = get_tokenizer()
+    written = re.sub(
+        r"<\|start\|>assistant to=(\S+?)<\|channel\|>(\w+)",
+        r"<|start|>assistant<|channel|>\2 to=\1",
+        tok.decode(reference),
+    )
+    assert tok.decode(ours) == written
     assert ours[-2:] == [Tokenizer.START, *get_tokenizer().encode("assistant")]
 
 
@@ -312,7 +323,7 @@ def test_rendering_matches_the_harmony_spec_text():
     assert text.startswith(expected_prompt)
     assert text.endswith(
         "<|start|>assistant<|channel|>analysis<|message|>Need to use function get_weather.<|end|>"
-        "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
+        "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
         '{"location":"San Francisco"}<|call|>'
         "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"
         '{"sunny": true, "temperature": 20}<|end|><|start|>assistant'
@@ -376,8 +387,8 @@ def test_training_mask_covers_exactly_what_the_model_generates():
     assert tokens[-1] == Tokenizer.RETURN
     spans = _spans(mask)
     assert [tok.decode(tokens[b:e]) for b, e in spans] == [
-        "<|channel|>analysis<|message|>think4<|end|><|start|>assistant to=functions.get_current_weather"
-        '<|channel|>commentary <|constrain|>json<|message|>{"location":"Oslo"}<|call|>',
+        "<|channel|>analysis<|message|>think4<|end|><|start|>assistant<|channel|>commentary"
+        ' to=functions.get_current_weather <|constrain|>json<|message|>{"location":"Oslo"}<|call|>',
         "<|channel|>analysis<|message|>think5<|end|><|start|>assistant<|channel|>final<|message|>"
         "Snow in Oslo.<|return|>",
     ]
@@ -747,6 +758,26 @@ def test_parsed_completion_to_chat_message():
         "content": "4",
         "reasoning_content": 'User asks: "What is 2 + 2?" Simple.',
     }
+
+
+def test_a_tool_call_is_rendered_back_as_the_model_wrote_it():
+    """The prompt after a tool call extends the previous prompt with the model's own tokens, so a
+    tool loop's prompts share everything up to the call's result."""
+    chat = [{"role": "user", "content": "Weather in SF?"}]
+    prompt = render_for_completion(chat_messages_to_harmony(chat, TOOLS))
+    tok = get_tokenizer()
+    written = (
+        [Tokenizer.CHANNEL, *tok.encode_ordinary("analysis"), Tokenizer.MESSAGE]
+        + tok.encode_ordinary("Need the weather.")
+        + [Tokenizer.END, Tokenizer.START, *tok.encode_ordinary("assistant")]
+        + call_header("functions.get_current_weather")
+        + tok.encode_ordinary('{"location":"SF"}')
+        + [Tokenizer.CALL]
+    )
+    [message] = harmony_to_chat_messages(parse_completion(written))
+    answer = {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "sunny"}
+    follow = render_for_completion(chat_messages_to_harmony([*chat, message, answer], TOOLS))
+    assert follow[: len(prompt) + len(written)] == prompt + written
 
 
 def test_tool_result_may_name_its_function():

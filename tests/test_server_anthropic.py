@@ -145,7 +145,7 @@ def test_tool_use_round_trip_streamed_and_not(scripted):
     second = c.messages.create(model=MODEL, max_tokens=200, messages=follow, tools=[WEATHER])
     assert second.content[0].text == "It is sunny in Paris." and second.stop_reason == "end_turn"
     prompt = scripted.runner.prompt_log[-1]
-    call_header = "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+    call_header = "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
     assert call_header + '<|message|>{"city": "Paris"}<|call|>' in prompt
     assert "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>Sunny, 21C" in prompt
 

@@ -147,7 +147,42 @@ def render_for_completion(messages: Sequence[Message]) -> list[int]:
     )
     if bodies:
         tokens = _splice(tokens, bodies, messages)
-    return tokens
+    return _calls_as_written(tokens, messages)
+
+
+def call_header(recipient: str, channel: str = "commentary", content_type: str | None = _JSON) -> list[int]:
+    """The tokens gpt-oss writes after ``<|start|>assistant`` to address `recipient`, through
+    ``<|message|>``: the recipient after the channel (``<|channel|>commentary to=functions.f
+    <|constrain|>json<|message|>``), as the model writes it."""
+    message = Message.from_role_and_content(Role.ASSISTANT, "").with_channel(f"{channel} to={recipient}")
+    return _header(message if content_type is None else message.with_content_type(content_type))
+
+
+def _header(message: Message) -> list[int]:
+    tokens = get_harmony_encoding().render(message)
+    start = tokens.index(Tokenizer.START) + 1 + len(get_tokenizer().encode_ordinary(Role.ASSISTANT.value))
+    return tokens[start : tokens.index(Tokenizer.MESSAGE) + 1]
+
+
+def _calls_as_written(tokens: list[int], messages: Sequence[Message]) -> list[int]:
+    """openai-harmony renders an assistant message's recipient before its channel (``assistant
+    to=functions.f<|channel|>commentary``), while gpt-oss writes it after. Re-rendering a tool call
+    as the model wrote it keeps the conversation's tokens the model's own: the prompt that follows a
+    call then extends the previous prompt and the call (so a prefix cache reuses all of it), and
+    the model reads its history as it writes it."""
+    out, start = [], 0
+    role = [Tokenizer.START, *get_tokenizer().encode_ordinary(Role.ASSISTANT.value)]
+    for m in messages:
+        if m.author.role != Role.ASSISTANT or m.recipient is None or m.channel is None:
+            continue
+        rendered = role + _header(m.model_copy(update={"content": [TextContent(text="")]}))
+        written = role + call_header(m.recipient, m.channel, m.content_type)
+        at = _find(tokens, rendered, start)
+        if at < 0:
+            continue
+        out += tokens[start:at] + written
+        start = at + len(rendered)
+    return out + tokens[start:]
 
 
 def _splice(tokens: list[int], bodies: dict[int, str], messages: Sequence[Message]) -> list[int]:
@@ -189,6 +224,7 @@ def render_for_training(messages: Sequence[Message]) -> tuple[list[int], list[bo
     tokens = get_harmony_encoding().render_conversation_for_training(
         Conversation.from_messages(kept), _RENDER_ALL
     )
+    tokens = _calls_as_written(tokens, kept)
     # Every rendered message starts with <|start|>, and text is encoded without specials, so the
     # <|start|> positions are the message boundaries.
     starts = [i for i, t in enumerate(tokens) if t == Tokenizer.START]

@@ -14,12 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from openai_harmony import Message, Role
-
-from gptoss.harmony import chat_messages_to_harmony, render_for_completion
+from gptoss.harmony import call_header, chat_messages_to_harmony, render_for_completion
 from gptoss.inference import PrefixConstraint, Runner
 from gptoss.server.errors import APIError
-from gptoss.tokenizer import Tokenizer, get_harmony_encoding, get_tokenizer
 
 # "minimal" is what newer OpenAI clients send for the least reasoning; gpt-oss's least is "low".
 _EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}
@@ -101,16 +98,9 @@ def build_prompt(
 @functools.lru_cache(maxsize=1024)
 def tool_call_header(name: str) -> tuple[int, ...]:
     """The tokens gpt-oss writes after ``<|start|>assistant`` to call function `name`, through
-    ``<|message|>`` (as openai-harmony renders such a message, so the tokenisation is canonical)."""
-    message = (
-        Message.from_role_and_content(Role.ASSISTANT, "")
-        .with_channel("commentary")
-        .with_recipient(f"functions.{name}")
-        .with_content_type("<|constrain|>json")
-    )
-    tokens = get_harmony_encoding().render(message)
-    start = tokens.index(Tokenizer.START) + 1 + len(get_tokenizer().encode_ordinary(Role.ASSISTANT.value))
-    return tuple(tokens[start : tokens.index(Tokenizer.MESSAGE) + 1])
+    ``<|message|>`` (as the conversation re-renders the call, so a tool loop's prompts extend each
+    other)."""
+    return tuple(call_header(f"functions.{name}"))
 
 
 def response_format_instructions(fmt: JsonFormat) -> str:
