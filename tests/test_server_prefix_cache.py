@@ -1,0 +1,109 @@
+"""Live: a tool-using conversation's every turn starts from the cache of the turn before it.
+
+The model is forced to call the tool (tool_choice), and its answer is cut right after the call's
+header, so each turn generates exactly the tokens of `tool_call_header`: the test knows every token
+that went through the model, and so the prefix each turn shares with the one before it.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from gptoss.inference import ModelRunner
+from gptoss.inference.prefix_cache import PrefixCache
+from gptoss.server.prompting import ToolChoice, build_prompt, tool_call_header
+from test_server_support import MODEL, live_server, tiny_server_model
+
+TURNS = 10
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+HEADER = len(tool_call_header("get_weather"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    runner = ModelRunner(
+        tiny_server_model(), max_batch=4, context=2048, prefill_chunk=64, prefix_cache=PrefixCache(1 << 28)
+    )
+    with live_server(runner, tmp_path_factory.mktemp("db")) as live:
+        yield live, runner
+
+
+def common(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def prompt_tokens(runner: ModelRunner, messages: list[dict]) -> list[int]:
+    return build_prompt(
+        runner, messages, tools=[WEATHER], tool_choice=ToolChoice("required"), reasoning_effort=None
+    ).tokens
+
+
+def test_chat_tool_loop_reuses_each_turn(server):
+    live, runner = server
+    client = live.client()
+    tool = {"type": "function", "function": WEATHER}
+    messages: list[dict] = [
+        {"role": "system", "content": "You answer questions about the weather. " * 20},
+        {"role": "user", "content": "What is the weather in Oslo, then Paris, then Rome?"},
+    ]
+    seen: list[int] | None = None  # the last prompt and the tokens generated after it
+    for turn in range(TURNS):
+        prompt = prompt_tokens(runner, messages)
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            tools=[tool],
+            tool_choice="required",
+            max_tokens=HEADER,
+            temperature=0,
+        )
+        [call] = reply.choices[0].message.tool_calls
+        cached = reply.usage.prompt_tokens_details.cached_tokens
+        assert reply.usage.prompt_tokens == len(prompt)
+        if seen is not None:
+            shared = common(prompt, seen)
+            # All of it but the last generated token, which is sampled and never fed back.
+            assert shared == len(seen) and cached == shared - 1 >= 0.9 * shared, turn
+        seen = prompt + list(tool_call_header("get_weather"))
+        messages += [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": f"Sunny, {turn + 15} C"},
+        ]
+    metrics = httpx.get(f"{live.url}/metrics").text
+    assert "gptoss_prefix_cache_hits_total" in metrics and "gptoss_prefix_cache_bytes" in metrics
+
+
+def test_responses_tool_loop_with_previous_response_id_reuses_each_turn(server):
+    live, runner = server
+    client = live.client()
+    tool = {"type": "function", **WEATHER}
+    instructions = "You answer questions about the weather. " * 20
+    response, previous = None, 0
+    before = runner.prefix_cache.stats.hit_tokens
+    for turn in range(TURNS):
+        if response is None:
+            items: object = "What is the weather in Oslo, then Paris, then Rome?"
+        else:
+            [call] = [o for o in response.output if o.type == "function_call"]
+            items = [{"type": "function_call_output", "call_id": call.call_id, "output": f"{turn} C"}]
+        response = client.responses.create(
+            model=MODEL,
+            input=items,
+            instructions=instructions,
+            tools=[tool],
+            tool_choice="required",
+            max_output_tokens=HEADER,
+            temperature=0,
+            previous_response_id=None if response is None else response.id,
+        )
+        cached = response.usage.input_tokens_details.cached_tokens
+        if turn:
+            # The previous prompt and the call's header (but its last token) came from the cache.
+            assert cached == previous + HEADER - 1 >= 0.9 * (previous + HEADER), turn
+        previous = response.usage.input_tokens
+    assert runner.prefix_cache.stats.hit_tokens > before
