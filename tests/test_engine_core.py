@@ -298,9 +298,8 @@ def test_long_bodies_render_apart_exactly_as_harmony_renders_them(bodies, roles)
     messages.append({"role": "user", "content": "go"})
     conversation = harmony.chat_messages_to_harmony(messages, [{"name": "f"}], reasoning_effort="low")
     spliced = harmony.render_for_completion(conversation)
+    kept = harmony._drop_stale_reasoning(conversation, keep_last_turn=False)
     whole = harmony.get_harmony_encoding().render_conversation_for_completion(
-        harmony.Conversation.from_messages(harmony._drop_stale_reasoning(conversation, keep_last_turn=False)),
-        harmony.Role.ASSISTANT,
-        harmony._RENDER_ALL,
+        harmony.Conversation.from_messages(kept), harmony.Role.ASSISTANT, harmony._RENDER_ALL
     )
-    assert spliced == whole
+    assert spliced == harmony._calls_as_written(whole, kept)

@@ -371,7 +371,7 @@ def test_tool_result_round_trip_sends_reasoning_back(scripted, spelling):
     # the chain the model sees: its reasoning, its call, and the result from the named tool
     assert "<|channel|>analysis<|message|>The user wants the weather." in prompt
     assert (
-        'to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
+        '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
         in prompt
     )
     assert (

@@ -98,7 +98,7 @@ def test_function_call_then_output_through_previous_response_id(scripted):
     prompt = scripted.runner.prompt_log[-1]
     assert "<|message|>What is the weather?<|end|>" in prompt  # the stored chain came back
     assert (
-        'to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"city": "Oslo"}<|call|>'
+        '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>'
         in prompt
     )
     assert (
