@@ -89,14 +89,11 @@ class PrefixCache:
             raise ValueError(f"the prefix cache budget must be positive, got {budget_bytes} bytes")
         self.budget_bytes = budget_bytes
         self.root = Node(None, 0)
+        # Kept as counts (not computed from the tree) so that another thread may read them safely.
         self.nbytes = 0
+        self.entries = 0  # snapshots held: the points a prompt can resume from
         self.stats = PrefixCacheStats()
         self._clock = itertools.count(1)
-
-    @property
-    def entries(self) -> int:
-        """Snapshots held: the points a prompt can resume from."""
-        return sum(len(n.snapshots) for n in self._nodes())
 
     # ------------------------------------------------------------------ lookup and restore
     def lookup(self, prompt: Sequence[int]) -> Hit:
@@ -188,6 +185,7 @@ class PrefixCache:
             ]
         )
         node.snapshots[length] = Snapshot(rings, None if hidden is None else hidden.clone())
+        self.entries += 1
         node.used = next(self._clock)
         self.nbytes += node.nbytes
         self._evict()
@@ -200,12 +198,6 @@ class PrefixCache:
         node.pins -= 1
         self._evict()
 
-    def clear(self) -> None:
-        """Drop every entry that no live sequence continues."""
-        budget, self.budget_bytes = self.budget_bytes, 0
-        self._evict()
-        self.budget_bytes = budget
-
     def _evict(self) -> None:
         """Drop least-recently-used unpinned leaves until the entries fit the budget."""
         while self.nbytes > self.budget_bytes:
@@ -215,6 +207,7 @@ class PrefixCache:
             victim = min(leaves, key=lambda n: n.used)
             victim.parent.children.remove(victim)
             self.nbytes -= victim.nbytes
+            self.entries -= len(victim.snapshots)
             self.stats.evictions += 1
 
     def _nodes(self) -> list[Node]:
