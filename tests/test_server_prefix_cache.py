@@ -107,3 +107,15 @@ def test_responses_tool_loop_with_previous_response_id_reuses_each_turn(server):
             assert cached == previous + HEADER - 1 >= 0.9 * (previous + HEADER), turn
         previous = response.usage.input_tokens
     assert runner.prefix_cache.stats.hit_tokens > before
+
+
+def test_completions_repeat_a_prompt_from_the_cache(server):
+    live, _ = server
+    client = live.client()
+    prompt = "The lighthouse keeper counted the ships. " * 12
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
+    # The whole prompt (its last hidden state included) comes back: the same answer, no prefill.
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens
+    assert again.choices[0].text == first.choices[0].text

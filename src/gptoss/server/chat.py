@@ -305,10 +305,17 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     reply_id, created = new_id("cmpl-"), int(time.time())
     prompt_tokens = sum(len(t) for t in prompts)
 
+    stream: TokenStream | None = None
+
     def usage() -> Usage:
         completion = sum(o.completion_tokens for o in outputs)
+        # Each prompt counted once: the tokens its first choice took from the prefix cache.
+        cached = sum(stream.cached_tokens.get(p * body.n, 0) for p in range(len(prompts))) if stream else 0
         return Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=prompt_tokens + completion,
+            prompt_tokens_details={"cached_tokens": cached},
         )
 
     def feed(event: TokenEvent) -> str:
