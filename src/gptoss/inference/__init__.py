@@ -13,6 +13,7 @@ from gptoss.inference.engine import (
     generate,
     generate_stream,
 )
+from gptoss.inference.prefix_cache import PrefixCache
 from gptoss.inference.runner import ModelRunner, Runner
 from gptoss.inference.sampling import SamplingParams
 
@@ -23,6 +24,7 @@ __all__ = [
     "EngineError",
     "KVCache",
     "ModelRunner",
+    "PrefixCache",
     "PrefixConstraint",
     "QueueFull",
     "Runner",
