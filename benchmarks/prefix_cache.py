@@ -9,8 +9,8 @@ rendered by harmony. For every turn it reports the time to the first token with 
 off (the whole prompt prefilled) and on, and beside them the time to prefill only the turn's new
 tokens in a row that already holds the rest (a `Session` that never left: the floor a prefix cache
 can reach). The target is turn N with the cache within 1.5x of that floor. Each time is the best of
---repeats runs (the repeats of the cached run end in another token, so that none of them finds the
-whole prompt stored by the one before).
+--repeats runs, the three taken in turn (the repeats of the cached run end in another token, so
+that none of them finds the whole prompt stored by the one before).
 """
 
 from __future__ import annotations
@@ -110,15 +110,18 @@ def main() -> None:
     rows = []
     for n, prompt in enumerate(tqdm(prompts, desc="turns")):
         new = prompt[len(prompts[n - 1]) :] if n else prompt
-        off = min(first_token_seconds(cold, prompt, args.max_tokens) for _ in range(args.repeats))
-        before = warm_runner.prefix_cache.stats.hit_tokens
-        on = first_token_seconds(warm, prompt, args.max_tokens)
-        cached = warm_runner.prefix_cache.stats.hit_tokens - before
-        for r in range(1, args.repeats):
-            on = min(on, first_token_seconds(warm, [*prompt[:-1], prompt[r - 1]], args.max_tokens))
-        floor = float("inf")
         mark = session.mark() if n else None
-        for _ in range(args.repeats):
+        off = on = floor = float("inf")
+        cached = 0
+        # Interleaved, so that the three columns see the same moments of a shared machine.
+        for r in range(args.repeats):
+            off = min(off, first_token_seconds(cold, prompt, args.max_tokens))
+            before = warm_runner.prefix_cache.stats.hit_tokens
+            on = min(
+                on, first_token_seconds(warm, [*prompt[:-1], prompt[r - 1]] if r else prompt, args.max_tokens)
+            )
+            if r == 0:
+                cached = warm_runner.prefix_cache.stats.hit_tokens - before
             if mark is None:
                 session.reset()
             else:
