@@ -52,3 +52,10 @@ def test_info_on_something_unknown_fails_clearly():
     assert "neither a checkpoint directory nor a preset" in result.stderr
     assert "gpt-oss-nano" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_rejects_a_negative_prefix_cache_before_loading(capsys):
+    from gptoss.cli import main
+
+    assert main(["serve", "gptoss-nano", "--prefix-cache-gib", "-1"]) == 2
+    assert "--prefix-cache-gib must be 0 (off) or more, got -1.0" in capsys.readouterr().err

@@ -505,5 +505,7 @@ def test_gptoss_serve_command_runs_the_real_server(tmp_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k3y", max_retries=0)
         reply = client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=5)
         assert reply.usage.completion_tokens >= 1 and reply.model == MODEL
+        again = client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=5)
+        assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens  # on by default
         assert client.models.retrieve(MODEL).model_extra["max_model_len"] == 256
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
