@@ -30,6 +30,7 @@ from gptoss.server.metrics import MetricsMiddleware
 from gptoss.server.runner import DEFAULT_CONTEXT, DEFAULT_MAX_BATCH, ModelRunner, Runner
 from gptoss.server.schemas import ModelCard, ModelList
 from gptoss.server.service import ServerSettings, Service, ServiceDep
+from gptoss.server.store import owner_of
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,14 @@ PUBLIC_PATHS = frozenset({"/health"})
 class Gate:
     """The door, before any routing. With an API key, every route but /health needs
     ``Authorization: Bearer <key>`` (docs and 404s included, hence middleware rather than a route
-    dependency). Request bodies over `max_bytes` get 413: at once when Content-Length says so,
+    dependency); the key's digest goes to `request.state.owner`, which owns stored responses.
+    Request bodies over `max_bytes` get 413: at once when Content-Length says so,
     else as soon as the streamed body passes the limit. (FastAPI's own `max_body_size` answers in
     plain text, not in OpenAI's error shape.)"""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], max_bytes: int) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = {f"Bearer {key}".encode(): owner_of(key) for key in api_keys}
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,6 +59,7 @@ class Gate:
         if error is not None:
             await error.response()(scope, receive, send)
             return
+        scope.setdefault("state", {})["owner"] = self._owner(scope)
         received = 0
 
         async def limited_receive() -> Message:
@@ -71,9 +74,9 @@ class Gate:
 
     def _check(self, scope: Scope) -> APIError | None:
         headers = Headers(scope=scope)
-        if self.expected is not None and scope["path"] not in PUBLIC_PATHS:
+        if self.expected and scope["path"] not in PUBLIC_PATHS:
             given = headers.get("authorization", "").encode()
-            if not secrets.compare_digest(given, self.expected):
+            if not any(secrets.compare_digest(given, key) for key in self.expected):
                 return APIError(
                     401,
                     "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
@@ -86,6 +89,9 @@ class Gate:
                 413, f"The request body is larger than the {self.max_bytes} bytes this server accepts."
             )
         return None
+
+    def _owner(self, scope: Scope) -> str:
+        return self.expected.get(Headers(scope=scope).get("authorization", "").encode(), "")
 
 
 def create_app(runner: Runner, settings: ServerSettings) -> FastAPI:
@@ -129,7 +135,7 @@ def create_app(runner: Runner, settings: ServerSettings) -> FastAPI:
     async def metrics(service: ServiceDep) -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(Gate, api_key=settings.api_key, max_bytes=settings.max_request_bytes)
+    app.add_middleware(Gate, api_keys=settings.api_keys, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: counts 401s too
     return app
 
@@ -145,7 +151,7 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    api_key: str | None = None,
+    api_keys: tuple[str, ...] = (),
     served_model_name: str | None = None,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
@@ -156,13 +162,14 @@ def serve(
 ) -> None:
     """Load `model` (a checkpoint directory or preset name) and serve it until interrupted.
 
-    `api_key` defaults to $GPTOSS_API_KEY; other keyword arguments are `ServerSettings` fields.
+    `api_keys` default to $GPTOSS_API_KEY (several keys separated by commas); other keyword
+    arguments are `ServerSettings` fields.
     """
     loaded = prepare_for_inference(load_model(model, device=device, dtype=dtype), int8=int8)
     runner = ModelRunner(loaded, max_batch=max_batch, context=context)
     name = served_model_name or Path(str(model)).name
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    app = create_app(runner, ServerSettings(model_name=name, api_key=api_key, **settings))
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    api_keys = api_keys or tuple(k for k in os.environ.get(API_KEY_ENV, "").split(",") if k)
+    app = create_app(runner, ServerSettings(model_name=name, api_keys=api_keys, **settings))
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_keys:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -192,12 +192,17 @@ def _json_format(text: TextConfig | None) -> JsonFormat | None:
     return JsonFormat(fmt.name, fmt.schema_ if fmt.type == "json_schema" else None, fmt.description)
 
 
+def _owner(request: Request) -> str:
+    """Who owns the responses this request stores and may read (set by the app's gate)."""
+    return getattr(request.state, "owner", "")
+
+
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request, service: ServiceDep) -> Any:
     service.check_model(body.model)
     previous: list[dict[str, Any]] = []
     if body.previous_response_id:
-        previous = service.store.conversation(body.previous_response_id)
+        previous = service.store.conversation(body.previous_response_id, _owner(request))
         if previous is None:
             raise APIError(
                 404,
@@ -228,7 +233,8 @@ async def create_response(body: ResponsesRequest, request: Request, service: Ser
     sampling = SamplingFields(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     params = sampling_params(sampling, max_tokens, 0, None, Tokenizer.STOP_TOKENS)
     stream = service.submit([SequenceRequest(prompt.tokens, params, 0, prompt.constraint)])
-    reply = _Reply(service, body, items, len(prompt.tokens), HarmonyOutput((), prompt.tools_allowed), fmt)
+    output = HarmonyOutput((), prompt.tools_allowed)
+    reply = _Reply(service, body, items, len(prompt.tokens), output, fmt, _owner(request))
     if body.stream:
         return service.event_stream(stream, reply.events(stream))
     await service.run(request, stream, reply.feed)
@@ -244,8 +250,10 @@ class _Reply:
         prompt_tokens: int,
         output: HarmonyOutput,
         fmt: JsonFormat | None,
+        owner: str,
     ) -> None:
         self.service = service
+        self.owner = owner
         self.body = body
         self.input_items = input_items
         self.prompt_tokens = prompt_tokens
@@ -306,7 +314,7 @@ class _Reply:
             self.service.metrics.format_violations.inc()
         response = self.response("incomplete" if self.output.finish_reason == "length" else "completed")
         if self.body.store:
-            self.service.store.put(response, self.input_items)
+            self.service.store.put(response, self.input_items, self.owner)
         return response
 
     async def events(self, stream: TokenStream) -> AsyncIterator[str]:
@@ -323,23 +331,23 @@ class _Reply:
 
 
 @router.get("/v1/responses/{response_id}")
-async def get_response(response_id: str, service: ServiceDep) -> Any:
-    response = service.store.get(response_id)
+async def get_response(response_id: str, request: Request, service: ServiceDep) -> Any:
+    response = service.store.get(response_id, _owner(request))
     if response is None:
         raise APIError(404, f"No response with id {response_id!r} is stored.", param="response_id")
     return response
 
 
 @router.delete("/v1/responses/{response_id}")
-async def delete_response(response_id: str, service: ServiceDep) -> Any:
-    if not service.store.delete(response_id):
+async def delete_response(response_id: str, request: Request, service: ServiceDep) -> Any:
+    if not service.store.delete(response_id, _owner(request)):
         raise APIError(404, f"No response with id {response_id!r} is stored.", param="response_id")
     return {"id": response_id, "object": "response", "deleted": True}
 
 
 @router.get("/v1/responses/{response_id}/input_items")
-async def list_input_items(response_id: str, service: ServiceDep) -> Any:
-    items = service.store.input_items(response_id)
+async def list_input_items(response_id: str, request: Request, service: ServiceDep) -> Any:
+    items = service.store.input_items(response_id, _owner(request))
     if items is None:
         raise APIError(404, f"No response with id {response_id!r} is stored.", param="response_id")
     data = [{"id": item.get("id") or new_id("item_"), **item} for item in items]
