@@ -356,7 +356,10 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="largest request body")
     serve.add_argument("--responses-db", default=None, help="SQLite file for stored responses")
     serve.add_argument(
-        "--responses-ttl", type=_duration, default="30d", help="how long responses stay stored (30d, 12h, 90m)"
+        "--responses-ttl",
+        type=_duration,
+        default="30d",
+        help="how long responses stay stored (30d, 12h, 90m)",
     )
     serve.add_argument("--responses-max-mb", type=int, default=1024, help="stored responses' size cap")
     serve.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's own")
