@@ -359,7 +359,7 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
         "--responses-ttl",
         type=_duration,
         default="30d",
-        help="how long responses stay stored (30d, 12h, 90m)",
+        help="how long responses are kept (30d, 12h, 90m)",
     )
     serve.add_argument("--responses-max-mb", type=int, default=1024, help="stored responses' size cap")
     serve.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's own")
