@@ -54,10 +54,12 @@ def pin(case: Any, model: str) -> None:
         value = body.get(field)
         if isinstance(value, int) and not isinstance(value, bool) and value > cap:
             body[field] = cap
-    # Without a budget a request may fill the context: give one (other endpoints ignore the field).
-    if not any(field in body for field in CHAT_BUDGETS):
+    # Without a budget (absent or null) a request may fill the context: give one (other endpoints
+    # ignore the field).
+    if all(body.get(field) is None for field in CHAT_BUDGETS):
         body["max_tokens"] = BUDGET_FIELDS["max_tokens"]
-    body.setdefault("max_output_tokens", BUDGET_FIELDS["max_output_tokens"])
+    if body.get("max_output_tokens") is None:
+        body["max_output_tokens"] = BUDGET_FIELDS["max_output_tokens"]
 
 
 def send(case: Any, base_url: str, model: str) -> tuple[int | str, str, float]:
@@ -72,7 +74,9 @@ def send(case: Any, base_url: str, model: str) -> tuple[int | str, str, float]:
     return status, text, time.perf_counter() - start
 
 
-def fuzz_operation(operation: Any, mode: GenerationMode, base_url: str, model: str, examples: int) -> dict:
+def fuzz_operation(
+    operation: Any, mode: GenerationMode, base_url: str, model: str, examples: int, derandomize: bool
+) -> dict:
     """`examples` requests of one operation in one mode: status counts, failures and slow ones."""
     out: dict[str, Any] = {"counts": collections.Counter(), "server_errors": [], "slow": []}
 
@@ -82,6 +86,7 @@ def fuzz_operation(operation: Any, mode: GenerationMode, base_url: str, model: s
         database=None,
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
+        derandomize=derandomize,
     )
     @given(operation.as_strategy(generation_mode=mode))
     def run(case: Any) -> None:
@@ -106,8 +111,11 @@ def fuzz_operation(operation: Any, mode: GenerationMode, base_url: str, model: s
     return out
 
 
-def fuzz(base_url: str, model: str, examples: int, progress: bool = True) -> dict[str, Any]:
-    """Run every operation of the server's spec `examples` times per mode; return the counts."""
+def fuzz(
+    base_url: str, model: str, examples: int, progress: bool = True, derandomize: bool = False
+) -> dict[str, Any]:
+    """Run every operation of the server's spec `examples` times per mode; return the counts.
+    `derandomize`: the same requests on every run (for a test), instead of fresh ones."""
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -115,7 +123,7 @@ def fuzz(base_url: str, model: str, examples: int, progress: bool = True) -> dic
     jobs = [(op, mode) for op in operations for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
     for operation, mode in tqdm(jobs, desc="operations × modes", disable=not progress):
         try:
-            done = fuzz_operation(operation, mode, base_url, model, examples)
+            done = fuzz_operation(operation, mode, base_url, model, examples, derandomize)
         except Unsatisfiable:  # no request of this mode exists (a route without inputs has no invalid one)
             results["no_cases"].append(f"{operation.label} ({mode.value})")
             continue

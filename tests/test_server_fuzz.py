@@ -21,7 +21,7 @@ def test_fuzzing_the_openapi_spec_gives_no_5xx(tmp_path):
     with gptoss_serve(["--responses-db", str(tmp_path / "responses.sqlite3")], env) as port:
         url = f"http://127.0.0.1:{port}"
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        results = fuzz(url, model, examples=4, progress=False)
+        results = fuzz(url, model, examples=4, progress=False, derandomize=True)
     assert results["requests"] >= 40  # every operation was reached
     assert not any(
         "5" in code[:1] or code == "no response" for c in results["status_counts"].values() for code in c
