@@ -17,7 +17,13 @@ import pytest
 from conftest import tiny_config
 from gptoss.cli import main
 from gptoss.tokenizer import Tokenizer
-from gptoss.train.checkpoints import MANIFEST, checkpoint_dirs, verify_checkpoint
+from gptoss.train.checkpoints import (
+    MANIFEST,
+    DamagedCheckpoint,
+    checkpoint_dirs,
+    export_hf_model,
+    verify_checkpoint,
+)
 from gptoss.train.data import write_dataset
 from gptoss.train.plot import read_metrics
 from gptoss.train.trainer import TrainConfig, train
@@ -225,3 +231,12 @@ def test_every_checkpoint_damaged_is_one_clear_error_naming_each(finished_run, t
     for step, problem in zip(steps, (".distcp has", ".metadata is missing", "SHA-256"), strict=True):
         assert f"{step.name}: " in out and problem in out
     assert "--out" in out  # the way forward
+
+
+def test_exporting_a_damaged_checkpoint_names_the_damage(finished_run, tmp_path):
+    _, run = finished_run
+    shutil.copytree(checkpoint_dirs(run)[-1], tmp_path / "step")
+    flip(distcp(tmp_path / "step"))
+    with pytest.raises(DamagedCheckpoint, match=r"\.distcp does not match its SHA-256"):
+        export_hf_model(tmp_path / "step", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

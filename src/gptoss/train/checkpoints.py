@@ -290,7 +290,12 @@ def export_hf_model(checkpoint: str | Path, out: str | Path) -> Path:
     checkpoint is too costly): DCP reassembles the shards of any world size into one CPU model.
     """
     checkpoint = Path(checkpoint)
-    state = json.loads((checkpoint / "trainer.json").read_text())
+    if problem := verify_checkpoint(checkpoint):
+        raise DamagedCheckpoint(problem)
+    try:
+        state = json.loads((checkpoint / "trainer.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DamagedCheckpoint(f"{checkpoint / 'trainer.json'} cannot be read: {exc}") from exc
     model = GptOss(ModelConfig.from_hf(state["model_config"]))
     wanted = {"model": model.state_dict()}
     with _quiet_single_process():
