@@ -29,6 +29,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -190,11 +191,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """SHA-256 of many files at once: hashlib releases the GIL, and a sharded checkpoint has a
+    file per rank, so threads hash at the disk's pace rather than one core's (~0.4 GB/s)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def write_manifest(directory: Path) -> None:
     """List every file of `directory` with its size and SHA-256 in `manifest.json`, atomically."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = {
-        p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files
+        p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": digest}
+        for p, digest in zip(files, _sha256_all(files), strict=True)
     }
     tmp = directory / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"version": 1, "files": entries}, indent=1) + "\n")
@@ -223,8 +232,9 @@ def verify_checkpoint(path: str | Path) -> str | None:
             return f"{file} is missing"
         if file.stat().st_size != size:
             return f"{file} has {file.stat().st_size} bytes, the manifest says {size} (truncated?)"
-    for name, digest in digests.items():
-        if _sha256(path / name) != digest:
+    names = list(digests)
+    for name, actual in zip(names, _sha256_all([path / n for n in names]), strict=True):
+        if actual != digests[name]:
             return f"{path / name} does not match its SHA-256 in the manifest (the file is corrupted)"
     return None
 
