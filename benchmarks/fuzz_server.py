@@ -52,7 +52,7 @@ def pin(case: Any, model: str) -> None:
         body["model"] = model
     for field, cap in BUDGET_FIELDS.items():
         value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > cap:  # 296.0 is an int
             body[field] = cap
     # Without a budget (absent or null) a request may fill the context: give one (other endpoints
     # ignore the field).
