@@ -139,8 +139,8 @@ def model_cases(checkpoint: Path, int8: bool) -> list[Case]:
     from gptoss import load_model
     from gptoss.inference import SamplingParams, generate_stream
     from gptoss.inference.cache import KVCache
-    from gptoss.inference.engine import forward_hidden
     from gptoss.inference.optimize import prepare_for_inference
+    from gptoss.inference.runner import forward_hidden
 
     model = prepare_for_inference(load_model(checkpoint), int8=int8)
     prompt = torch.arange(128)[None] % model.config.vocab_size

@@ -17,7 +17,7 @@ from gptoss.eval import (
     run_mmlu,
     run_perplexity,
 )
-from gptoss.server import ModelRunner
+from gptoss.inference import ModelRunner
 from test_eval_humaneval import FAST
 from test_eval_mmlu import CSV_LAYOUT, scripted_gpt_oss
 from test_server_support import MODEL, ScriptedRunner, harmony, live_server
@@ -95,11 +95,19 @@ def test_letters_outside_the_top_logprobs_score_minus_infinity(model_server):
     assert c > d > -10
 
 
-def test_perplexity_says_clearly_that_this_server_cannot_do_it(model_server, tmp_path):
+def test_perplexity_through_the_endpoint_matches_the_local_model(model_server, scripted_model, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to score, long enough to need several windows of sixteen tokens. " * 3)
+    remote = run_perplexity(EndpointModel(f"{model_server.url}/v1"), text, window=16, progress=False)
+    local = run_perplexity(LocalModel(scripted_model), text, window=16, progress=False)
+    assert remote.metrics == pytest.approx(local.metrics, rel=1e-4)
+
+
+def test_perplexity_says_clearly_when_a_server_cannot_score_prompts(coder_server, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("Some text to score.")
     with pytest.raises(EndpointUnsupported, match="does not return log-probabilities of the prompt"):
-        run_perplexity(EndpointModel(f"{model_server.url}/v1"), text, window=16, progress=False)
+        run_perplexity(EndpointModel(f"{coder_server.url}/v1", model=MODEL), text, window=16, progress=False)
 
 
 def test_humaneval_chat_through_the_endpoint_runs_requests_concurrently(coder_server, tmp_path):
@@ -146,14 +154,14 @@ def test_the_cli_evaluates_an_endpoint_and_writes_json(model_server, tmp_path, c
     assert Path(saved["files"]["results"]) == out / f"mmlu-{MODEL}.json"
 
 
-def test_the_cli_reports_an_unsupported_task_without_a_traceback(model_server, tmp_path, capsys):
+def test_the_cli_reports_an_unsupported_task_without_a_traceback(coder_server, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("Some text to score.")
     code = main(
         [
             "eval",
             "--endpoint",
-            f"{model_server.url}/v1",
+            f"{coder_server.url}/v1",
             "--task",
             "perplexity",
             "--data",

@@ -18,7 +18,7 @@ from gptoss.inference import (
     generate,
     generate_stream,
 )
-from gptoss.inference.engine import ATTENTION_SCORE_BUDGET, forward_hidden, prefill_chunk_length
+from gptoss.inference.runner import ATTENTION_SCORE_BUDGET, forward_hidden, prefill_chunk_length
 
 CONFIGS = {
     "moe-window5": tiny_config(),

@@ -58,7 +58,7 @@ def test_a_final_answer_drops_its_reasoning_without_prefilling_the_history_again
     assert chat.session.prefilled - before == len(render_messages([answer, follow_up])) + len(
         assistant_prefix()
     )
-    torch.testing.assert_close(chat.session._logits, last_logits(model, expected), atol=1e-4, rtol=0)
+    torch.testing.assert_close(chat.session.next_logits(), last_logits(model, expected), atol=1e-4, rtol=0)
 
 
 def test_turns_stream_and_keep_the_history_in_the_cache(model):
@@ -95,8 +95,8 @@ def test_generate_command_streams_a_raw_completion_reproducibly(capsys):
 
 def test_generate_command_in_harmony_format_runs_and_reports_bad_arguments(capsys):
     assert main(["generate", "gpt-oss-nano", "Hi", "--max-tokens", "4", "--temperature", "0", "--int8"]) == 0
-    assert main(["generate", "gpt-oss-nano", "Hi", "--top-p", "0"]) == 2
-    assert "top_p must lie in (0, 1]" in capsys.readouterr().err
+    assert main(["generate", "gpt-oss-nano", "Hi", "--top-p", "1.5"]) == 2
+    assert "top_p must lie in [0, 1]" in capsys.readouterr().err
 
 
 def test_chat_command_drives_a_conversation_from_stdin():

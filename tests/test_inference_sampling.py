@@ -116,7 +116,7 @@ def test_stop_strings_end_generation_on_the_token_that_completes_them(model):
             model,
             [PROMPTS[0]],
             SamplingParams(max_tokens=20, temperature=0, stop=[stop]),
-            detokenize=detokenize,
+            token_bytes=lambda t: detokenize([t]).encode(),
         )
     )
     assert [e.token for e in out] == free[:first]
@@ -183,7 +183,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
 
 @pytest.mark.parametrize(
     "options",
-    [{"temperature": -1}, {"top_p": 0}, {"top_k": -1}, {"min_p": 2}, {"max_tokens": 0}, {"stop": "x"}],
+    [{"temperature": -1}, {"top_p": -0.1}, {"top_k": -1}, {"min_p": 2}, {"max_tokens": 0}, {"stop": "x"}],
 )
 def test_invalid_params_are_refused(options):
     with pytest.raises(ValueError, match="invalid SamplingParams"):

@@ -10,8 +10,8 @@ import torch
 from conftest import random_model, tiny_config
 from gptoss import ops
 from gptoss.inference import KVCache
-from gptoss.inference.engine import forward_hidden
 from gptoss.inference.optimize import prepare_for_inference
+from gptoss.inference.runner import forward_hidden
 from gptoss.model import Block
 from gptoss.mxfp4 import quantize_experts
 

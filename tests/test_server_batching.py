@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
-from gptoss.inference import SamplingParams
-from gptoss.server import ModelRunner, PrefixConstraint, Scheduler, SequenceRequest
+from gptoss.inference import AsyncEngine, ModelRunner, PrefixConstraint, SamplingParams, SequenceRequest
 from gptoss.tokenizer import Tokenizer, get_tokenizer
 from test_server_support import MODEL, ScriptedRunner, harmony, live_server, model_server
 
 
 def test_model_runner_slots_equal_full_recomputation():
-    """Sequences join (staged prefill, copied into a row) and leave (the last row fills the hole)
-    while others decode: every logit equals the uncached forward of the same tokens."""
+    """Sequences join (prefilled in a free row, moved to the end of the batch) and leave (the last
+    row fills the hole) while others decode: every logit equals the uncached forward of the same
+    tokens."""
     model = random_model(tiny_config(sliding_window=4), seed=3)
     runner = ModelRunner(model, max_batch=3, context=40, prefill_chunk=3)
     g = torch.Generator().manual_seed(0)
@@ -49,7 +49,7 @@ def test_model_runner_slots_equal_full_recomputation():
             runner.release(10)  # row 0 leaves: sequence 12 moves from the last row into it
             join(13)
         # the newcomers get their first logits, everyone else feeds a token (not in row order)
-        new = {s: None if s in joined else 2 + (7 * s + step) % 300 for s in reversed(runner.rows)}
+        new = {s: None if s in joined else 2 + (7 * s + step) % 300 for s in reversed(runner.running)}
         for s, t in new.items():
             if t is not None:
                 seqs[s].append(t)
@@ -168,25 +168,25 @@ def test_prefill_is_chunked_so_running_streams_keep_decoding():
     runner = Recording(
         lambda prompt: harmony("<|channel|>final<|message|>" + "a " * 30 + "<|return|>"), step_seconds=0.01
     )
-    scheduler = Scheduler(runner, prefill_budget=16)
+    engine = AsyncEngine(runner, prefill_budget=16)
 
     def request(n):
         params = SamplingParams(max_tokens=20, temperature=0, stop_token_ids=sorted(Tokenizer.STOP_TOKENS))
         return [SequenceRequest(list(range(1000, 1000 + n)), params)]
 
     async def main():
-        scheduler.start()
+        engine.start()
         try:
-            short = scheduler.submit(request(5))
+            short = engine.submit(request(5))
             events = []
             async for event in short:
                 events.append(event)
                 if len(events) == 3:
-                    long = scheduler.submit(request(100))  # arrives while `short` decodes
+                    long = engine.submit(request(100))  # arrives while `short` decodes
             long_events = [e async for e in long]
             return events, long_events
         finally:
-            scheduler.stop()
+            engine.stop()
 
     short_events, long_events = asyncio.run(main())
     assert len(short_events) == 20 and short_events[-1].finish_reason == "length"
@@ -229,12 +229,25 @@ def test_a_failing_model_step_gives_500_and_the_server_keeps_serving(tmp_path):
         assert not runner.active
 
 
-def test_prefix_constraint_forces_one_of_its_choices_then_lets_go():
+def _constrained(tokens):
     constraint = PrefixConstraint([[5, 6, 7], [5, 8]])
-    assert constraint.allowed([]) == [5]
-    assert constraint.allowed([5]) == [6, 8]
-    assert constraint.allowed([5, 8]) is None and constraint.allowed([5, 6, 7, 1, 2]) is None
-    logits = torch.arange(10.0)
-    masked = constraint.mask(logits, [5])
-    assert masked.argmax() == 8 and torch.isinf(masked).sum() == 8
-    assert constraint.mask(logits, [5, 8]) is logits
+    for token in tokens:
+        constraint.advance(token)
+    return constraint
+
+
+def test_prefix_constraint_forces_one_of_its_choices_then_lets_go():
+    assert _constrained([]).allowed() == [5]
+    assert _constrained([5]).allowed() == [6, 8]
+    assert _constrained([5, 8]).allowed() is None and _constrained([5, 6, 7, 1, 2]).allowed() is None
+    # in the sampler: only the allowed tokens can win, then decoding is free
+    from gptoss.inference.sampling import Sampler
+
+    constraint = PrefixConstraint([[5, 6, 7], [5, 8]])
+    sampler = Sampler([SamplingParams(temperature=0)], [[1]], 10, constraints=[constraint])
+    picks = []
+    for _ in range(3):
+        choice = sampler.sample(torch.arange(10.0)[None])[0]
+        sampler.observe([choice.token])
+        picks.append(choice.token)
+    assert picks == [5, 8, 9]

@@ -205,7 +205,7 @@ def test_a_key_cannot_read_chain_or_delete_another_keys_responses(tmp_path):
             assert "remember 42" not in str(caught.value.body)
         assert alice.responses.retrieve(made.id).id == made.id
         chained = alice.responses.create(model=MODEL, input="again", previous_response_id=made.id)
-        assert alice.responses.input_items.list(chained.id).data[0].content == "remember 42"
+        assert alice.responses.input_items.list(chained.id).data[0].content[0].text == "remember 42"
         alice.responses.delete(made.id)
         with pytest.raises(openai.NotFoundError):
             alice.responses.retrieve(made.id)
@@ -267,3 +267,21 @@ def test_serve_options_for_keys_and_the_store():
     for bad in ("0", "-3d", "soon", "d"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--responses-ttl", bad])
+
+
+def test_external_refs_through_the_anthropic_and_ollama_apis_are_refused_unfetched(
+    server, listener, secret_file
+):
+    for ref in external_refs(secret_file, listener):
+        anthropic = {
+            "model": MODEL,
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hi"}],
+            "output_config": {"format": {"type": "json_schema", "schema": schema_with(ref)}},
+        }
+        reply = raw_post(server, "/v1/messages", anthropic)
+        assert reply.status_code == 400 and ref in reply.text and SECRET not in reply.text, reply.text
+        ollama = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "format": schema_with(ref)}
+        reply = raw_post(server, "/api/chat", ollama | {"stream": False})
+        assert reply.status_code == 400 and ref in reply.text and SECRET not in reply.text, reply.text
+    assert listener.hits == []

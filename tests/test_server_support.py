@@ -17,7 +17,8 @@ import uvicorn
 from openai import OpenAI
 
 from conftest import random_model, tiny_config
-from gptoss.server import ModelRunner, ServerSettings, create_app
+from gptoss.inference import ModelRunner
+from gptoss.server import ServerSettings, create_app
 from gptoss.tokenizer import Tokenizer, get_tokenizer
 
 MODEL = "tiny-oss"

@@ -204,3 +204,10 @@ def test_hf_tokenizer_json_encodes_as_we_do(tmp_path):
     assert hf.token_to_id("<|reserved_201087|>") == 201_087 and hf.token_to_id("<|endofprompt|>") == 200_018
     every_id = list(range(0, Tokenizer.N_VOCAB, 97))
     assert hf.decode(every_id, skip_special_tokens=False) == tok.decode(every_id)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab Z\n\r\t/.,'s1 é中😀-")), max_size=400), st.integers(1, 40))
+def test_encoding_in_pieces_equals_encoding_at_once(text, piece_chars):
+    tokenizer = get_tokenizer()
+    assert tokenizer.encode_ordinary_in_pieces(text, piece_chars) == tokenizer.encode_ordinary(text)

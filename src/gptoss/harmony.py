@@ -124,12 +124,55 @@ def _drop_stale_reasoning(messages: Sequence[Message], keep_last_turn: bool) -> 
     return kept[::-1]
 
 
+# openai-harmony renders in Rust without releasing the GIL, ~0.5 s per MB of text: a server thread
+# rendering a huge prompt would freeze the event loop. Message bodies longer than this are rendered
+# as a short placeholder and tokenized apart (tiktoken lets other threads run), then spliced in.
+_SPLICE_CHARS = 2048
+_PLACEHOLDER = "gptoss-splice-{}-"
+
+
 def render_for_completion(messages: Sequence[Message]) -> list[int]:
     """Prompt tokens for the next assistant turn, ending with ``<|start|>assistant``."""
-    conversation = Conversation.from_messages(_drop_stale_reasoning(messages, keep_last_turn=False))
-    return get_harmony_encoding().render_conversation_for_completion(
-        conversation, Role.ASSISTANT, _RENDER_ALL
+    messages = _drop_stale_reasoning(messages, keep_last_turn=False)
+    bodies: dict[int, str] = {}  # message index → body rendered apart
+    shown = []
+    for i, m in enumerate(messages):
+        text = m.content[0].text if len(m.content) == 1 and isinstance(m.content[0], TextContent) else ""
+        if m.author.role not in (Role.SYSTEM, Role.DEVELOPER) and len(text) > _SPLICE_CHARS:
+            bodies[i] = text
+            m = m.model_copy(update={"content": [TextContent(text=_PLACEHOLDER.format(i))]})
+        shown.append(m)
+    tokens = get_harmony_encoding().render_conversation_for_completion(
+        Conversation.from_messages(shown), Role.ASSISTANT, _RENDER_ALL
     )
+    if bodies:
+        tokens = _splice(tokens, bodies, messages)
+    return tokens
+
+
+def _splice(tokens: list[int], bodies: dict[int, str], messages: Sequence[Message]) -> list[int]:
+    """Replace each placeholder body (it stands alone between ``<|message|>`` and the message's end
+    token, where harmony encodes a body as ordinary text) with its text's tokens."""
+    tokenizer = get_tokenizer()
+    out, start = [], 0
+    for i, text in bodies.items():
+        marker = [Tokenizer.MESSAGE, *tokenizer.encode_ordinary(_PLACEHOLDER.format(i))]
+        at = _find(tokens, marker, start)
+        if at < 0:  # not rendered as a plain body: render that message the slow, certain way
+            return get_harmony_encoding().render_conversation_for_completion(
+                Conversation.from_messages(list(messages)), Role.ASSISTANT, _RENDER_ALL
+            )
+        out += tokens[start : at + 1] + tokenizer.encode_ordinary_in_pieces(text)
+        start = at + len(marker)
+    return out + tokens[start:]
+
+
+def _find(tokens: list[int], marker: list[int], start: int) -> int:
+    first = marker[0]
+    for at in range(start, len(tokens) - len(marker) + 1):
+        if tokens[at] == first and tokens[at : at + len(marker)] == marker:
+            return at
+    return -1
 
 
 def render_for_training(messages: Sequence[Message]) -> tuple[list[int], list[bool]]:

@@ -17,6 +17,7 @@ import base64
 import functools
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -68,6 +69,34 @@ class Tokenizer(tiktoken.Encoding):
     # A completion ends on <|return|> (answer done) or <|call|> (tool call); <|endoftext|> is the
     # checkpoint's generic EOS. <|end|> only closes one message, so generation goes on after it.
     STOP_TOKENS = frozenset({RETURN, CALL, ENDOFTEXT})
+
+    def encode_ordinary_in_pieces(self, text: str, piece_chars: int = 1 << 15) -> list[int]:
+        """`encode_ordinary(text)`, a piece of ~`piece_chars` at a time, so that a long text never
+        holds the GIL for long (tiktoken keeps it while it encodes: ~0.3 s per MB).
+
+        Pieces end where the o200k pre-tokenizer always ends a word: after a newline that a
+        non-space character other than "/" follows, or between a letter and a space that a letter
+        follows; so the tokens are exactly those of the whole text."""
+        if len(text) <= piece_chars:
+            return self.encode_ordinary(text)
+        tokens: list[int] = []
+        start = 0
+        while start < len(text):
+            end = _piece_end(text, start + piece_chars)
+            tokens += self.encode_ordinary(text[start:end])
+            start = end
+        return tokens
+
+
+_PIECE_BREAK = re.compile(r"(?<=\n)(?=[^\s/])|(?<=[A-Za-z])(?= [A-Za-z])")
+
+
+def _piece_end(text: str, target: int) -> int:
+    """The first word boundary (see `Tokenizer.encode_ordinary_in_pieces`) at or after `target`."""
+    if target >= len(text):
+        return len(text)
+    found = _PIECE_BREAK.search(text, target)
+    return found.start() if found else len(text)
 
 
 def _special_tokens() -> dict[str, int]:

@@ -17,7 +17,7 @@ from torch import Tensor
 from gptoss.harmony import parse_completion
 from gptoss.inference import SamplingParams, generate_stream
 from gptoss.inference.chat import HARMONY_STOP_TOKENS, harmony_prompt
-from gptoss.inference.engine import ATTENTION_SCORE_BUDGET, model_device
+from gptoss.inference.runner import ATTENTION_SCORE_BUDGET, model_device
 from gptoss.model import GptOss
 from gptoss.tokenizer import Tokenizer, get_tokenizer
 from gptoss.vocab import fit_tokens
@@ -221,7 +221,8 @@ class LocalModel:
                 )
             )
         outputs: list[list[int]] = [[] for _ in requests]
-        for event in generate_stream(self.model, prompts, params, detokenize=self.tokenizer.decode):
+        token_bytes = self.tokenizer.decode_single_token_bytes
+        for event in generate_stream(self.model, prompts, params, token_bytes=token_bytes):
             outputs[event.index].append(event.token)
         texts = []
         for r, tokens in zip(requests, outputs, strict=True):

@@ -68,12 +68,17 @@ class KVCache:
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.lengths = [0] * batch_size  # tokens stored per row
-        self.valid = True  # False after an interrupted pass (see `abort`) until `reset`
+        self.broken: set[int] = set()  # rows left by an interrupted pass (see `abort`)
         self._step: _Step | None = None
 
     @property
     def batch_size(self) -> int:
         return len(self.lengths)
+
+    @property
+    def valid(self) -> bool:
+        """No row was left half-written by an interrupted pass."""
+        return not self.broken
 
     @property
     def nbytes(self) -> int:
@@ -86,8 +91,8 @@ class KVCache:
         Returns their positions (R, T), which the model needs for rotary embeddings. Masks are
         built here once per pass and shared by every layer of the same kind.
         """
-        if not self.valid:
-            raise RuntimeError("this cache was left by an interrupted forward pass; reset() it first")
+        if self.broken.intersection(range(*rows.indices(self.batch_size))):
+            raise RuntimeError("a row of this pass was left by an interrupted forward pass; clear it first")
         starts = self.lengths[rows]
         if not starts:
             raise ValueError(f"rows {rows} select no sequence of a cache of {self.batch_size}")
@@ -173,10 +178,12 @@ class KVCache:
         self._step = None
 
     def abort(self) -> None:
-        """A pass failed half way: some layers' rings already hold its tokens, so the rows are
-        unusable until `reset` (full-layer slots past `lengths` would be harmless)."""
+        """A pass failed half way: some layers' rings already hold its tokens, so its rows are
+        unusable until cleared (full-layer slots past `lengths` would be harmless). Other rows
+        are untouched."""
+        if self._step is not None:
+            self.broken.update(range(*self._step.rows.indices(self.batch_size)))
         self._step = None
-        self.valid = False
 
     # ------------------------------------------------------------------ rows
     def keep(self, rows: list[int]) -> None:
@@ -186,10 +193,42 @@ class KVCache:
         self.values = [t.index_select(0, index) for t in self.values]
         self.lengths = [self.lengths[i] for i in rows]
 
+    def clear_row(self, row: int) -> None:
+        """Forget the sequence of `row` (stale slots are masked until overwritten)."""
+        self.lengths[row] = 0
+        self.broken.discard(row)
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Copy the sequence of row `src` into row `dst` (full layers: only the filled slots)."""
+        n = self.lengths[src]
+        for sliding, k, v in zip(self.sliding, self.keys, self.values, strict=True):
+            slots = slice(None) if sliding else slice(0, n)
+            k[dst, :, slots] = k[src, :, slots]
+            v[dst, :, slots] = v[src, :, slots]
+        self.lengths[dst] = n
+        if src in self.broken:
+            self.broken.add(dst)
+        else:
+            self.broken.discard(dst)
+
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange the sequences of rows `a` and `b`."""
+        n = max(self.lengths[a], self.lengths[b])
+        for sliding, k, v in zip(self.sliding, self.keys, self.values, strict=True):
+            slots = slice(None) if sliding else slice(0, n)
+            for t in (k, v):
+                held = t[a, :, slots].clone()
+                t[a, :, slots] = t[b, :, slots]
+                t[b, :, slots] = held
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
+        broken_a, broken_b = a in self.broken, b in self.broken
+        self.broken -= {a, b}
+        self.broken |= {r for r, was in ((a, broken_b), (b, broken_a)) if was}
+
     def reset(self) -> None:
         """Forget every sequence (stale slots are masked until overwritten, so nothing is cleared)."""
         self.lengths = [0] * self.batch_size
-        self.valid = True
+        self.broken.clear()
         self._step = None
 
 

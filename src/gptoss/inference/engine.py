@@ -1,30 +1,40 @@
-"""Generation: chunked prefill into a KV cache, then batched decoding with per-sequence stops.
+"""The engine core: one step function that every generation path drives.
 
-`generate_stream` is the engine; `generate` collects its tokens; `Session` keeps one sequence's
-cache alive between calls (multi-turn chat, where each turn prefills only its new tokens).
+`Engine.step` admits waiting prompts (chunked prefill up to a token budget, so running streams are
+never stalled for long), decodes one token for every running sequence, samples the whole batch at
+once, and checks each sequence's stops. `generate_stream`/`generate` (offline batches), `Session`
+(a multi-turn conversation whose cache stays), `gptoss chat`, evaluation, benchmarks and the HTTP
+server (`AsyncEngine`, which runs `step` in a thread) all go through it.
+
+Failures are per sequence: a prompt that cannot be prefilled, a row that cannot be sampled, a stop
+check that raises — each ends its own sequence with an error and leaves the others untouched. Only
+a failed decode pass (the model itself failing) takes down the sequences that were in it.
 """
 
 from __future__ import annotations
 
+import codecs
+import itertools
+import logging
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from gptoss.inference.cache import ContextFullError, KVCache
-from gptoss.inference.sampling import Sampler, SamplingParams
+from gptoss.inference.cache import ContextFullError
+from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK, ModelRunner, RowMark, Runner
+from gptoss.inference.sampling import SampleError, Sampler, SamplingParams, TokenConstraint
+from gptoss.inference.stops import StopStrings
 from gptoss.model import GptOss
 from gptoss.vocab import fit_tokens
 
-Detokenize = Callable[[Sequence[int]], str]
-FinishReason = Literal["stop", "length"]
+log = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_CHUNK = 512
-# Attention scores of one prefill chunk (fp32, a few live copies) may take about this much memory:
-# at long contexts the chunk shrinks so that peak memory stays bounded whatever the prompt length.
-ATTENTION_SCORE_BUDGET = 1 << 30
+TokenBytes = Callable[[int], bytes]
+FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
@@ -39,153 +49,279 @@ class TokenEvent:
     stop: int | str | None = None  # the stop token id or stop string that ended it
 
 
-# ---------------------------------------------------------------------- forward passes
-def model_dtype(model: GptOss) -> torch.dtype:
-    return model.model.embed_tokens.weight.dtype
+@dataclass(frozen=True)
+class SequenceFailure:
+    """Sequence `index` ended with an error; it produces no more tokens."""
 
-
-def model_device(model: GptOss) -> torch.device:
-    return model.model.embed_tokens.weight.device
-
-
-def forward_hidden(model: GptOss, cache: KVCache, tokens: Tensor, rows: slice) -> Tensor:
-    """Run tokens (R, T) of cache rows `rows` through the blocks; hidden states (R, T, H)."""
-    positions = cache.begin(rows, tokens.shape[1])
-    try:
-        hidden = model.model(tokens, positions, cache)
-    except BaseException:
-        cache.abort()  # an interrupted pass leaves half-written ring buffers
-        raise
-    cache.end()
-    return hidden
-
-
-def prefill_chunk_length(model: GptOss, start: int, remaining: int, prefill_chunk: int) -> int:
-    """Tokens to prefill next: `prefill_chunk`, fewer when the attention scores would grow too big."""
-    heads = model.config.num_attention_heads
-    per_token = 3 * 4 * heads * (start + min(remaining, prefill_chunk))  # fp32 scores, ~3 copies
-    return max(1, min(remaining, prefill_chunk, ATTENTION_SCORE_BUDGET // per_token))
-
-
-@torch.no_grad()
-def prefill(
-    model: GptOss, cache: KVCache, row: int, tokens: Sequence[int], prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-) -> Tensor:
-    """Append `tokens` to cache row `row` in chunks; return the next-token logits (V,) after them."""
-    if not tokens:
-        raise ValueError("nothing to prefill: the token list is empty")
-    ids = torch.tensor(list(tokens), dtype=torch.long, device=model_device(model))
-    done = 0
-    while done < len(ids):
-        n = prefill_chunk_length(model, cache.lengths[row], len(ids) - done, prefill_chunk)
-        hidden = forward_hidden(model, cache, ids[None, done : done + n], slice(row, row + 1))
-        done += n
-    return model.lm_head(hidden[0, -1])  # only the last position needs the output head
-
-
-# ---------------------------------------------------------------------- the decode loop
-@dataclass
-class _Sequence:
     index: int
-    params: SamplingParams
-    stop_ids: frozenset[int]
-    tokens: list[int] = field(default_factory=list)  # generated so far
+    message: str
 
-    def finish(
-        self, detokenize: Detokenize | None, room: bool
-    ) -> tuple[FinishReason | None, int | str | None]:
-        """Whether the newest token ends this sequence; `room`: the cache can take another token."""
-        token = self.tokens[-1]
-        if token in self.stop_ids:
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    """One sequence to generate. `params.stop_token_ids` None means the engine's default stops."""
+
+    prompt: Sequence[int]
+    params: SamplingParams
+    index: int = 0  # reported back in every TokenEvent (the choice index)
+    constraint: TokenConstraint | None = None
+    keep: bool = False  # when it ends, park it (its cache stays) instead of releasing it
+
+
+@dataclass(eq=False)
+class _Seq:
+    id: int
+    request: SequenceRequest
+    stop_ids: frozenset[int]
+    pending: list[int]  # tokens still to prefill
+    context_used: int  # tokens of this sequence in the cache after its prefill
+    generated: list[int] = field(default_factory=list)
+    stops: StopStrings | None = None
+    utf8: Any = None  # incremental decoder for stop strings
+    cancelled: bool = False
+
+
+Output = TokenEvent | SequenceFailure
+
+
+class Engine:
+    """Continuous batching over a `Runner`: sequences join and leave one decode batch at every step.
+
+    Not thread-safe: one thread calls `add`, `cancel` and `step` (the server's `AsyncEngine` owns
+    that thread). `step` returns `(sequence id, TokenEvent or SequenceFailure)` pairs.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        prefill_budget: int = DEFAULT_PREFILL_CHUNK,
+        default_stop_ids: Sequence[int] = (),
+        token_bytes: TokenBytes | None = None,
+        on_decode: Callable[[int], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.prefill_budget = prefill_budget  # prompt tokens prefilled per step, at most
+        self.default_stop_ids = frozenset(default_stop_ids)
+        self._token_bytes = token_bytes
+        self.on_decode = on_decode  # called with the batch size of every decode step
+        self.waiting: deque[_Seq] = deque()  # the head may be partly prefilled
+        self.running: list[_Seq] = []  # decoding; row r of the sampler is running[r]
+        self.parked: dict[int, _Seq] = {}  # finished with `keep`: their cache stays
+        self.sampler = Sampler(vocab_size=runner.vocab_size, device=_device_of(runner))
+        self._ids = itertools.count()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ requests
+    def check(self, request: SequenceRequest) -> None:
+        """Raise ValueError if `request` can never run here (checked before anything is queued)."""
+        n = len(request.prompt)
+        if n == 0:
+            raise ValueError("a prompt must hold at least one token")
+        if n > self.runner.context:
+            raise ContextFullError(f"a prompt of {n} tokens exceeds the context of {self.runner.context}")
+        bad = next((t for t in request.prompt if not 0 <= t < self.runner.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.runner.vocab_size - 1})")
+
+    def add(self, request: SequenceRequest) -> int:
+        """Queue a sequence; its id names it in `step`'s outputs and in `cancel`."""
+        self.check(request)
+        seq = self._new_seq(next(self._ids), request, list(request.prompt), len(request.prompt))
+        self.waiting.append(seq)
+        return seq.id
+
+    def hold(self, request: SequenceRequest) -> int:
+        """Register a parked sequence without running it: its owner prefills it through the runner
+        (`Session` does) and later `resume`s it."""
+        seq_id = next(self._ids)
+        self.parked[seq_id] = self._new_seq(seq_id, replace(request, keep=True), [], 0)
+        return seq_id
+
+    def resume(self, seq_id: int, request: SequenceRequest, held: int) -> None:
+        """Generate for parked sequence `seq_id`, whose cache holds `held` tokens (its prompt is
+        `request.prompt`), as `request` says."""
+        if held > self.runner.context:
+            raise ContextFullError(f"the sequence holds {held} tokens; the context is {self.runner.context}")
+        del self.parked[seq_id]
+        self.waiting.append(self._new_seq(seq_id, replace(request, keep=True), [], held))
+
+    def _new_seq(self, seq_id: int, request: SequenceRequest, pending: list[int], used: int) -> _Seq:
+        params = request.params
+        stop_ids = (
+            self.default_stop_ids if params.stop_token_ids is None else frozenset(params.stop_token_ids)
+        )
+        seq = _Seq(seq_id, request, stop_ids, pending, used)
+        if params.stop:
+            seq.stops = StopStrings(params.stop)
+            seq.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        return seq
+
+    def cancel(self, seq_id: int) -> None:
+        """Stop `seq_id` at the next step (its later tokens are not produced)."""
+        for seq in itertools.chain(self.waiting, self.running):
+            if seq.id == seq_id:
+                seq.cancelled = True
+
+    def finish_now(self, seq_id: int) -> None:
+        """End `seq_id` at once, between steps (parked if its request said `keep`)."""
+        self.cancel(seq_id)
+        self._drop_cancelled()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[tuple[int, Output]]:
+        """Admit, decode one token for the batch, sample, check stops."""
+        out: list[tuple[int, Output]] = []
+        self._drop_cancelled()
+        self._admit(out)
+        if self.running:
+            self._decode(out)
+        return out
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.running if s.cancelled]:
+            self._end(seq)
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            self._end(seq, prefilling=True)
+
+    def _admit(self, out: list[tuple[int, Output]]) -> None:
+        """Prefill waiting prompts, at most `prefill_budget` tokens, while the batch has room.
+        A prompt prefilled to its end joins the batch; its first token comes with the decode."""
+        budget = self.prefill_budget
+        while self.waiting and len(self.running) < self.runner.max_batch:
+            seq = self.waiting[0]
+            n = min(budget, len(seq.pending))
+            if n == 0 and seq.pending:
+                return  # the budget is spent
+            chunk, seq.pending = seq.pending[:n], seq.pending[n:]
+            last = not seq.pending
+            try:
+                self.runner.prefill(seq.id, chunk, last)
+            except Exception as exc:  # this prompt's failure: the rows of the others are untouched
+                log.exception("prefill of sequence %d failed", seq.id)
+                self.waiting.popleft()
+                self._end(seq, prefilling=True, release=True)
+                out.append((seq.id, SequenceFailure(seq.request.index, f"prefill failed: {_describe(exc)}")))
+                continue
+            budget -= n
+            if not last:
+                return
+            self.waiting.popleft()
+            self.running.append(seq)
+            self.sampler.join(seq.request.params, seq.request.prompt, seq.request.constraint)
+
+    def _decode(self, out: list[tuple[int, Output]]) -> None:
+        batch = self.running
+        try:
+            logits = self.runner.decode({s.id: s.generated[-1] if s.generated else None for s in batch})
+        except Exception as exc:  # the model failed: every sequence of the pass is lost
+            log.exception("decode step failed")
+            for seq in list(batch):
+                out.append(
+                    (seq.id, SequenceFailure(seq.request.index, f"generation failed: {_describe(exc)}"))
+                )
+                self._end(seq, release=True)
+            return
+        if self.on_decode is not None:
+            self.on_decode(len(batch))
+        choices = self.sampler.sample(torch.stack([logits[s.id] for s in batch]))
+        self.sampler.observe([c.token if not isinstance(c, SampleError) else None for c in choices])
+        for seq, choice in zip(list(batch), choices, strict=True):
+            if isinstance(choice, SampleError):
+                out.append((seq.id, SequenceFailure(seq.request.index, choice.message)))
+                self._end(seq, release=True)
+                continue
+            seq.generated.append(choice.token)
+            try:
+                reason, stop = self._finish_reason(seq)
+            except Exception as exc:
+                out.append(
+                    (seq.id, SequenceFailure(seq.request.index, f"stop check failed: {_describe(exc)}"))
+                )
+                self._end(seq, release=True)
+                continue
+            event = TokenEvent(
+                seq.request.index, choice.token, choice.logprob, choice.top_logprobs, reason, stop
+            )
+            out.append((seq.id, event))
+            if reason is not None:
+                self._end(seq)
+
+    def _finish_reason(self, seq: _Seq) -> tuple[FinishReason | None, int | str | None]:
+        """Whether the newest token ends `seq`: a stop token, a stop string, or no more room."""
+        token = seq.generated[-1]
+        if token in seq.stop_ids:
             return "stop", token
-        if self.params.stop:
-            assert detokenize is not None
-            # A stop string not seen before must end in the newest token: decode only a tail long
-            # enough to hold the longest one (a character is at most 4 bytes, a token at least 1).
-            tail = detokenize(self.tokens[-(4 * max(map(len, self.params.stop)) + 2) :])
-            for s in self.params.stop:
-                if s in tail:
-                    return "stop", s
-        if len(self.tokens) >= self.params.max_tokens or not room:
+        if seq.stops is not None:
+            _, found = seq.stops.push(seq.utf8.decode(self.token_bytes(token)))
+            if found is not None:
+                return "stop", found
+        # The last sampled token is never fed back, so the cache needs room only for the others.
+        full = seq.context_used + len(seq.generated) >= self.runner.context + 1
+        if len(seq.generated) >= seq.request.params.max_tokens or full:
             return "length", None
         return None, None
 
+    def _end(self, seq: _Seq, prefilling: bool = False, release: bool = False) -> None:
+        """Take `seq` out of the batch: parked if its request asked to keep it, else released."""
+        if not prefilling:
+            r = self.running.index(seq)
+            del self.running[r]
+            self.sampler.keep([i for i in range(len(self.sampler)) if i != r])
+        if seq.request.keep and not release:
+            if not prefilling:
+                self.runner.park(seq.id)
+            self.parked[seq.id] = seq
+        else:
+            self.runner.release(seq.id)
 
-def _decode(
-    model: GptOss,
-    cache: KVCache,
-    sampler: Sampler,
-    sequences: list[_Sequence],
-    logits: Tensor,
-    detokenize: Detokenize | None,
-) -> Iterator[TokenEvent]:
-    """Sample from `logits` (R, V), feed the tokens back, repeat until every sequence has finished.
+    def reset(self) -> None:
+        self.runner.reset()
+        self.waiting.clear()
+        self.running.clear()
+        self.parked.clear()
+        self.sampler.keep([])
 
-    Row r of the cache, the sampler and `sequences[r]` always describe the same sequence; finished
-    ones are dropped from all three, so the batch shrinks instead of computing dead rows.
-    """
-    while True:
-        choices = sampler.sample(logits)
-        sampler.observe([c.token for c in choices])
-        keep = []
-        for r, (seq, choice) in enumerate(zip(sequences, choices, strict=True)):
-            seq.tokens.append(choice.token)
-            reason, stop = seq.finish(detokenize, room=cache.lengths[r] < cache.capacity)
-            yield TokenEvent(seq.index, choice.token, choice.logprob, choice.top_logprobs, reason, stop)
-            if reason is None:
-                keep.append(r)
-        if not keep:
-            return
-        if len(keep) < len(sequences):
-            cache.keep(keep)
-            sampler.keep(keep)
-            sequences = [sequences[r] for r in keep]
-        last = torch.tensor([[s.tokens[-1]] for s in sequences], device=model_device(model))  # (R, 1)
-        with torch.no_grad():
-            logits = model.lm_head(forward_hidden(model, cache, last, slice(0, len(sequences)))[:, -1])
+    def set_token_bytes(self, token_bytes: TokenBytes) -> None:
+        """How token ids become bytes for stop strings (default: the o200k_harmony tokenizer)."""
+        self._token_bytes = token_bytes
+
+    def token_bytes(self, token: int) -> bytes:
+        if self._token_bytes is None:
+            from gptoss.tokenizer import get_tokenizer
+
+            self._token_bytes = get_tokenizer().decode_single_token_bytes
+        return self._token_bytes(token)
 
 
-# ---------------------------------------------------------------------- public API
-def _check_tokens(tokens: Sequence[int], vocab_size: int) -> None:
-    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+def _device_of(runner: Runner) -> torch.device:
+    model = getattr(runner, "model", None)
+    return model.model.embed_tokens.weight.device if isinstance(model, GptOss) else torch.device("cpu")
 
 
-def _check_prompt(prompt: Sequence[int], vocab_size: int, context: int) -> None:
-    if not prompt:
-        raise ValueError("a prompt must hold at least one token")
-    _check_tokens(prompt, vocab_size)
-    if len(prompt) > context:
-        raise ContextFullError(f"a prompt of {len(prompt)} tokens exceeds the model's context of {context}")
+def _describe(exc: BaseException) -> str:
+    """What a client may see of an internal failure: its kind (the details go to the log)."""
+    return type(exc).__name__
 
 
-def _stop_ids(model: GptOss, params: SamplingParams) -> frozenset[int]:
-    ids = params.stop_token_ids
-    return frozenset([model.config.eos_token_id] if ids is None else ids)
-
-
-def _default_detokenize(params: Sequence[SamplingParams], detokenize: Detokenize | None) -> Detokenize | None:
-    if detokenize is None and any(p.stop for p in params):
-        from gptoss.tokenizer import get_tokenizer
-
-        return get_tokenizer().decode
-    return detokenize
-
-
+# ---------------------------------------------------------------------- offline generation
 def generate_stream(
     model: GptOss,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams | Sequence[SamplingParams] | None = None,
     *,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-    detokenize: Detokenize | None = None,
+    token_bytes: TokenBytes | None = None,
 ) -> Iterator[TokenEvent]:
     """Generate continuations of token-id `prompts` together, yielding each token as it is sampled.
 
     `params` applies to every prompt, or gives one `SamplingParams` per prompt. Each sequence ends
     on its own stop (see `SamplingParams`); its last event carries `finish_reason`. Stop strings
-    are matched on text from `detokenize` (default: the o200k_harmony tokenizer).
+    are matched on the text of `token_bytes` (default: the o200k_harmony tokenizer's bytes).
     """
     params = params or SamplingParams()
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
@@ -193,27 +329,42 @@ def generate_stream(
         raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
     if not prompts:
         return
-    config = model.config
-    prompts = [fit_tokens(model, prompt) for prompt in prompts]
-    for prompt in prompts:
-        _check_prompt(prompt, config.vocab_size, config.max_position_embeddings)
-    detokenize = _default_detokenize(params, detokenize)
-
+    context = model.config.max_position_embeddings
+    runner_prompts = [_fit_prompt(model, p, context) for p in prompts]
     # The last sampled token is never fed back, so a sequence needs prompt + max_tokens - 1 slots.
-    need = max(len(p) + q.max_tokens - 1 for p, q in zip(prompts, params, strict=True))
-    cache = KVCache(
-        config,
-        len(prompts),
-        min(need, config.max_position_embeddings),
-        model_dtype(model),
-        model_device(model),
+    need = max(len(p) + q.max_tokens - 1 for p, q in zip(runner_prompts, params, strict=True))
+    runner = ModelRunner(model, len(prompts), min(need, context), prefill_chunk)
+    # Every prompt is prefilled before the first decode step (each alone: rows of different
+    # lengths need no padding, and a chunk of one long prompt already keeps the matrix units busy).
+    engine = Engine(
+        runner,
+        prefill_budget=sum(map(len, runner_prompts)),
+        default_stop_ids=[model.config.eos_token_id],
+        token_bytes=token_bytes,
     )
-    # Each prompt prefills alone: rows of different lengths need no padding, and a chunk of one
-    # long prompt already keeps the matrix units busy.
-    logits = torch.stack([prefill(model, cache, r, p, prefill_chunk) for r, p in enumerate(prompts)])
-    sampler = Sampler(params, prompts, config.vocab_size, model_device(model))
-    sequences = [_Sequence(i, p, _stop_ids(model, p)) for i, p in enumerate(params)]
-    yield from _decode(model, cache, sampler, sequences, logits, detokenize)
+    for i, (prompt, p) in enumerate(zip(runner_prompts, params, strict=True)):
+        engine.add(SequenceRequest(prompt, p, i))
+    while engine.has_work:
+        for _, event in engine.step():
+            if isinstance(event, SequenceFailure):
+                raise RuntimeError(f"sequence {event.index}: {event.message}")
+            yield event
+
+
+def _fit_prompt(model: GptOss, prompt: Sequence[int], context: int) -> list[int]:
+    if not prompt:
+        raise ValueError("a prompt must hold at least one token")
+    _check_tokens(prompt, model.config.vocab_size)
+    fitted = fit_tokens(model, prompt)
+    if len(fitted) > context:
+        raise ContextFullError(f"a prompt of {len(fitted)} tokens exceeds the model's context of {context}")
+    return fitted
+
+
+def _check_tokens(tokens: Sequence[int], vocab_size: int) -> None:
+    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
 
 
 def generate(
@@ -223,7 +374,7 @@ def generate(
     temperature: float = 1.0,
     *,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-    detokenize: Detokenize | None = None,
+    token_bytes: TokenBytes | None = None,
     **sampling: Any,
 ) -> list[list[int]]:
     """The new tokens of each prompt (stop tokens included). Temperature 0 is greedy.
@@ -232,7 +383,9 @@ def generate(
     """
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, **sampling)
     outputs: list[list[int]] = [[] for _ in prompts]
-    for event in generate_stream(model, prompts, params, prefill_chunk=prefill_chunk, detokenize=detokenize):
+    for event in generate_stream(
+        model, prompts, params, prefill_chunk=prefill_chunk, token_bytes=token_bytes
+    ):
         outputs[event.index].append(event.token)
     return outputs
 
@@ -243,113 +396,129 @@ class Mark:
     """A point in a `Session` to rewind to (see `Session.mark`)."""
 
     length: int
-    rings: list[tuple[Tensor, Tensor]]
-    logits: Tensor | None
+    row: RowMark
 
 
 class Session:
     """One growing sequence whose keys and values stay cached between generations.
 
-    `append` queues tokens, `stream` prefills the queue and generates. Generated tokens enter the
-    cache as decoding feeds them back, except the last one: a stop token is dropped (the caller
-    knows what closes its message) and any other last token is queued for the next call.
+    `append` queues tokens, `stream` prefills the queue and generates, through the same engine step
+    as every other path (the sequence is parked between calls). Generated tokens enter the cache
+    as decoding feeds them back, except the last one: a stop token is dropped (the caller knows what
+    closes its message) and any other last token is queued for the next call.
     """
 
     def __init__(
         self, model: GptOss, capacity: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     ) -> None:
         self.model = model
-        self.prefill_chunk = prefill_chunk
-        capacity = capacity or model.config.max_position_embeddings
-        self.cache = KVCache(model.config, 1, capacity, model_dtype(model), model_device(model))
+        self.runner = ModelRunner(model, 1, capacity or model.config.max_position_embeddings, prefill_chunk)
+        self.engine = Engine(
+            self.runner, prefill_budget=self.runner.context, default_stop_ids=[model.config.eos_token_id]
+        )
         self.tokens: list[int] = []  # in the cache, in order
         self.pending: list[int] = []  # queued, not yet in the cache
         self.prefilled = 0  # tokens that went through prefill, over the session's life
-        self._logits: Tensor | None = None  # next-token logits after `tokens`
+        self._seq: int | None = None  # the engine's (parked) sequence, once something was prefilled
 
     @property
     def capacity(self) -> int:
-        return self.cache.capacity
+        return self.runner.context
+
+    @property
+    def cache(self):  # noqa: ANN201 - the runner's KVCache
+        return self.runner.cache
 
     def append(self, tokens: Sequence[int]) -> None:
         _check_tokens(tokens, self.model.config.vocab_size)
-        tokens = fit_tokens(self.model, tokens)
-        if len(self.tokens) + len(self.pending) + len(tokens) > self.capacity:
+        tokens = self.runner.fit_prompt(tokens)
+        total = len(self.tokens) + len(self.pending) + len(tokens)
+        if total > self.capacity:
             raise ContextFullError(
-                f"the conversation would reach {len(self.tokens) + len(self.pending) + len(tokens)} tokens, "
-                f"more than the {self.capacity} this session holds; start a new one"
+                f"the conversation would reach {total} tokens, more than the {self.capacity} this "
+                "session holds; start a new one"
             )
         self.pending.extend(tokens)
 
     def feed(self) -> None:
         """Prefill the queued tokens now."""
-        if not self.cache.valid:  # an interrupted pass: rebuild from the tokens we know
-            self.cache.reset()
-            self.pending = self.tokens + self.pending
-            self.tokens = []
-        if self.pending:
-            self._logits = prefill(self.model, self.cache, 0, self.pending, self.prefill_chunk)
-            self.prefilled += len(self.pending)
-            self.tokens += self.pending
-            self.pending = []
+        if not self.runner.cache.valid:  # an interrupted pass: rebuild from the tokens we know
+            self.reset_cache()
+        if not self.pending:
+            return
+        if self._seq is None:
+            self._seq = self.engine.hold(SequenceRequest(self.pending, SamplingParams()))
+        self.runner.prefill(self._seq, self.pending, last=False)
+        self.prefilled += len(self.pending)
+        self.tokens += self.pending
+        self.pending = []
+
+    def reset_cache(self) -> None:
+        self.pending = self.tokens + self.pending
+        self.tokens = []
+        if self._seq is not None:
+            self.runner.release(self._seq)
+            self.engine.parked.pop(self._seq, None)
+            self._seq = None
+
+    @torch.inference_mode()
+    def next_logits(self) -> Tensor:
+        """The next-token logits (V,) after the cached tokens (once they are fed)."""
+        hidden = self.runner.hidden.get(self._seq) if self._seq is not None else None
+        if hidden is None or self.pending:
+            raise ValueError("no logits yet: feed() the queued tokens first")
+        return self.model.lm_head(hidden)
 
     def mark(self) -> Mark:
-        """Remember the current point (after `feed`); `rewind` returns to it, dropping what followed.
-
-        Full-attention slots past the mark are simply overwritten later, but sliding layers reuse
-        their ring slots, so the mark keeps a copy of the rings (window × KV width per layer: small).
-        """
+        """Remember the current point (after `feed`); `rewind` returns to it, dropping what followed."""
         if self.pending:
             raise ValueError("feed() the queued tokens before taking a mark")
-        rings = [
-            (k.clone(), v.clone())
-            for k, v, sliding in zip(self.cache.keys, self.cache.values, self.cache.sliding, strict=True)
-            if sliding
-        ]
-        return Mark(len(self.tokens), rings, self._logits)
+        if self._seq is None:
+            raise ValueError("nothing to mark: append() and feed() tokens first")
+        return Mark(len(self.tokens), self.runner.mark(self._seq))
 
     def rewind(self, mark: Mark) -> None:
-        if mark.length > len(self.tokens):
+        if mark.length > len(self.tokens) or self._seq is None:
             raise ValueError("this mark lies ahead of the session (was it taken before a reset?)")
-        rings = iter(mark.rings)
-        for i, sliding in enumerate(self.cache.sliding):
-            if sliding:
-                k, v = next(rings)
-                self.cache.keys[i].copy_(k)
-                self.cache.values[i].copy_(v)
-        self.cache.lengths[0] = mark.length
+        self.runner.rewind(self._seq, mark.row)
         self.tokens = self.tokens[: mark.length]
         self.pending = []
-        self._logits = mark.logits
 
     def reset(self) -> None:
-        self.cache.reset()
-        self.tokens, self.pending, self._logits = [], [], None
+        self.pending = []
+        self.tokens = []
+        self.reset_cache()
 
-    def stream(self, params: SamplingParams, detokenize: Detokenize | None = None) -> Iterator[TokenEvent]:
+    def stream(self, params: SamplingParams, token_bytes: TokenBytes | None = None) -> Iterator[TokenEvent]:
         """Prefill what is queued, then generate; yields each token (index 0) as it is sampled."""
         self.feed()
-        if self._logits is None:
+        if self._seq is None:
             raise ValueError("nothing to continue from: append() tokens first")
-        sequence = _Sequence(0, params, _stop_ids(self.model, params))
-        sampler = Sampler([params], [self.tokens], self.model.config.vocab_size, model_device(self.model))
+        if token_bytes is not None:
+            self.engine.set_token_bytes(token_bytes)
+        self.engine.resume(self._seq, SequenceRequest(self.tokens, params, 0), held=len(self.tokens))
+        seq = self.engine.waiting[-1]
         cached = len(self.tokens)
         try:
-            yield from _decode(
-                self.model,
-                self.cache,
-                sampler,
-                [sequence],
-                self._logits[None],
-                _default_detokenize([params], detokenize),
-            )
+            while self.engine.has_work:
+                for _, event in self.engine.step():
+                    if isinstance(event, SequenceFailure):
+                        raise RuntimeError(event.message)
+                    yield event
         finally:
-            # Whether it finished or the caller stopped early: the fed tokens are in the cache now.
-            # (lengths advance only when a pass completes, so this holds after an interruption too)
-            fed = self.cache.lengths[0] - cached
-            self.tokens += sequence.tokens[:fed]
-            rest = sequence.tokens[fed:]
-            if rest and rest[-1] in sequence.stop_ids:
+            # Whether it finished or the caller stopped early: all but the newest token are fed
+            # (lengths advance only when a pass completes, so this holds after an interruption too).
+            row = self.runner.row_of.get(self._seq)
+            fed = self.runner.cache.lengths[row] - cached if row is not None else 0
+            self.tokens += seq.generated[:fed]
+            rest = seq.generated[fed:]
+            if rest and rest[-1] in seq.stop_ids:
                 rest = rest[:-1]
             self.pending = rest
-            self._logits = None
+            if row is None or not self.runner.cache.valid:  # rebuilt from the tokens at the next feed
+                self.engine.reset()
+                self._seq = None
+                self.pending = self.tokens + self.pending
+                self.tokens = []
+            elif self._seq not in self.engine.parked:
+                self.engine.finish_now(self._seq)

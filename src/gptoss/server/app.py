@@ -23,11 +23,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gptoss.checkpoint import load_model
+from gptoss.inference import ModelRunner, Runner
 from gptoss.inference.optimize import prepare_for_inference
-from gptoss.server import chat, responses
-from gptoss.server.errors import APIError, install_error_handlers
+from gptoss.server import anthropic, chat, ollama, page, responses, tokenize
+from gptoss.server.errors import APIError, error_response, install_error_handlers
 from gptoss.server.metrics import MetricsMiddleware
-from gptoss.server.runner import DEFAULT_CONTEXT, DEFAULT_MAX_BATCH, ModelRunner, Runner
 from gptoss.server.schemas import ModelCard, ModelList
 from gptoss.server.service import ServerSettings, Service, ServiceDep
 from gptoss.server.store import owner_of
@@ -35,20 +35,24 @@ from gptoss.server.store import owner_of
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "GPTOSS_API_KEY"
-PUBLIC_PATHS = frozenset({"/health"})
+DEFAULT_CONTEXT = 8192  # tokens per sequence (prompt + completion)
+DEFAULT_MAX_BATCH = 32  # sequences that decode together
+# The chat page and its files load without a key: the page asks for it and sends it with each call.
+PUBLIC_PATHS = frozenset({"/health", "/"})
+PUBLIC_PREFIXES = (page.ASSETS_PATH + "/",)
 
 
 class Gate:
-    """The door, before any routing. With an API key, every route but /health needs
-    ``Authorization: Bearer <key>`` (docs and 404s included, hence middleware rather than a route
-    dependency); the key's digest goes to `request.state.owner`, which owns stored responses.
-    Request bodies over `max_bytes` get 413: at once when Content-Length says so,
-    else as soon as the streamed body passes the limit. (FastAPI's own `max_body_size` answers in
-    plain text, not in OpenAI's error shape.)"""
+    """The door, before any routing. With API keys, every route but /health and the chat page
+    needs ``Authorization: Bearer <key>`` or Anthropic's ``x-api-key: <key>`` (docs and 404s
+    included, hence middleware rather than a route dependency); the key's digest goes to
+    `request.state.owner`, which owns stored responses. Request bodies over `max_bytes` get
+    413: at once when Content-Length says so, else as soon as the streamed body passes the limit.
+    (FastAPI's own `max_body_size` answers in plain text, not in the APIs' error shapes.)"""
 
     def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], max_bytes: int) -> None:
         self.app = app
-        self.expected = {f"Bearer {key}".encode(): owner_of(key) for key in api_keys}
+        self.owners = {key.encode(): owner_of(key) for key in api_keys}
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,7 +61,7 @@ class Gate:
             return
         error = self._check(scope)
         if error is not None:
-            await error.response()(scope, receive, send)
+            await error_response(scope["path"], error)(scope, receive, send)
             return
         scope.setdefault("state", {})["owner"] = self._owner(scope)
         received = 0
@@ -74,12 +78,14 @@ class Gate:
 
     def _check(self, scope: Scope) -> APIError | None:
         headers = Headers(scope=scope)
-        if self.expected and scope["path"] not in PUBLIC_PATHS:
-            given = headers.get("authorization", "").encode()
-            if not any(secrets.compare_digest(given, key) for key in self.expected):
+        path = scope["path"]
+        if self.owners and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            given = _given_key(headers)
+            if not any(secrets.compare_digest(given, key) for key in self.owners):
                 return APIError(
                     401,
-                    "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
+                    "Incorrect or missing API key: send it as 'Authorization: Bearer <key>' "
+                    "or 'x-api-key: <key>'.",
                     code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
@@ -91,21 +97,26 @@ class Gate:
         return None
 
     def _owner(self, scope: Scope) -> str:
-        return self.expected.get(Headers(scope=scope).get("authorization", "").encode(), "")
+        return self.owners.get(_given_key(Headers(scope=scope)), "")
+
+
+def _given_key(headers: Headers) -> bytes:
+    scheme, _, token = headers.get("authorization", "").partition(" ")  # schemes ignore case
+    return (token.strip() if scheme.lower() == "bearer" else headers.get("x-api-key", "")).encode()
 
 
 def create_app(runner: Runner, settings: ServerSettings) -> FastAPI:
-    """The OpenAI-compatible app for `runner`. The scheduler thread runs while the app's lifespan
+    """The OpenAI-compatible app for `runner`. The engine thread runs while the app's lifespan
     does (uvicorn starts and stops it)."""
     service = Service(runner, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service.scheduler.start()
+        service.engine.start()
         try:
             yield
         finally:
-            service.scheduler.stop()
+            service.engine.stop()
             service.store.close()
 
     app = FastAPI(
@@ -117,6 +128,10 @@ def create_app(runner: Runner, settings: ServerSettings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(responses.router)
+    app.include_router(anthropic.router)
+    app.include_router(ollama.router)
+    app.include_router(tokenize.router)
+    page.install(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

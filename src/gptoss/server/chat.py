@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from gptoss.harmony import Event, ReasoningDelta, TextDelta, ToolCallDelta, ToolCallStart
-from gptoss.inference import TokenEvent
+from gptoss.inference import SequenceRequest, TokenEvent, TokenStream
 from gptoss.server.errors import APIError
 from gptoss.server.output import HarmonyOutput, TextOutput, check_json_format, new_id
-from gptoss.server.prompting import JsonFormat, build_prompt, parse_tool_choice
-from gptoss.server.scheduler import SequenceRequest, TokenStream
+from gptoss.server.prompting import JsonFormat, Prompt, build_prompt, parse_tool_choice
 from gptoss.server.schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -34,6 +33,7 @@ from gptoss.server.schemas import (
     Usage,
 )
 from gptoss.server.service import Service, ServiceDep, check_logit_bias, sampling_params, sse
+from gptoss.server.tokenize import prompt_logprobs
 from gptoss.tokenizer import Tokenizer, get_tokenizer
 
 router = APIRouter()
@@ -73,14 +73,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     check_logit_bias(body.logit_bias, service.runner.vocab_size)
     tools = [t.function.model_dump(exclude_none=True) for t in body.tools or []]
     fmt = json_format(body.response_format)
-    prompt = build_prompt(
-        [m.model_dump(exclude_none=True) for m in body.messages],
-        tools=tools,
-        tool_choice=parse_tool_choice(body.tool_choice, [t["name"] for t in tools]),
-        reasoning_effort=body.reasoning_effort,
-        json_format=fmt,
-    )
-    prompt = dataclasses.replace(prompt, tokens=service.runner.fit_prompt(prompt.tokens))
+    tool_choice = parse_tool_choice(body.tool_choice, [t["name"] for t in tools])
+
+    def prepare() -> tuple[Prompt, list[HarmonyOutput]]:  # rendering and tokenizing: off the loop
+        prompt = build_prompt(
+            service.runner,
+            [m.model_dump(exclude_none=True) for m in body.messages],
+            tools=tools,
+            tool_choice=tool_choice,
+            reasoning_effort=body.reasoning_effort,
+            json_format=fmt,
+        )
+        return prompt, [HarmonyOutput(body.stop, prompt.tools_allowed, body.logprobs) for _ in range(body.n)]
+
+    prompt, outputs = await run_in_threadpool(prepare)
     requested = body.max_completion_tokens or body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     max_tokens = service.completion_budget(len(prompt.tokens), requested, param)
@@ -89,12 +95,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     stream = service.submit(
         [
             SequenceRequest(
-                prompt.tokens, sampling_params(body, max_tokens, i, logprobs, stop_ids), i, prompt.constraint
+                prompt.tokens,
+                sampling_params(body, max_tokens, i, logprobs, stop_ids),
+                i,
+                prompt.constraint(),
             )
             for i in range(body.n)
         ]
     )
-    outputs = [HarmonyOutput(body.stop, prompt.tools_allowed, body.logprobs) for _ in range(body.n)]
     reply = _ChatReply(service, body, len(prompt.tokens), outputs, fmt)
     if body.stream:
         return service.event_stream(stream, reply.chunks(stream))
@@ -151,9 +159,12 @@ class _ChatReply:
         for i, out in enumerate(self.outputs):
             calls = [
                 ToolCallOut(
-                    id=c.id, type="function", function=FunctionCallOut(name=c.name, arguments=c.arguments)
+                    index=k,
+                    id=c.id,
+                    type="function",
+                    function=FunctionCallOut(name=c.name, arguments=c.arguments),
                 )
-                for c in out.tool_calls
+                for k, c in enumerate(out.tool_calls)
             ]
             message = ChatMessageOut(
                 content=out.content if out.content or not calls else None,
@@ -263,19 +274,32 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     check_logit_bias(body.logit_bias, service.runner.vocab_size)
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs (prompt log-probabilities) is not supported", param="echo")
-    prompts = [service.runner.fit_prompt(p) for p in _prompts(body.prompt, service.runner.vocab_size)]
-    requests, texts = [], []
+    if body.max_tokens == 0 and body.stream:
+        raise APIError(400, "max_tokens 0 scores the prompt only and does not stream", param="stream")
+
+    def prepare() -> tuple[list[list[int]], list[str]]:  # tokenizing: off the loop
+        prompts = [service.runner.fit_prompt(p) for p in _prompts(body.prompt, service.runner.vocab_size)]
+        return prompts, [get_tokenizer().decode(tokens) if body.echo else "" for tokens in prompts]
+
+    prompts, texts = await run_in_threadpool(prepare)
+    requests = []
     stop_ids = Tokenizer.STOP_TOKENS
     for p, tokens in enumerate(prompts):
         max_tokens = service.completion_budget(len(tokens), body.max_tokens, "max_tokens")
-        texts.append(get_tokenizer().decode(tokens) if body.echo else "")
-        for i in range(body.n):
+        for i in range(body.n if max_tokens else 0):
             params = sampling_params(body, max_tokens, i, body.logprobs, stop_ids)
             requests.append(SequenceRequest(tokens, params, p * body.n + i))
-    stream = service.submit(requests)
-    outputs = [TextOutput(body.stop, body.logprobs, len(texts[k // body.n])) for k in range(len(requests))]
+    outputs = await run_in_threadpool(
+        lambda: [
+            TextOutput(body.stop, body.logprobs, len(texts[k // body.n])) for k in range(len(texts) * body.n)
+        ]
+    )
+    if body.echo and body.logprobs is not None:  # the prompt's own log-probabilities come first
+        for p, tokens in enumerate(prompts):
+            scored = prompt_logprobs(tokens, await service.score(tokens, body.logprobs))
+            for out in outputs[p * body.n : (p + 1) * body.n]:
+                for key, values in scored.items():
+                    out.logprobs[key].extend(values)
     reply_id, created = new_id("cmpl-"), int(time.time())
     prompt_tokens = sum(len(t) for t in prompts)
 
@@ -307,6 +331,13 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
             usage=usage() if with_usage else None,
         )
 
+    if body.max_tokens == 0:  # nothing to generate: the echoed prompt (and its scores) is the answer
+        choices = [
+            CompletionChoice(index=k, text=texts[k // body.n], finish_reason="length", logprobs=logprobs(o))
+            for k, o in enumerate(outputs)
+        ]
+        return reply(choices, with_usage=True)
+    stream = service.submit(requests)
     if not body.stream:
         await service.run(request, stream, feed)
         choices = [
@@ -322,8 +353,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     async def chunks() -> AsyncIterator[str]:
         if body.echo:
             choices = [
-                CompletionChoice(index=k, text=texts[k // body.n], finish_reason=None)
-                for k in range(len(outputs))
+                CompletionChoice(index=k, text=texts[k // body.n], finish_reason=None, logprobs=logprobs(o))
+                for k, o in enumerate(outputs)
             ]
             yield chunk_json(reply(choices, False), include_usage)
         async for event in stream:

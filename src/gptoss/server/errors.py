@@ -7,7 +7,7 @@ parse into their exception classes (BadRequestError, AuthenticationError, RateLi
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -52,6 +52,24 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# The other APIs this server speaks answer errors in their own shapes, chosen by path prefix
+# (the Anthropic SDK and the Ollama client parse those, not OpenAI's).
+ErrorShape = Callable[[APIError], dict[str, Any]]
+_SHAPES: dict[str, ErrorShape] = {}
+
+
+def register_error_shape(prefix: str, shape: ErrorShape) -> None:
+    _SHAPES[prefix] = shape
+
+
+def error_response(path: str, exc: APIError) -> JSONResponse:
+    """`exc` as the API that owns `path` reports errors."""
+    shape = next((s for prefix, s in _SHAPES.items() if path.startswith(prefix)), None)
+    if shape is None:
+        return exc.response()
+    return JSONResponse(shape(exc), status_code=exc.status, headers=exc.headers)
+
+
 # Union branches appear in pydantic's error locations ("input.str", "input.list[...]"): not fields.
 _BRANCH_LABELS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
@@ -79,20 +97,22 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return error_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return error_response(request.url.path, _validation_error(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 413:  # a body without Content-Length, cut off by the Gate
             message = "The request body is larger than this server accepts."
-        return APIError(exc.status_code, message, headers=exc.headers).response()
+        return error_response(request.url.path, APIError(exc.status_code, message, headers=exc.headers))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return APIError(500, "The server had an error while processing your request.").response()
+        return error_response(
+            request.url.path, APIError(500, "The server had an error while processing your request.")
+        )

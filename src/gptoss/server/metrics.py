@@ -7,13 +7,13 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gptoss.server.scheduler import Scheduler
+from gptoss.inference import AsyncEngine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, engine: AsyncEngine) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -50,7 +50,7 @@ class Metrics:
             "Answers that do not satisfy the requested JSON format",
             registry=r,
         )
-        stats = scheduler.stats
+        stats = engine.stats
         Gauge("gptoss_sequences_running", "Sequences in the decode batch", registry=r).set_function(
             lambda: stats.running
         )
@@ -58,7 +58,7 @@ class Metrics:
             lambda: stats.waiting
         )
         Gauge("gptoss_batch_capacity", "Sequences that can decode together", registry=r).set_function(
-            lambda: scheduler.runner.max_batch
+            lambda: engine.runner.max_batch
         )
 
     def render(self) -> bytes:

@@ -25,35 +25,10 @@ from gptoss.harmony import (
     ToolCallStart,
 )
 from gptoss.inference import TokenEvent
+from gptoss.inference.stops import StopStrings
 from gptoss.server.jsonschema_safe import validator
 from gptoss.server.prompting import JsonFormat
 from gptoss.tokenizer import get_tokenizer
-
-
-class StopMatcher:
-    """Finds stop strings in streamed text, holding back a tail that might begin one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """The text that is safe to release, and whether a stop string was found (text after
-        it, and the stop string itself, are never released)."""
-        if not self.stops:
-            return text, False
-        buffer = self.pending + text
-        hits = [i for s in self.stops if (i := buffer.find(s)) >= 0]
-        if hits:
-            self.pending = ""
-            return buffer[: min(hits)], True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if buffer.endswith(s[:k])), default=0)
-        self.pending = buffer[len(buffer) - keep :]
-        return buffer[: len(buffer) - keep], False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
 
 
 @dataclass
@@ -88,7 +63,7 @@ class HarmonyOutput:
 
     def __init__(self, stop: Sequence[str] = (), tools_allowed: bool = True, logprobs: bool = False) -> None:
         self.parser = StreamParser()
-        self.stopper = StopMatcher(stop)
+        self.stopper = StopStrings(stop)
         self.tools_allowed = tools_allowed
         self.want_logprobs = logprobs
         self.reasoning = ""
@@ -136,11 +111,11 @@ class HarmonyOutput:
                 self.reasoning += e.text
                 out.append(e)
             elif isinstance(e, TextDelta):
-                text, hit = self.stopper.push(e.text)
+                text, found = self.stopper.push(e.text)
                 if text:
                     self.content += text
                     out.append(TextDelta(text))
-                if hit:
+                if found is not None:
                     self.stopped = True
                     return out
             elif isinstance(e, ToolCallStart):
@@ -166,7 +141,7 @@ class TextOutput:
     """One choice of /v1/completions: the decoded text, stop tokens left out."""
 
     def __init__(self, stop: Sequence[str] = (), logprobs: int | None = None, offset: int = 0) -> None:
-        self.stopper = StopMatcher(stop)
+        self.stopper = StopStrings(stop)
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.want_logprobs = logprobs
         self.text = ""
@@ -203,7 +178,8 @@ class TextOutput:
             self.logprobs["token_logprobs"].append(event.logprob)
             self.logprobs["top_logprobs"].append(top)
             self.logprobs["text_offset"].append(self.offset + len(self.text) + len(self.stopper.pending))
-        text, self.stopped = self.stopper.push(piece)
+        text, found = self.stopper.push(piece)
+        self.stopped = found is not None
         if event.finish_reason is not None and not self.stopped:
             text += self.stopper.flush()
         self.text += text

@@ -2,7 +2,8 @@
 
 `tool_choice` is enforced, not merely requested: "none" leaves the tools out of the prompt (the
 model cannot call what it was not shown), "required" and a named function force the tool-call
-header with a `PrefixConstraint`, so the model's first message is that call.
+header with a `PrefixConstraint` (spelled in the model's own vocabulary, so that trimmed models can
+write it), so the model's first message is that call.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 from openai_harmony import Message, Role
 
 from gptoss.harmony import chat_messages_to_harmony, render_for_completion
+from gptoss.inference import PrefixConstraint, Runner
 from gptoss.server.errors import APIError
-from gptoss.server.scheduler import PrefixConstraint
 from gptoss.tokenizer import Tokenizer, get_harmony_encoding, get_tokenizer
 
 # "minimal" is what newer OpenAI clients send for the least reasoning; gpt-oss's least is "low".
@@ -32,9 +33,13 @@ class ToolChoice:
 
 @dataclass(frozen=True)
 class Prompt:
-    tokens: list[int]
-    constraint: PrefixConstraint | None
+    tokens: list[int]  # as the model reads them
+    forced_headers: tuple[tuple[int, ...], ...]  # the output must begin with one (none: free)
     tools_allowed: bool  # False: a tool call the model makes anyway is dropped, not shown
+
+    def constraint(self) -> PrefixConstraint | None:
+        """A fresh constraint for one sequence (constraints follow their sequence's tokens)."""
+        return PrefixConstraint(self.forced_headers) if self.forced_headers else None
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ def parse_tool_choice(choice: Any, tool_names: Sequence[str]) -> ToolChoice:
 
 
 def build_prompt(
+    runner: Runner,
     messages: Sequence[Mapping[str, Any]],
     *,
     tools: Sequence[Mapping[str, Any]],
@@ -72,7 +78,8 @@ def build_prompt(
     json_format: JsonFormat | None = None,
 ) -> Prompt:
     """Prompt tokens for the next assistant turn of an OpenAI-style chat (`tools` are function
-    definitions: name, description, parameters)."""
+    definitions: name, description, parameters), in `runner`'s vocabulary. CPU work (rendering,
+    tokenizing): call it off the event loop."""
     messages = list(messages)
     if json_format is not None:
         messages.append({"role": "developer", "content": response_format_instructions(json_format)})
@@ -81,13 +88,14 @@ def build_prompt(
         conversation = chat_messages_to_harmony(
             messages, shown or None, reasoning_effort=_EFFORT[reasoning_effort or "medium"]
         )
-    except (ValueError, KeyError, TypeError) as exc:
+        tokens = render_for_completion(conversation)
+    except (ValueError, KeyError, TypeError) as exc:  # UnicodeError (a lone surrogate) included
         raise APIError(400, f"invalid messages: {exc}", param="messages") from None
-    constraint = None
+    headers: tuple[tuple[int, ...], ...] = ()
     if tool_choice.mode == "required":
         names = [tool_choice.name] if tool_choice.name else [t["name"] for t in shown]
-        constraint = PrefixConstraint([tool_call_header(name) for name in names])
-    return Prompt(render_for_completion(conversation), constraint, tools_allowed=bool(shown))
+        headers = tuple(tuple(runner.fit_prompt(tool_call_header(name))) for name in names)
+    return Prompt(runner.fit_prompt(tokens), headers, tools_allowed=bool(shown))
 
 
 @functools.lru_cache(maxsize=1024)

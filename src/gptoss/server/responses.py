@@ -8,20 +8,19 @@ model's harmony messages become output items: analysis → `reasoning`, final te
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from gptoss.harmony import Event, MessageEnd, ReasoningDelta, TextDelta, ToolCallDelta, ToolCallStart
-from gptoss.inference import TokenEvent
+from gptoss.inference import SequenceRequest, TokenEvent, TokenStream
 from gptoss.server.errors import APIError
 from gptoss.server.output import HarmonyOutput, check_json_format, new_id
-from gptoss.server.prompting import JsonFormat, build_prompt, parse_tool_choice
-from gptoss.server.scheduler import SequenceRequest, TokenStream
-from gptoss.server.schemas import ResponsesRequest, SamplingFields, TextConfig
+from gptoss.server.prompting import JsonFormat, Prompt, build_prompt, parse_tool_choice
+from gptoss.server.schemas import InputTokensRequest, ResponsesRequest, SamplingFields, TextConfig
 from gptoss.server.service import Service, ServiceDep, sampling_params, sse
 from gptoss.tokenizer import Tokenizer
 
@@ -200,9 +199,36 @@ def _owner(request: Request) -> str:
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request, service: ServiceDep) -> Any:
     service.check_model(body.model)
+    items, prompt, fmt = await _prompt(body, service, _owner(request))
+    max_tokens = service.completion_budget(len(prompt.tokens), body.max_output_tokens, "max_output_tokens")
+    sampling = SamplingFields(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    params = sampling_params(sampling, max_tokens, 0, None, Tokenizer.STOP_TOKENS)
+    stream = service.submit([SequenceRequest(prompt.tokens, params, 0, prompt.constraint())])
+    output = HarmonyOutput((), prompt.tools_allowed)
+    reply = _Reply(service, body, items, len(prompt.tokens), output, fmt, _owner(request))
+    if body.stream:
+        return service.event_stream(stream, reply.events(stream))
+    await service.run(request, stream, reply.feed)
+    return reply.finish()
+
+
+@router.post("/v1/responses/input_tokens")
+async def count_input_tokens(body: InputTokensRequest, request: Request, service: ServiceDep) -> Any:
+    """The prompt tokens a `POST /v1/responses` with this body would take."""
+    if body.model is not None:
+        service.check_model(body.model)
+    _, prompt, _ = await _prompt(body, service, _owner(request))
+    return {"object": "response.input_tokens", "input_tokens": len(prompt.tokens)}
+
+
+async def _prompt(
+    body: ResponsesRequest | InputTokensRequest, service: Service, owner: str
+) -> tuple[list[dict[str, Any]], Prompt, JsonFormat | None]:
+    """The conversation's items (stored ones of `owner` first), its prompt and the requested JSON
+    format."""
     previous: list[dict[str, Any]] = []
     if body.previous_response_id:
-        previous = service.store.conversation(body.previous_response_id, _owner(request))
+        previous = service.store.conversation(body.previous_response_id, owner)
         if previous is None:
             raise APIError(
                 404,
@@ -221,24 +247,18 @@ async def create_response(body: ResponsesRequest, request: Request, service: Ser
         messages.insert(0, {"role": "developer", "content": body.instructions})
     tools = [t.model_dump(exclude_none=True, exclude={"type"}) for t in body.tools]
     fmt = _json_format(body.text)
-    prompt = build_prompt(
-        messages,
-        tools=tools,
-        tool_choice=parse_tool_choice(body.tool_choice, [t["name"] for t in tools]),
-        reasoning_effort=body.reasoning.effort if body.reasoning else None,
-        json_format=fmt,
+    tool_choice = parse_tool_choice(body.tool_choice, [t["name"] for t in tools])
+    prompt = await run_in_threadpool(  # rendering and tokenizing: off the loop
+        lambda: build_prompt(
+            service.runner,
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            reasoning_effort=body.reasoning.effort if body.reasoning else None,
+            json_format=fmt,
+        )
     )
-    prompt = dataclasses.replace(prompt, tokens=service.runner.fit_prompt(prompt.tokens))
-    max_tokens = service.completion_budget(len(prompt.tokens), body.max_output_tokens, "max_output_tokens")
-    sampling = SamplingFields(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
-    params = sampling_params(sampling, max_tokens, 0, None, Tokenizer.STOP_TOKENS)
-    stream = service.submit([SequenceRequest(prompt.tokens, params, 0, prompt.constraint)])
-    output = HarmonyOutput((), prompt.tools_allowed)
-    reply = _Reply(service, body, items, len(prompt.tokens), output, fmt, _owner(request))
-    if body.stream:
-        return service.event_stream(stream, reply.events(stream))
-    await service.run(request, stream, reply.feed)
-    return reply.finish()
+    return items, prompt, fmt
 
 
 class _Reply:
@@ -261,7 +281,7 @@ class _Reply:
         self.items = _OutputItems(output)
         self.fmt = fmt
         self.id = new_id("resp_")
-        self.created = time.time()
+        self.created = int(time.time())
 
     def response(self, status: str) -> dict[str, Any]:
         body = self.body
@@ -345,12 +365,20 @@ async def delete_response(response_id: str, request: Request, service: ServiceDe
     return {"id": response_id, "object": "response", "deleted": True}
 
 
+def _with_parts(item: dict[str, Any]) -> dict[str, Any]:
+    """A stored message item with string content as the API lists it: a list of content parts."""
+    if item.get("type", "message") != "message" or not isinstance(item.get("content"), str):
+        return item
+    kind = "output_text" if item.get("role") == "assistant" else "input_text"
+    return {**item, "type": "message", "content": [{"type": kind, "text": item["content"]}]}
+
+
 @router.get("/v1/responses/{response_id}/input_items")
 async def list_input_items(response_id: str, request: Request, service: ServiceDep) -> Any:
     items = service.store.input_items(response_id, _owner(request))
     if items is None:
         raise APIError(404, f"No response with id {response_id!r} is stored.", param="response_id")
-    data = [{"id": item.get("id") or new_id("item_"), **item} for item in items]
+    data = [{"id": item.get("id") or new_id("item_"), **_with_parts(item)} for item in items]
     return {
         "object": "list",
         "data": data,

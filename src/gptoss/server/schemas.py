@@ -30,6 +30,11 @@ def check_json_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
     return schema
 
 
+# Stop strings are matched as the text streams (gptoss.inference.stops): these bounds keep the
+# matcher's setup and per-token work small whatever a client sends.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 4096
+
 FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 
 
@@ -40,6 +45,18 @@ class FunctionDefinition(BaseModel):
     strict: bool | None = None
 
     _check = field_validator("parameters")(check_json_schema)
+
+
+def function_tools_only(value: Any) -> Any:
+    """Refuse tools of other types with a message that says so (rather than "name: Field required")."""
+    for i, tool in enumerate(value if isinstance(value, list) else []):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise ValueError(
+                f"tools[{i}] has type {kind!r}, but this server runs function tools only "
+                "(type 'function'); built-in tools such as web_search are not available"
+            )
+    return value
 
 
 class ChatTool(BaseModel):
@@ -83,7 +100,7 @@ class SamplingFields(Request):
     """Sampling controls common to chat and completions."""
 
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     logit_bias: dict[int, float] | None = None
@@ -102,8 +119,10 @@ class SamplingFields(Request):
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"a stop sequence may hold at most {MAX_STOP_LENGTH} characters")
         return [s for s in stops if s]
 
     @field_validator("logit_bias")
@@ -160,6 +179,7 @@ class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessageIn] = Field(min_length=1)
     tools: list[ChatTool] | None = None
+    _tools = field_validator("tools", mode="before")(function_tools_only)
     tool_choice: ToolChoiceMode | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
@@ -257,7 +277,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionRequest(SamplingFields):
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: score the (echoed) prompt only
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -265,8 +285,8 @@ class CompletionRequest(SamplingFields):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
@@ -420,12 +440,13 @@ class ResponsesRequest(Request):
     input: str | list[InputItem]
     instructions: str | None = None
     tools: list[FunctionTool] = []
+    _tools = field_validator("tools", mode="before")(function_tools_only)
     tool_choice: ToolChoiceMode | NamedFunction = "auto"
     parallel_tool_calls: bool = True
     reasoning: ReasoningConfig | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None
@@ -433,3 +454,9 @@ class ResponsesRequest(Request):
     text: TextConfig | None = None
     user: str | None = None
     seed: int | None = None  # an extension: the Responses API has no seed
+
+
+class InputTokensRequest(ResponsesRequest):
+    """POST /v1/responses/input_tokens: a Responses request whose prompt is counted, not run."""
+
+    model: str | None = None  # type: ignore[assignment]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,20 +15,25 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.responses import StreamingResponse
 
-from gptoss.inference import SamplingParams, TokenEvent
-from gptoss.server.errors import APIError, error_body
-from gptoss.server.metrics import Metrics
-from gptoss.server.runner import Runner
-from gptoss.server.scheduler import (
-    DEFAULT_MAX_QUEUE,
+from gptoss.inference import (
+    AsyncEngine,
     EngineError,
     QueueFull,
-    Scheduler,
+    Runner,
+    SamplingParams,
     SequenceRequest,
+    TokenEvent,
     TokenStream,
 )
+from gptoss.inference.async_engine import DEFAULT_MAX_QUEUE
+from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK
+from gptoss.inference.scoring import PromptScores, score_tokens
+from gptoss.server.errors import APIError, error_body
+from gptoss.server.metrics import Metrics
 from gptoss.server.store import DEFAULT_MAX_BYTES, DEFAULT_TTL_SECONDS, ResponseStore
 from gptoss.tokenizer import cache_dir
+
+log = logging.getLogger(__name__)
 
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
@@ -52,9 +58,9 @@ class Service:
     def __init__(self, runner: Runner, settings: ServerSettings) -> None:
         self.settings = settings
         self.runner = runner
-        self.scheduler = Scheduler(runner, settings.max_queue, settings.prefill_budget)
-        self.metrics = Metrics(self.scheduler)
-        self.scheduler.on_decode = self.metrics.batch_size.observe
+        self.engine = AsyncEngine(runner, settings.max_queue, settings.prefill_budget)
+        self.metrics = Metrics(self.engine)
+        self.engine.on_decode = self.metrics.batch_size.observe
         self.store = ResponseStore(
             settings.responses_db or cache_dir() / "responses.sqlite3",
             settings.responses_ttl,
@@ -91,7 +97,9 @@ class Service:
 
     def submit(self, requests: list[SequenceRequest]) -> TokenStream:
         try:
-            stream = self.scheduler.submit(requests)
+            stream = self.engine.submit(requests)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
         except QueueFull as exc:
             raise APIError(
                 429,
@@ -124,6 +132,20 @@ class Service:
             stream.cancel()
             self._observe(stream)
 
+    async def score(self, tokens: Sequence[int], top: int) -> PromptScores:
+        """Log-probabilities of the prompt `tokens` (and the `top` alternatives at each), computed
+        off the event loop."""
+        model = getattr(self.runner, "model", None)
+        if model is None:
+            raise APIError(
+                400, "this server cannot score prompts (its runner exposes no model)", param="echo"
+            )
+        chunk = getattr(self.runner, "prefill_chunk", None) or DEFAULT_PREFILL_CHUNK
+        try:
+            return await self.engine.call(lambda: score_tokens(model, tokens, top, chunk))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt") from None
+
     def event_stream(self, stream: TokenStream, events: AsyncIterator[str]) -> StreamingResponse:
         """An SSE response. Starlette cancels `events` when the client disconnects; the
         `finally` then frees the sequences' slots."""
@@ -134,6 +156,14 @@ class Service:
                     yield line
             except EngineError as exc:  # headers are sent: report the failure inside the stream
                 yield sse(error_body(str(exc), "server_error", code="engine_error"))
+                yield sse("[DONE]")
+            except APIError as exc:
+                yield sse(exc.body())
+                yield sse("[DONE]")
+            except Exception:  # a bug of ours: the client still gets an error event and the end
+                log.exception("streaming a response failed")
+                yield sse(error_body("The server failed while streaming this response.", "server_error"))
+                yield sse("[DONE]")
             finally:
                 stream.cancel()
                 self._observe(stream)

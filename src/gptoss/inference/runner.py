@@ -1,0 +1,282 @@
+"""The model side of the engine: sequences in KV-cache rows, next-token logits out.
+
+`Runner` is the seam between the engine's scheduling and a model. `ModelRunner` is the production
+one: a `KVCache` in which every sequence owns a row from its first prefill chunk to its release.
+The rows of the sequences that decode together are always the first R rows, so that a decode step
+is one pass over `rows[0:R]`; a newcomer is prefilled, chunk by chunk, in a free row above them and
+moved to row R when it joins (a copy only when rows shifted while it was prefilled). A newcomer's
+first logits come out of the next decode step's output-head matmul, batched with everyone else's:
+at 201,088 tokens the head is the largest weight, too large to read once more for a single row.
+Tests may drive the engine with a runner that scripts its logits, which runs the real scheduler,
+sampler, parser and HTTP layer through exact token sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from gptoss.inference.cache import KVCache
+from gptoss.model import GptOss
+from gptoss.vocab import fit_tokens
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 512
+# Attention scores of one prefill chunk (fp32, a few live copies) may take about this much memory:
+# at long contexts the chunk shrinks so that peak memory stays bounded whatever the prompt length.
+ATTENTION_SCORE_BUDGET = 1 << 30
+
+
+class Runner(Protocol):
+    """Next-token logits for sequences identified by integer ids.
+
+    A sequence is prefilled (one or more chunks, the last with ``last=True``), which makes it join
+    the decode batch; from then on every `decode` call gives its next-token logits, together with
+    every other sequence of the batch, until `release`. Only one sequence is prefilled at a time.
+    """
+
+    vocab_size: int
+    context: int  # tokens one sequence may hold: prompt + generated
+    max_batch: int  # sequences that decode together
+
+    def fit_prompt(self, tokens: Sequence[int]) -> list[int]:
+        """`tokens` as the model reads them (a trimmed vocabulary spells ids it lacks in bytes)."""
+        ...
+
+    def prefill(self, seq: int, tokens: Sequence[int], last: bool) -> None:
+        """Append prompt tokens of `seq`; with `last`, it joins the decode batch."""
+        ...
+
+    def decode(self, tokens: Mapping[int, int | None]) -> Mapping[int, Tensor]:
+        """One step for every sequence of the batch (`tokens` names them all): append its new
+        token, or None for one that joined since the last step and has none yet. Returns the
+        next-token logits (V,) of each."""
+        ...
+
+    def release(self, seq: int) -> None:
+        """Forget `seq` (finished, cancelled, or dropped mid-prefill)."""
+        ...
+
+    def reset(self) -> None:
+        """Forget every sequence (after a failed forward pass)."""
+        ...
+
+
+# ---------------------------------------------------------------------- forward passes
+def model_dtype(model: GptOss) -> torch.dtype:
+    return model.model.embed_tokens.weight.dtype
+
+
+def model_device(model: GptOss) -> torch.device:
+    return model.model.embed_tokens.weight.device
+
+
+def forward_hidden(model: GptOss, cache: KVCache, tokens: Tensor, rows: slice) -> Tensor:
+    """Run tokens (R, T) of cache rows `rows` through the blocks; hidden states (R, T, H)."""
+    positions = cache.begin(rows, tokens.shape[1])
+    try:
+        hidden = model.model(tokens, positions, cache)
+    except BaseException:
+        cache.abort()  # an interrupted pass leaves half-written ring buffers in these rows
+        raise
+    cache.end()
+    return hidden
+
+
+def prefill_chunk_length(model: GptOss, start: int, remaining: int, prefill_chunk: int) -> int:
+    """Tokens to prefill next: `prefill_chunk`, fewer when the attention scores would grow too big."""
+    heads = model.config.num_attention_heads
+    per_token = 3 * 4 * heads * (start + min(remaining, prefill_chunk))  # fp32 scores, ~3 copies
+    return max(1, min(remaining, prefill_chunk, ATTENTION_SCORE_BUDGET // per_token))
+
+
+@torch.inference_mode()
+def prefill(
+    model: GptOss,
+    cache: KVCache,
+    row: int,
+    tokens: Sequence[int],
+    prefill_chunk: int,
+    each_chunk: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
+    """Append `tokens` to cache row `row` in chunks; the hidden state (H,) after the last one.
+    `each_chunk(start, hidden)` sees every chunk's hidden states (T, H), `start` its first index.
+
+    The one prefill loop: the engine's runner and every caller of the model with a cache use it."""
+    if not tokens:
+        raise ValueError("nothing to prefill: the token list is empty")
+    ids = torch.tensor(list(tokens), dtype=torch.long, device=model_device(model))
+    done = 0
+    while done < len(ids):
+        n = prefill_chunk_length(model, cache.lengths[row], len(ids) - done, prefill_chunk)
+        hidden = forward_hidden(model, cache, ids[None, done : done + n], slice(row, row + 1))
+        if each_chunk is not None:
+            each_chunk(done, hidden[0])
+        done += n
+    return hidden[0, -1]
+
+
+@dataclass(frozen=True)
+class RowMark:
+    """A point in a parked sequence to rewind to (see `ModelRunner.mark`)."""
+
+    length: int
+    rings: list[tuple[Tensor, Tensor]]
+    hidden: Tensor | None
+
+
+class ModelRunner:
+    """A `Runner` on a real `GptOss` model and one `KVCache` of `max_batch` rows.
+
+    Memory is `max_batch · config.kv_cache_bytes(context)`, allocated up front. Besides the
+    `Runner` protocol it can `park` a finished sequence (its row, keys and values stay, and a later
+    `prefill` continues it) and `mark`/`rewind` a parked one: multi-turn sessions use that.
+    """
+
+    def __init__(
+        self,
+        model: GptOss,
+        max_batch: int,
+        context: int,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> None:
+        config = model.config
+        self.model = model.eval()
+        self.vocab_size = config.vocab_size
+        self.context = min(context, config.max_position_embeddings)
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.cache = KVCache(config, max_batch, self.context, model_dtype(model), model_device(model))
+        self.row_of: dict[int, int] = {}  # every sequence holding a row
+        self.running: list[int] = []  # the decode batch: sequence of rows 0..R-1
+        self.hidden: dict[int, Tensor] = {}  # last hidden state of sequences not in the batch
+        self.joined: set[int] = set()  # joined since the last decode: no token to feed yet
+        log.info(
+            "KV cache: %d sequences × %d tokens, %.2f GiB", max_batch, self.context, self.cache.nbytes / 2**30
+        )
+
+    def fit_prompt(self, tokens: Sequence[int]) -> list[int]:
+        return fit_tokens(self.model, tokens)
+
+    def length(self, seq: int) -> int:
+        """Tokens of `seq` in the cache."""
+        return self.cache.lengths[self.row_of[seq]]
+
+    def prefill(self, seq: int, tokens: Sequence[int], last: bool) -> None:
+        if seq in self.running:
+            raise RuntimeError(f"sequence {seq} is decoding; it cannot be prefilled")
+        if seq not in self.row_of:
+            free = sorted(set(range(self.max_batch)) - set(self.row_of.values()))
+            if not free:
+                raise RuntimeError("every row of the KV cache is taken")
+            self.row_of[seq] = free[0]
+            self.cache.clear_row(free[0])
+        if tokens:
+            self.hidden[seq] = prefill(self.model, self.cache, self.row_of[seq], tokens, self.prefill_chunk)
+        if not last:
+            return
+        if seq not in self.hidden:
+            raise ValueError(f"sequence {seq} has no prefilled token to continue from")
+        self._move_to(seq, len(self.running))
+        self.running.append(seq)
+        self.joined.add(seq)
+
+    @torch.inference_mode()
+    def decode(self, tokens: Mapping[int, int | None]) -> Mapping[int, Tensor]:
+        if set(tokens) != set(self.running):
+            raise ValueError("decode needs every sequence of the batch")
+        # Newcomers were appended last, so the rows that take a token are a prefix of the batch.
+        fed = len(self.running) - len(self.joined)
+        if any(tokens[s] is None for s in self.running[:fed]) or any(
+            tokens[s] is not None for s in self.joined
+        ):
+            raise ValueError("a token is needed exactly for the sequences that did not just join")
+        hidden = []
+        if fed:
+            ids = torch.tensor([[tokens[s]] for s in self.running[:fed]], device=model_device(self.model))
+            hidden.append(forward_hidden(self.model, self.cache, ids, slice(0, fed))[:, -1])
+        if self.joined:
+            hidden.append(torch.stack([self.hidden.pop(s) for s in self.running[fed:]]))
+        logits = self.model.lm_head(torch.cat(hidden))  # (R, V): one pass over the head for all
+        self.joined.clear()
+        return {s: logits[r] for r, s in enumerate(self.running)}
+
+    def release(self, seq: int) -> None:
+        if seq in self.running:
+            self._leave_batch(seq)
+        row = self.row_of.pop(seq, None)
+        if row is not None:
+            self.cache.clear_row(row)
+        self.hidden.pop(seq, None)
+
+    def park(self, seq: int) -> None:
+        """Take `seq` out of the decode batch but keep its row: a later `prefill` continues it.
+        Its last sampled token was not fed, so it has no hidden state until it is prefilled."""
+        self._leave_batch(seq)
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.row_of, self.running = {}, []
+        self.hidden.clear()
+        self.joined.clear()
+
+    # ------------------------------------------------------------------ marks (parked sequences)
+    def mark(self, seq: int) -> RowMark:
+        """Remember where parked `seq` is; `rewind` returns to it, dropping what followed.
+
+        Full-attention slots past the mark are simply overwritten later, but sliding layers reuse
+        their ring slots, so the mark keeps a copy of the rings (window × KV width per layer: small).
+        """
+        row = self.row_of[seq]
+        rings = [
+            (k[row].clone(), v[row].clone())
+            for k, v, sliding in zip(self.cache.keys, self.cache.values, self.cache.sliding, strict=True)
+            if sliding
+        ]
+        hidden = self.hidden.get(seq)
+        return RowMark(self.cache.lengths[row], rings, None if hidden is None else hidden.clone())
+
+    def rewind(self, seq: int, mark: RowMark) -> None:
+        row = self.row_of[seq]
+        if mark.length > self.cache.lengths[row]:
+            raise ValueError("this mark lies ahead of the sequence (was it taken before a reset?)")
+        rings = iter(mark.rings)
+        for i, sliding in enumerate(self.cache.sliding):
+            if sliding:
+                k, v = next(rings)
+                self.cache.keys[i][row].copy_(k)
+                self.cache.values[i][row].copy_(v)
+        self.cache.lengths[row] = mark.length
+        self.hidden.pop(seq, None)
+        if mark.hidden is not None:
+            self.hidden[seq] = mark.hidden
+
+    # ------------------------------------------------------------------ rows
+    def _leave_batch(self, seq: int) -> None:
+        if self.joined:
+            raise RuntimeError("a sequence may leave the batch only between a decode and the next prefill")
+        last = self.running[-1]
+        self._swap(seq, last)  # keep decoding rows contiguous: the last row fills the hole
+        self.running[self.running.index(seq)] = last
+        self.running.pop()
+
+    def _move_to(self, seq: int, row: int) -> None:
+        """Put `seq` in `row`; whoever held that row takes `seq`'s old one."""
+        holder = next((s for s, r in self.row_of.items() if r == row), None)
+        if holder is None:
+            self.cache.copy_row(self.row_of[seq], row)
+            self.cache.clear_row(self.row_of[seq])
+            self.row_of[seq] = row
+        elif holder != seq:
+            self._swap(seq, holder)
+
+    def _swap(self, a: int, b: int) -> None:
+        if a != b:
+            self.cache.swap_rows(self.row_of[a], self.row_of[b])
+            self.row_of[a], self.row_of[b] = self.row_of[b], self.row_of[a]
