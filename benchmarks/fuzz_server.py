@@ -60,6 +60,14 @@ def pin(case: Any, model: str) -> None:
         body["max_tokens"] = BUDGET_FIELDS["max_tokens"]
     if body.get("max_output_tokens") is None:
         body["max_output_tokens"] = BUDGET_FIELDS["max_output_tokens"]
+    if case.operation.path.startswith("/api/"):  # Ollama's budget: options.num_predict
+        options = body.get("options")
+        if options is None:
+            body["options"] = options = {}
+        if isinstance(options, dict):
+            predict = options.get("num_predict")
+            if not isinstance(predict, int | float) or isinstance(predict, bool) or not 0 <= predict <= 8:
+                options["num_predict"] = 8
 
 
 def send(case: Any, base_url: str, model: str) -> tuple[int | str, str, float]:
