@@ -298,6 +298,21 @@ def _add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -
 
 
 # ---------------------------------------------------------------------- serve (gptoss.server)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds in "30d", "12h", "90m", "45s" or a plain number of seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration such as 30d, 12h or 90m")
+    return seconds
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
@@ -307,7 +322,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model,
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
+        api_keys=tuple(args.api_key or ()),
         served_model_name=args.served_model_name,
         device=args.device,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
@@ -317,6 +332,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes,
         responses_db=args.responses_db,
+        responses_ttl=args.responses_ttl,
+        responses_max_bytes=args.responses_max_mb * 2**20,
     )
     return 0
 
@@ -326,13 +343,25 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     _add_model_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require this bearer key (default: $GPTOSS_API_KEY)")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        help="require this bearer key; repeat for several, each seeing only its own stored responses "
+        "(default: $GPTOSS_API_KEY, comma-separated)",
+    )
     serve.add_argument("--served-model-name", default=None, help="model id for clients (default: dir name)")
     serve.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
     serve.add_argument("--max-model-len", type=int, default=8192, help="tokens per sequence, prompt included")
     serve.add_argument("--max-queue", type=int, default=256, help="sequences waiting before a 429")
     serve.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="largest request body")
     serve.add_argument("--responses-db", default=None, help="SQLite file for stored responses")
+    serve.add_argument(
+        "--responses-ttl",
+        type=_duration,
+        default="30d",
+        help="how long responses are kept (30d, 12h, 90m)",
+    )
+    serve.add_argument("--responses-max-mb", type=int, default=1024, help="stored responses' size cap")
     serve.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's own")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     serve.add_argument("--int8", action="store_true", help="weight-only int8 attention and output head")
