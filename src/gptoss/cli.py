@@ -458,12 +458,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _add_export_command(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="write a model as GGUF for llama.cpp, LM Studio or Ollama")
     export.add_argument("model", help="a checkpoint directory, a .gguf file or a preset (random weights)")
-    export.add_argument("out", nargs="?", default=None, help="the .gguf file to write (default with --ollama: DIR/NAME.gguf)")
+    export.add_argument(
+        "out", nargs="?", default=None, help="the .gguf file to write (default with --ollama: DIR/NAME.gguf)"
+    )
     export.add_argument(
         "--outtype", choices=["bf16", "f16", "f32", "q8_0"], default="bf16",
         help="type of the matrices other than MXFP4 experts (default bf16)",
     )  # fmt: skip
-    export.add_argument("--ollama", metavar="DIR", default=None, help="also write DIR/Modelfile for `ollama create`")
+    export.add_argument(
+        "--ollama", metavar="DIR", default=None, help="also write DIR/Modelfile for `ollama create`"
+    )
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(func=cmd_export)
 
