@@ -273,8 +273,10 @@ def _plan(model: GptOss, outtype: Q) -> list[_Planned]:
     plan: list[_Planned] = []
 
     def add(name: str, tensor: Tensor, qtype: Q | None = None) -> None:
-        if qtype is None:  # matrices in `outtype`, vectors in f32 (llama.cpp's own choice)
-            qtype = outtype if tensor.dim() >= 2 else Q.F32
+        if qtype is None:  # weight matrices in `outtype`; vectors, biases and routers in f32, as
+            # llama.cpp's converter writes them (its expert-bias kernel takes f32 only)
+            f32 = tensor.dim() < 2 or not name.endswith(".weight") or ".ffn_gate_inp." in name
+            qtype = Q.F32 if f32 else outtype
             if qtype == Q.Q8_0 and tensor.shape[-1] % 32:
                 qtype = Q.BF16
         plan.append(_Planned(name, tuple(tensor.shape), qtype, lambda: _encode(tensor, qtype)))
