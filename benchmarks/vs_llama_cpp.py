@@ -16,7 +16,7 @@ llama-bench times a 128-token prompt at an empty context (pp) and the new tokens
 depth (tg, -d), as our engine decodes after its prompt; each figure is the best of its repetitions
 (llama-bench's samples), as ours is. The peak RSS is the llama-bench process's (os.wait4).
 
-Run as a script, it checks GGUF interoperability both ways instead (a table, and JSON in --out):
+Run as a script, it checks GGUF interoperability both ways instead (a table, and JSON in --json):
 
     python benchmarks/vs_llama_cpp.py                    # the bundled model and a random nano
     python benchmarks/vs_llama_cpp.py --models bundled nano 20b
@@ -388,7 +388,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/vs_llama_cpp_interop.json"))
+    parser.add_argument("--json", type=Path, default=None, help="default: DIR/interop.json")
     args = parser.parse_args()  # fmt: skip
     console = Console()
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -440,8 +440,9 @@ def main() -> None:
                 "-" if back is None else f"{back['logits_max_abs_diff']:.3g}",
             )
     console.print(table)
-    args.out.write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {args.out}")
+    out = args.json or args.dir / "interop.json"
+    out.write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -274,7 +274,7 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
         "model",
         nargs="?",
         default=DEFAULT_MODEL,
-        help=f"a checkpoint directory, or a preset ({', '.join(PRESETS)}; random weights); "
+        help=f"a checkpoint directory, a .gguf file, or a preset ({', '.join(PRESETS)}; random weights); "
         f"default: the bundled {DEFAULT_MODEL}",
     )
 
