@@ -23,7 +23,8 @@ Run as a script, it checks GGUF interoperability both ways instead (a table, and
 
 - ours → llama.cpp: the model exported by `gptoss export` runs in llama.cpp (through the
   llama-cpp-python bindings of the same source distribution, against the libllama built beside
-  llama-bench) and must give our greedy tokens on a few harmony prompts; the table also shows the
+  llama-bench) and must give our greedy tokens on a few harmony prompts (one longer than the
+  sliding window); the table also shows the
   largest difference of the first step's logits, and whether llama.cpp's tokenizer, reading the
   vocabulary from our file, splits a few texts into our ids.
 - llama.cpp → ours: the checkpoint converted by llama.cpp's convert_hf_to_gguf.py loads with
@@ -188,6 +189,12 @@ INTEROP_PROMPTS = (
     "What is the capital of France?",
     "Write a haiku about the sea.",
     "Explain in one sentence why the sky is blue.",
+    # longer than the 128-token sliding window, so that the windowed layers' masks are compared too
+    "Summarize this in one line: "
+    + " ".join(
+        f"Step {i}: the river carried the boat past the mill, the bridge and the old stone tower."
+        for i in range(1, 11)
+    ),
 )
 TOKENIZER_TEXTS = (
     "Hello, world! It's 2025 and the café serves crème brûlée.",
