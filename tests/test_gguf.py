@@ -148,6 +148,12 @@ def test_trimmed_vocabulary_is_written_as_its_rows_and_comes_back(tmp_path):
     assert_same_model(model, loaded)
 
 
+def test_a_loaded_gguf_exports_to_the_same_bytes(tmp_path):
+    first = save_gguf(mxfp4_model(), tmp_path / "a.gguf", progress=False)
+    second = save_gguf(load_model(first), tmp_path / "b.gguf", progress=False)
+    assert first.read_bytes() == second.read_bytes()
+
+
 def test_q8_0_matrices_load_dequantized(tmp_path):
     model = mxfp4_model()
     path = save_gguf(model, tmp_path / "q8.gguf", outtype="q8_0", progress=False)

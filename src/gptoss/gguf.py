@@ -24,6 +24,7 @@ a tied embedding, so that our own files load back as exactly the model that was 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import struct
 import tempfile
@@ -368,6 +369,10 @@ def save_gguf(model: GptOss, path: str | Path, outtype: str = "bf16", progress: 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # the writer logs its plan at INFO, naming the temporary file; our progress bar says enough
+    gguf_log = logging.getLogger("gguf")
+    level = gguf_log.level
+    gguf_log.setLevel(logging.WARNING)
     writer = gguf.GGUFWriter(tmp, ARCH)
     try:
         _add_hparams(writer, config, qtype, packed)
@@ -398,6 +403,8 @@ def save_gguf(model: GptOss, path: str | Path, outtype: str = "bf16", progress: 
         if isinstance(exc, OSError):
             raise GGUFError(f"writing {path} failed ({exc}); is the disk full? {path} is unchanged") from exc
         raise
+    finally:
+        gguf_log.setLevel(level)
     return path
 
 
