@@ -374,6 +374,33 @@ def llama_cpp_to_ours(checkpoint: Path, tree: Path, work_dir: Path, console: Con
     }
 
 
+def same_in_llama_cpp(
+    a: Path, b: Path, env: dict[str, str], new_tokens: int, threads: int, timeout: float
+) -> dict[str, Any]:
+    """Run two full-vocabulary GGUFs in llama.cpp on the interop prompts, one after the other (no
+    model in this process: a 20b fits where two copies would not): greedy tokens and first logits."""
+    import numpy as np
+
+    from gptoss.harmony import chat_messages_to_harmony, render_for_completion
+
+    prompts = [
+        render_for_completion(chat_messages_to_harmony([{"role": "user", "content": t}]))
+        for t in INTEROP_PROMPTS
+    ]
+    job = {"n_ctx": 512, "threads": threads, "new_tokens": new_tokens, "prompts": prompts, "texts": []}
+    runs = [run_llama_cpp(env, job | {"model": str(path)}, timeout)["runs"] for path in (a, b)]
+    return {
+        "a": str(a),
+        "b": str(b),
+        "greedy_equal": sum(x["tokens"] == y["tokens"] for x, y in zip(*runs, strict=True)),
+        "prompts": len(prompts),
+        "first_logits_max_abs_diff": max(
+            float(np.abs(np.array(x["first_logits"]) - np.array(y["first_logits"])).max())
+            for x, y in zip(*runs, strict=True)
+        ),
+    }
+
+
 def main() -> None:
     import argparse
 
@@ -393,6 +420,11 @@ def main() -> None:
         "--outtypes", nargs="+", default=["bf16"], choices=["bf16", "f32"],
         help="types of the exported non-expert matrices (our model computes in the same type)",
     )  # fmt: skip
+    parser.add_argument(
+        "--compare", nargs=2, type=Path, metavar=("A.gguf", "B.gguf"), default=None,
+        help="instead: whether llama.cpp computes the same on two GGUFs (e.g. `gptoss export`'s and "
+        "convert_hf_to_gguf.py's of one checkpoint)",
+    )  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", type=Path, default=None, help="default: DIR/interop.json")
@@ -402,6 +434,14 @@ def main() -> None:
     tree = source_tree(args.llama_cpp, args.dir, console)
     env = bindings_env(tree, args.dir, console)
     threads = torch.get_num_threads()
+    if args.compare:
+        result = same_in_llama_cpp(*args.compare, env, args.new_tokens, threads, args.timeout)
+        console.print(
+            f"llama.cpp on {args.compare[0].name} and {args.compare[1].name}: greedy tokens equal on "
+            f"{result['greedy_equal']}/{result['prompts']} prompts × {args.new_tokens}, first logits max "
+            f"|diff| {result['first_logits_max_abs_diff']:.3g}"
+        )
+        return
 
     from decode import MODELS, write_random_checkpoint  # noqa: PLC0415 - decode.py imports this module
 
