@@ -299,7 +299,7 @@ def ours_to_llama_cpp(
     gc.collect()
 
     job = {
-        "model": str(path), "n_ctx": 512, "threads": threads, "new_tokens": new_tokens,
+        "model": str(path), "n_ctx": 1024, "threads": threads, "new_tokens": new_tokens,
         "prompts": [[row[t] for t in prompt] for prompt in prompts], "texts": list(TOKENIZER_TEXTS),
     }  # fmt: skip
     theirs = run_llama_cpp(env, job, timeout)
@@ -387,7 +387,7 @@ def same_in_llama_cpp(
         render_for_completion(chat_messages_to_harmony([{"role": "user", "content": t}]))
         for t in INTEROP_PROMPTS
     ]
-    job = {"n_ctx": 512, "threads": threads, "new_tokens": new_tokens, "prompts": prompts, "texts": []}
+    job = {"n_ctx": 1024, "threads": threads, "new_tokens": new_tokens, "prompts": prompts, "texts": []}
     runs = [run_llama_cpp(env, job | {"model": str(path)}, timeout)["runs"] for path in (a, b)]
     return {
         "a": str(a),
