@@ -389,9 +389,26 @@ def same_in_llama_cpp(
     ]
     job = {"n_ctx": 1024, "threads": threads, "new_tokens": new_tokens, "prompts": prompts, "texts": []}
     runs = [run_llama_cpp(env, job | {"model": str(path)}, timeout)["runs"] for path in (a, b)]
+    from gptoss.gguf import _open  # the files' tensors and vocabularies, compared byte for byte
+
+    files = [_open(path) for path in (a, b)]
+    tensors = [{t.name: t for t in f.tensors} for f in files]
+
+    def raw(t: Any) -> Any:
+        return np.asarray(t.data).view(np.uint8)
+
+    same = [
+        name for name, t in tensors[0].items()
+        if name in tensors[1] and t.tensor_type == tensors[1][name].tensor_type
+        and np.array_equal(raw(t), raw(tensors[1][name]))
+    ]  # fmt: skip
+    vocab_keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
     return {
         "a": str(a),
         "b": str(b),
+        "tensors": [len(t) for t in tensors],
+        "tensors_byte_equal": len(same),
+        "vocabulary_equal": all(files[0].fields.get(k) == files[1].fields.get(k) for k in vocab_keys),
         "greedy_equal": sum(x["tokens"] == y["tokens"] for x, y in zip(*runs, strict=True)),
         "prompts": len(prompts),
         "first_logits_max_abs_diff": max(
@@ -439,7 +456,9 @@ def main() -> None:
         console.print(
             f"llama.cpp on {args.compare[0].name} and {args.compare[1].name}: greedy tokens equal on "
             f"{result['greedy_equal']}/{result['prompts']} prompts × {args.new_tokens}, first logits max "
-            f"|diff| {result['first_logits_max_abs_diff']:.3g}"
+            f"|diff| {result['first_logits_max_abs_diff']:.3g}; tensors byte-equal "
+            f"{result['tensors_byte_equal']} (of {result['tensors'][0]} and {result['tensors'][1]}), "
+            + ("vocabulary equal" if result["vocabulary_equal"] else "vocabulary DIFFERENT")
         )
         return
 
