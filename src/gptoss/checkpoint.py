@@ -431,6 +431,10 @@ def resolve_model(path_or_preset: str | Path) -> str | Path:
 def model_config(path_or_preset: str | Path) -> ModelConfig:
     """The config of a checkpoint directory, of a preset name, or of the bundled `gptoss-nano`."""
     path_or_preset = resolve_model(path_or_preset)
+    if Path(path_or_preset).suffix.lower() == ".gguf":
+        from gptoss.gguf import read_config
+
+        return read_config(path_or_preset)
     if Path(path_or_preset).is_dir():
         return ModelConfig.from_dir(path_or_preset)
     if str(path_or_preset) in PRESETS:
@@ -465,9 +469,13 @@ def load_model(
     """A ready model from a checkpoint directory, or a preset name with random weights.
 
     Checkpoints keep their stored dtype unless `dtype` is given; presets default to float32.
-    `gptoss-nano` names the bundled demonstration model.
+    `gptoss-nano` names the bundled demonstration model; a `.gguf` file is read by `gptoss.gguf`.
     """
     path_or_preset = resolve_model(path_or_preset)
+    if Path(path_or_preset).suffix.lower() == ".gguf":
+        from gptoss.gguf import load_gguf
+
+        return load_gguf(path_or_preset, device=device, dtype=dtype, dequantize=dequantize)
     config = model_config(path_or_preset)
     if Path(path_or_preset).is_dir():
         return load_checkpoint(path_or_preset, device=device, dtype=dtype, dequantize=dequantize)
@@ -483,6 +491,16 @@ def save_model(
     directory: str | Path,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     card: ModelCard | None = None,
+    format: str = "safetensors",
+    outtype: str = "bf16",
 ) -> Path:
-    """Save `model` as a Hugging Face-layout checkpoint directory (see `save_checkpoint`)."""
+    """Save `model` as a Hugging Face-layout checkpoint directory (see `save_checkpoint`), or with
+    `format="gguf"` as one GGUF file at `directory` for llama.cpp (see `gptoss.gguf.save_gguf`;
+    `outtype` is the type of its non-expert matrices)."""
+    if format == "gguf":
+        from gptoss.gguf import save_gguf
+
+        return save_gguf(model, directory, outtype)
+    if format != "safetensors":
+        raise ValueError(f"unknown checkpoint format {format!r}; use 'safetensors' or 'gguf'")
     return save_checkpoint(model, directory, max_shard_bytes, card)

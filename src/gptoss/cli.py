@@ -274,7 +274,7 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
         "model",
         nargs="?",
         default=DEFAULT_MODEL,
-        help=f"a checkpoint directory, or a preset ({', '.join(PRESETS)}; random weights); "
+        help=f"a checkpoint directory, a .gguf file, or a preset ({', '.join(PRESETS)}; random weights); "
         f"default: the bundled {DEFAULT_MODEL}",
     )
 
@@ -476,6 +476,31 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from gptoss.gguf import export
+
+    for path in export(args.model, args.out, args.outtype, args.ollama, progress=not args.quiet):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_export_command(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="write a model as GGUF for llama.cpp, LM Studio or Ollama")
+    export.add_argument("model", help="a checkpoint directory, a .gguf file or a preset (random weights)")
+    export.add_argument(
+        "out", nargs="?", default=None, help="the .gguf file to write (default with --ollama: DIR/NAME.gguf)"
+    )
+    export.add_argument(
+        "--outtype", choices=["bf16", "f16", "f32", "q8_0"], default="bf16",
+        help="type of the matrices other than MXFP4 experts (default bf16)",
+    )  # fmt: skip
+    export.add_argument(
+        "--ollama", metavar="DIR", default=None, help="also write DIR/Modelfile for `ollama create`"
+    )
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    export.set_defaults(func=cmd_export)
+
+
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     from gptoss.train.trainer import add_config_arguments
 
@@ -555,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     _add_serve_command(sub)
+    _add_export_command(sub)
     _add_training_commands(sub)
     add_eval_command(sub)
     return parser
