@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import random_model, tiny_config
 from gptoss import get_config, save_model
-from gptoss.mxfp4 import quantize_experts
+from gptoss.quant.mxfp4 import quantize_experts
 
 GPTOSS = shutil.which("gptoss") or str(Path(sys.executable).with_name("gptoss"))
 

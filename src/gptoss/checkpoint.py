@@ -27,8 +27,8 @@ from torch import Tensor
 from gptoss.config import PRESETS, ModelConfig, get_config
 from gptoss.model import MLP, GptOss
 from gptoss.model_card import ModelCard, read_license_name, write_card
-from gptoss.mxfp4 import MXFP4Experts
 from gptoss.ops.pages import use_huge_pages
+from gptoss.quant.mxfp4 import MXFP4Experts
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def load_checkpoint(
                     _load_tensor(f, stored[name], target, from_file)
 
     if packed and dequantize:
-        from gptoss.mxfp4 import dequantize_experts
+        from gptoss.quant.mxfp4 import dequantize_experts
 
         dequantize_experts(model, dtype)
     return model.eval()

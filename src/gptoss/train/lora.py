@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from gptoss.checkpoint import _replace_dir, load_model, save_checkpoint
 from gptoss.model import Experts, GptOss, clamped_swiglu
-from gptoss.mxfp4 import MXFP4Experts, dequantize_experts
+from gptoss.quant.mxfp4 import MXFP4Experts, dequantize_experts
 
 log = logging.getLogger(__name__)
 
