@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from gptoss import ops
 from gptoss.quant.mxfp4 import pack, unpack
@@ -113,14 +114,32 @@ def test_int8_linear(isa, n, inp, out):
     assert close(y, x, dequantized, F.linear(x, dequantized, bias))
 
 
+class LinearCalls(TorchFunctionMode):
+    """The output widths of the F.linear calls made inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widths: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            self.widths.append(args[1].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
 def test_int8_reference_path_dequantizes_in_blocks(monkeypatch):
     generator = torch.Generator().manual_seed(2)
     weight = torch.randint(-127, 128, (50, 32), dtype=torch.int8, generator=generator)
     scale, bias = torch.rand(50, generator=generator) / 64, torch.randn(50, generator=generator)
-    x = torch.randn(20, 32, generator=generator)  # more rows than the native kernels serve
+    # autograd through x: the reference path on every CPU (the native kernels and the fp32 GEMM
+    # path serve inference only)
+    x = torch.randn(20, 32, generator=generator, requires_grad=True)
     whole = ops.int8_linear(x, weight, scale, bias)
     monkeypatch.setattr(ops, "INT8_REFERENCE_ROWS", 7)
-    torch.testing.assert_close(ops.int8_linear(x, weight, scale, bias), whole, rtol=1e-6, atol=1e-6)
+    with LinearCalls() as calls:
+        blocks = ops.int8_linear(x, weight, scale, bias)
+    assert calls.widths == [7] * 7 + [1]  # 50 output channels dequantized 7 at a time
+    torch.testing.assert_close(blocks, whole, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(whole, F.linear(x, weight.float() * scale[:, None], bias))
 
 
