@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from gptoss.config import PRESETS, ModelConfig, get_config
+from gptoss.config import DEFAULT_MODEL, PRESETS, ModelConfig, get_config
 from gptoss.model import MLP, GptOss
 from gptoss.model_card import ModelCard, read_license_name, write_card
 from gptoss.ops.pages import use_huge_pages
@@ -376,9 +376,6 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the public entry points
-DEFAULT_MODEL = "gptoss-nano"
-
-
 def bundled_model_dir() -> Path:
     """Where the demonstration model that ships inside the package lives."""
     return Path(__file__).parent / "models" / DEFAULT_MODEL

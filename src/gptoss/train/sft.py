@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from gptoss.checkpoint import DEFAULT_MODEL, load_model, save_checkpoint
+from gptoss.checkpoint import load_model, save_checkpoint
+from gptoss.config import DEFAULT_MODEL
 from gptoss.harmony import chat_messages_to_harmony, render_for_training
 from gptoss.model import GptOss
 from gptoss.quant.mxfp4 import dequantize_experts
