@@ -1,7 +1,8 @@
-"""Builds the optional native CPU kernels (src/gptoss/ops/native.c); everything else is in
+"""Builds the optional native CPU kernels (src/gptoss/ops/native/); everything else is in
 pyproject.toml. Without a C compiler or OpenMP the package still installs and runs on PyTorch."""
 
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 
@@ -10,7 +11,8 @@ setup(
     ext_modules=[
         Extension(
             "gptoss.ops._native",
-            sources=["src/gptoss/ops/native.c"],
+            sources=sorted(str(p) for p in Path("src/gptoss/ops/native").glob("*.c")),
+            depends=sorted(str(p) for p in Path("src/gptoss/ops/native").glob("*.h")),
             extra_compile_args=["-O3", "-std=c11", *openmp],
             extra_link_args=openmp,
             optional=True,

@@ -94,7 +94,7 @@ def mxfp4_linear(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None 
     `MAX_ROWS` rows (on AVX2, once per pass of up to 48 rows); the reference dequantizes, then
     multiplies. One bf16 row on an AVX2 CPU is first rounded to 16-bit block floats (each value
     within 2^-15 of its group of 32's largest; exact within 2^7 of it) for integer dot products:
-    native.c, mxfp4_i16_avx2.
+    native/avx2.c, mxfp4_i16_avx2.
     """
     if _native_ok(x, bias):
         xa, b = _native_dtype(x), None if bias is None else _native_dtype(bias)
@@ -252,7 +252,7 @@ def fp32_gemm_linear(
 
 
 # On AVX2 (no bf16 dot products), a call of more than MAX_ROWS rows takes the native prompt kernel
-# (native.c, avx2_gemm: a tile of bf16 or int8 weight rows decoded a column chunk at a time, once
+# (native/avx2.c, avx2_gemm: a tile of bf16 or int8 weight rows decoded a column chunk at a time, once
 # per pass of up to 48 rows). On this project's 2-core Zen 3, six 4096x2880 bf16 weights (the 20b
 # shape's projections), one thread: 55-66 GFLOP/s from 64 to 256 rows against 20-45 for the fp32
 # GEMM, 50 against 54 at 512, 42 against 61 at 1024 (two threads: 92 against 90 at 256, 89 against
