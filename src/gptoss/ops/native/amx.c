@@ -56,13 +56,7 @@ AVX512_INLINE void amx_finish_rows(const epilogue *e, int64_t r, int64_t rows, f
  * once into a thread buffer, then every pair of 16-token chunks gets four accumulator tiles
  * (2 x 16 rows by 2 x 16 tokens), stored, and finished row by row. Rows with scale bytes outside
  * 2..252 take mxfp4_bf16_avx512, as does a call whose buffers could not be had.
- *
- * On the 2-core Xeon, 20b experts, a 128-token prompt: 383 GFLOP/s against 150 for
- * mxfp4_bf16_avx512 (two threads; with amx_finish_rows, the 20b prefill 70 against 27 tok/s). Of
- * one thread's time the decoding takes ~60% (~8 TSC ticks a block: two blocks a vpermw, weights
- * read from cache, or each block decoded just before its product measured no faster), the
- * epilogue ~14% before its SwiGLU was vectorised (amx_finish_rows), the activations' rearranging
- * ~8% and the tile products ~5%. */
+ * Decoding the blocks is most of its time, the tile products little (benchmarks/NOTES.md, "AMX"). */
 AMX void mxfp4_amx(const void *xv, int64_t n, const weights *w, int64_t r0, int64_t r1, const epilogue *e) {
     static _Thread_local void *x_buf, *w_buf;
     static _Thread_local size_t x_have, w_have;

@@ -26,11 +26,9 @@
  * the down projections summing every expert's weighted output into the token rows. Prefill goes
  * the same way: many tokens per expert are chunks of MAX_ROWS against a weight tile in cache (on
  * AVX2, all of them at once against a tile decoded a column chunk at a time: avx2_gemm). With
- * bf16 activations that runs at ~250 GFLOP/s per core here, as fast as PyTorch's bf16 GEMM alone at
- * 16 tokens per expert (a 128-token prompt's average) before any dequantization is paid for; only
- * from ~64 tokens per expert would dequantize-to-tile + GEMM start to gain (GEMM alone ~1.4x).
- * Where the CPU has AMX tiles, that does gain: a prompt's experts decode their weights to bf16
- * tiles and multiply them on AMX (mxfp4_amx).
+ * bf16 activations that is as fast as PyTorch's bf16 GEMM alone at a 128-token prompt's ~16 tokens
+ * per expert, before any dequantization is paid for. Where the CPU has AMX tiles, a prompt's
+ * experts decode their weights to bf16 tiles and multiply them on AMX (mxfp4_amx).
  *
  * The files, one concern each (ggml-cpu's shape): common.h (tables, the kernel-call description,
  * declarations), dispatch.c (which kernel serves a call, activation layouts, the threads' tiles),

@@ -371,9 +371,7 @@ AVX2 void int8w_f32_avx2(const void *x, int64_t n, const weights *w, int64_t r0,
  * in L1) once per pass of up to GEMM_TOKENS activation rows, and a register block of 3 activation
  * rows by GEMM_W weight rows keeps 12 accumulators: 7 loads per 12 FMAs, ~85% of the FMA rate on
  * data in L1. Each chunk's 8-lane sums are reduced into the rows' sums, which the epilogue takes
- * MAX_ROWS tokens at a time. One thread, 20b-shaped experts of a 128-token prompt with uneven routing
- * (3 to 41 tokens an expert), interleaved in one process: 56 -> 62 GFLOP/s; bf16 q_proj at 128 rows
- * 57 -> 63. Passes of 24 rather than 48 rows: 3-7% slower; chunks of 8 blocks: ~5%. */
+ * MAX_ROWS tokens at a time (benchmarks/NOTES.md, "The AVX2 prompt kernel"). */
 #define GEMM_TOKENS 48 /* activation rows per pass over a tile (their chunks come from L2) */
 #define GEMM_KC 16     /* blocks per column chunk */
 #define GEMM_W 4       /* weight rows decoded together (TILE is a multiple) */

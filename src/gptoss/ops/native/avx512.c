@@ -182,14 +182,11 @@ AVX512 void int8w_f32_avx512(const void *x, int64_t n, const weights *w, int64_t
 /* int8 weights against bf16 activation rows as 16-bit block floats (AS_I16_GROUPS, the scheme of
  * mxfp4_i16_avx2: each group of 32 as integers q · d, exact within 2^7 of the group's largest |x|,
  * others within 2^-15 of it), on any AVX-512 CPU. int8_to_bf16 spends five conversions on every 32
- * weights to feed one vdpbf16ps, which kept int8w_bf16_avx512 at ~14 GB/s on one core from cache
- * and ~17 GB/s on two from DRAM, half of what the machine reads (2-core Xeon with AMX). Here one
- * vpmovsxbw widens 32 weights and vpmaddwd multiplies them with the activations' integers: every
+ * weights to feed one vdpbf16ps, which left int8w_bf16_avx512 at half of what memory delivers. Here
+ * one vpmovsxbw widens 32 weights and vpmaddwd multiplies them with the activations' integers: every
  * lane sums two products exactly (|sum| ≤ 2 · 127 · 32640 < 2^24, so its conversion is exact too),
- * and one multiply-add applies the group's d. The row's scale multiplies the sum. On that machine,
- * 20b q_proj rows, single thread: from cache 23.8 GB/s against int8w_bf16_avx512's 14.3; from DRAM
- * 10.1 against 9.0 with prefetches into L1, 13.0 with them into L2 (PREFETCH_WEIGHTS), as fast as
- * the bf16 matvec read there then (12.2-12.5); two threads, 25.4 against 15.7. */
+ * and one multiply-add applies the group's d. The row's scale multiplies the sum. Figures:
+ * benchmarks/NOTES.md, "int8 against bf16 rows". */
 AVX512_INLINE void int8w_i16_sums(const int N, const int R, const uint8_t *x, const weights *w, int64_t r,
                                   __m512 (*s)[MAX_ROWS]) {
     const int U = N <= 2 ? 2 : 1; /* two chains of multiply-adds hide their latency */

@@ -20,17 +20,14 @@
 #define TILE 32    /* weight rows per unit of work handed to a thread (even: SwiGLU pairs) */
 /* Bytes ahead of the MXFP4 and int8 streams that the kernels ask the cache for (MXFP4 scales, 1/16
  * as many bytes, PF_DIST / 16 ahead): the hardware prefetchers alone leave two threads at about 3/4
- * of the read rate this reaches. 8 KiB rather than 2 for MXFP4: +6% from memory at ~44 GB/s, +11% at
- * ~70 GB/s (the more bandwidth, the more bytes must be in flight); the scale prefetches add ~4%. */
+ * of the read rate this reaches; the more bandwidth, the more bytes must be in flight, hence 8 KiB
+ * (benchmarks/NOTES.md, "Prefetch distances"). */
 #ifndef PF_DIST
 #define PF_DIST 8192
 #endif
 /* On Intel CPUs the AVX-512 decode kernels ask for their weights into L2 (_MM_HINT_T1), PF_L2_DIST
- * ahead, the bf16 matvec included. On this project's 2-core Xeon (AMX), two threads from DRAM: the
- * MoE at one token 18.7 GB/s against 16.1 with PF_DIST into L1, the bf16 matvec 28.8-30.2 against
- * 23.9 with no prefetch, int8 alike (23.4-24.2 against 23.4); T2 measured as T1, and 8-32 KiB ahead
- * alike. On the AMD machines prefetches into L1 PF_DIST ahead measured best for the MXFP4 and int8
- * kernels (T1, T2 and NTA gave nothing or lost) and the bf16 matvec kept up without any. */
+ * ahead, the bf16 matvec included; on AMD, into L1 PF_DIST ahead (the MXFP4 and int8 kernels; the
+ * bf16 matvec keeps up without). Each measured best on its vendor's machines (benchmarks/NOTES.md). */
 #define PF_L2_DIST 16384
 extern int prefetch_to_l2; /* set at import: whether the CPU is Intel's */
 #define PREFETCH_WEIGHTS(p)                                                                        \
