@@ -127,8 +127,3 @@ AMX void mxfp4_amx(const void *xv, int64_t n, const weights *w, int64_t r0, int6
     }
     _tile_release();
 }
-
-/* The kernel for an expert's `count` tokens in an MoE call that chose `kernel` for its busiest
- * expert: the prompt kernel decodes a tile for its rows whatever their number, and below MAX_ROWS + 1
- * the chunked kernel (same activation layout) is faster (single thread, 20b rows: 0.55x at 2 rows,
- * 0.7x at 3-4, 0.82x at 6-8; even at 10). */

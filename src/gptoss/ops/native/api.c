@@ -118,6 +118,9 @@ static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* mxfp4_moe(x, dt, n, k, idx, route_weight, weight_dt, experts, hidden, inter, gate_up_blocks,
+ *           gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias, bias_dt, alpha,
+ *           limit, y): x, y (n, hidden) in dt; idx (n, k) int64 expert ids, route_weight (n, k). */
 static PyObject *py_mxfp4_moe(PyObject *self, PyObject *args) {
     unsigned long long xp, ip, wp, gbp, gsp, gbiasp, dbp, dsp, dbiasp, yp;
     long long n, k, experts, hidden, inter;
@@ -162,8 +165,6 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* sink_attention(q, q_dt, batch, heads, tokens, dim, k, v, kv_dt, kv_heads, keys, kv_batch_stride,
- *                kv_head_stride, mask, mask_batch, sinks, out) */
 
 /* rotary(x, dt, tokens, heads, dim, cos, sin): see rotary; dim even. */
 static PyObject *py_rotary(PyObject *self, PyObject *args) {
@@ -177,6 +178,8 @@ static PyObject *py_rotary(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* sink_attention(q, q_dt, batch, heads, tokens, dim, k, v, kv_dt, kv_heads, keys, kv_batch_stride,
+ *                kv_head_stride, mask, mask_batch, sinks, out) */
 static PyObject *py_sink_attention(PyObject *self, PyObject *args) {
     attention a;
     unsigned long long qp, kp, vp, mp, sp, op;

@@ -173,9 +173,8 @@ static void attend_row(const attention *a, const attention_steps *steps, int64_t
 }
 
 /* 0, or -1 when memory ran out. Query rows go to threads once there is enough work: from ~32K
- * multiply-adds a product (one 20b decode step over 128-256 keys, 64 heads: 53 → 37 µs at 161 keys,
- * 91 → 56 at 256, the cache read from DRAM; the threshold had been 1M, which kept those on one
- * thread). */
+ * multiply-adds a product, which puts a 20b decode step over a few hundred keys on every thread
+ * (benchmarks/NOTES.md). */
 int sink_attention(const attention *a) {
     int64_t rows = a->batch * a->heads * a->tokens;
     static const attention_steps portable = {key_scores_c, softmax_c, weighted_values_c};

@@ -135,9 +135,8 @@ AVX2_INLINE void int8_avx2_block(const int8_t *p, __m256 *wv) {
 /* Asks the cache for `count` blocks of row r's weights from block g (rows of whole blocks). The
  * chunked kernels do so one chunk ahead: the row's next, or after its last the first of the row a
  * tile further on, which the same thread usually takes next. A tile's first pass over 32 rows
- * a chunk at a time had left the hardware prefetchers behind: the experts of a 128-token prompt
- * (128 x 4 of 32 experts, interleaved in one process) 107 -> 121 GFLOP/s, 112 -> 127 with the
- * tokens spread evenly; the scales asked for too: no further gain. */
+ * a chunk at a time had left the hardware prefetchers behind; asking for the scales too gained
+ * nothing more (benchmarks/NOTES.md). */
 AVX2_INLINE void prefetch_chunk(const int kind, const weights *w, int64_t r, int64_t g, int64_t count) {
     const int64_t block_bytes = kind == MXFP4 ? 16 : kind == BF16W ? 2 * BLOCK : BLOCK;
     const char *p = (const char *)w->w + (r * (w->in / BLOCK) + g) * block_bytes;

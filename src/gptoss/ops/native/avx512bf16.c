@@ -278,8 +278,8 @@ AVX512BF16_INLINE void bf16w_bf16_sums(const int N, const int R, const uint16_t 
         }
 }
 
-/* One activation row to four (decode): rows sixteen at a time (+1% from memory at ~46 GB/s, +1-2%
- * at ~74); more: in pairs, each pair's weights read once for all the activation rows. */
+/* One activation row to four (decode): rows sixteen at a time (a little faster from memory); more:
+ * in pairs, each pair's weights read once for all the activation rows. */
 AVX512BF16 void bf16w_bf16_avx512(const void *x, int64_t n, const weights *w, int64_t r0,
                                          int64_t r1, const epilogue *e) {
     float gate[MAX_ROWS];
@@ -306,9 +306,8 @@ AVX512BF16 void bf16w_bf16_avx512(const void *x, int64_t n, const weights *w, in
 /* int8 weights become bf16 exactly (|w| ≤ 127 needs 7 significant bits, bf16 has 8): sign-extend
  * and convert 32 of them to fp32, pack to bf16, then the same dot products; the row's scale
  * multiplies the sum. The conversion makes this as busy per byte as the MXFP4 kernels, so it asks
- * for its weights PF_DIST ahead as they do: +9-13% from memory at ~45 GB/s, +12-18% at ~70 GB/s in
- * two A/B runs (the bf16 kernel, a fraction of the work per byte, keeps up with the hardware
- * prefetchers alone). */
+ * for its weights PF_DIST ahead as they do (the bf16 kernel, a fraction of the work per byte, keeps
+ * up with the hardware prefetchers alone; benchmarks/NOTES.md). */
 AVX512BF16_INLINE __m512i int8_to_bf16(const int8_t *p) {
     __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
     __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
@@ -377,8 +376,7 @@ AVX512BF16_INLINE void int8w_bf16_rows_with_tail(const int N, const int R, const
 }
 
 /* Row by row (in pairs for more than four activation rows), each row's scale multiplying its sums.
- * Not sixteen rows at a time as bf16w_bf16_avx512: that measured ~2% slower from memory here at
- * ~74 GB/s (and no faster at ~46), where it gained ~1-2% for bf16 weights. */
+ * Not sixteen rows at a time as bf16w_bf16_avx512: for int8 weights that measured slower. */
 AVX512BF16 void int8w_bf16_avx512(const void *x, int64_t n, const weights *w, int64_t r0,
                                          int64_t r1, const epilogue *e) {
     float gate[MAX_ROWS];

@@ -188,8 +188,7 @@ typedef void (*row_fn)(const void *x, int64_t n, const weights *w, int64_t r0, i
     }
 
 /* Memory the kernels read 64 bytes at a time: on a cache line's start, as malloc's 16-byte alignment
- * is not. A load across two lines cost the MXFP4 decode kernel ~17% of its rate from memory
- * (single thread: 34-36 GB/s aligned against 28-30 with the activations 16 bytes off). */
+ * is not: a load across two lines costs the MXFP4 decode kernel a sixth of its rate from memory. */
 static inline void *line_aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
 /* ------------------------------------------------------------------ instruction sets */
@@ -210,8 +209,8 @@ extern int amx_permitted; /* set at import: Linux lets this process use the tile
 /* Weight rows per call in an MoE that takes mxfp4_amx (TILE for the other kernels): the activations
  * are rearranged once per call for all of them. */
 #define AMX_ROWS 256
-/* The fewest tokens an expert sends through mxfp4_amx; fewer take mxfp4_bf16_avx512 (single thread,
- * 20b experts: a 48-token prompt, ~6 tokens an expert, 85 GFLOP/s with 3 or 6 here, 70 with 10). */
+/* The fewest tokens an expert sends through mxfp4_amx; fewer take mxfp4_bf16_avx512 (measured best
+ * between 3 and 6, benchmarks/NOTES.md). */
 #define AMX_MIN_TOKENS 6
 
 #define QUADS_MAX_ROWS 4 /* activation rows mxfp4_quads_avx512 takes */

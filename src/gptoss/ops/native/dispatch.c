@@ -54,6 +54,9 @@ int select_isa(const char *name) {
 
 const char *isa_name(void) { return ISA_NAMES[active_isa]; }
 
+/* The kernel for an expert's `count` tokens in an MoE call that chose `kernel` for its busiest
+ * expert: the prompt kernel decodes a tile for its rows whatever their number, and below MAX_ROWS + 1
+ * the chunked kernel (same activation layout) is faster (benchmarks/NOTES.md). */
 row_fn expert_kernel(row_fn kernel, int64_t count) {
     if (kernel == mxfp4_amx && count < AMX_MIN_TOKENS) return mxfp4_bf16_avx512;
     return kernel == mxfp4_f32_avx2_gemm && count <= MAX_ROWS ? mxfp4_f32_avx2 : kernel;
