@@ -16,7 +16,7 @@ from conftest import random_model, tiny_config
 from gptoss.checkpoint import load_model, save_model
 from gptoss.cli import main
 from gptoss.gguf import CHAT_TEMPLATE, OLLAMA_STOPS, GGUFError, read_config, save_gguf
-from gptoss.mxfp4 import quantize_experts, unpack
+from gptoss.quant.mxfp4 import quantize_experts, unpack
 from gptoss.tokenizer import Tokenizer
 from gptoss.vocab import byte_token_ids, choose_vocabulary
 

@@ -24,11 +24,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from gptoss.config import PRESETS, ModelConfig, get_config
+from gptoss.config import DEFAULT_MODEL, PRESETS, ModelConfig, get_config
 from gptoss.model import MLP, GptOss
 from gptoss.model_card import ModelCard, read_license_name, write_card
-from gptoss.mxfp4 import MXFP4Experts
 from gptoss.ops.pages import use_huge_pages
+from gptoss.quant.mxfp4 import MXFP4Experts
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def load_checkpoint(
     if config.vocab_rows is not None:
         _check_token_ids(model, files["model.token_ids"])
     if packed and dequantize:
-        from gptoss.mxfp4 import dequantize_experts
+        from gptoss.quant.mxfp4 import dequantize_experts
 
         dequantize_experts(model, dtype)
     return model.eval()
@@ -413,9 +413,6 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the public entry points
-DEFAULT_MODEL = "gptoss-nano"
-
-
 def bundled_model_dir() -> Path:
     """Where the demonstration model that ships inside the package lives."""
     return Path(__file__).parent / "models" / DEFAULT_MODEL

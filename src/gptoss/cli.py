@@ -8,17 +8,23 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-
-from gptoss.checkpoint import DEFAULT_MODEL, checkpoint_facts, model_config, resolve_model
-from gptoss.config import PRESETS, ModelConfig
+from gptoss.config import DEFAULT_MODEL, PRESETS, ModelConfig
 from gptoss.eval.cli import add_eval_command
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# Commands import what they use when they run (torch, the engine, the trainer, the server): the
+# parser itself, and `gptoss --help`, stay fast. Options built from the trainers' config classes are
+# added only to the command being parsed.
 
 
 def model_facts(model: str) -> tuple[ModelConfig, dict]:
     """The config of a preset or checkpoint directory, plus facts about its stored files."""
+    from gptoss.checkpoint import checkpoint_facts, model_config, resolve_model
+
     config = model_config(model)
     path = resolve_model(model)
     return config, checkpoint_facts(path) if Path(path).is_dir() else {}
@@ -41,6 +47,9 @@ def _gib(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     config, facts = model_facts(args.model)
     report = config.summary(args.context) | facts
     if args.json:
@@ -132,6 +141,8 @@ def _sampling_params(args: argparse.Namespace):  # noqa: ANN202 - SamplingParams
 def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from rich.console import Console
+
     from gptoss.harmony import ReasoningDelta, StreamParser, TextDelta
     from gptoss.inference import generate_stream
     from gptoss.inference.chat import HARMONY_STOP_TOKENS, TextDecoder, harmony_prompt
@@ -209,6 +220,8 @@ CHAT_HELP = "/reset  forget the conversation · /effort low|medium|high · /show
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from gptoss.harmony import ReasoningDelta, TextDelta
     from gptoss.inference import ContextFullError
     from gptoss.inference.chat import ChatSession
@@ -404,6 +417,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gptoss.checkpoint import model_config
     from gptoss.train.plan import plan_training
 
     plans = [
@@ -501,9 +518,7 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
     export.set_defaults(func=cmd_export)
 
 
-def _add_training_commands(sub: argparse._SubParsersAction) -> None:
-    from gptoss.train.trainer import add_config_arguments
-
+def _add_training_commands(sub: argparse._SubParsersAction, command: str | None) -> None:
     prep = sub.add_parser("prepare-data", help="tokenize text, JSONL or Parquet into uint32 token shards")
     prep.add_argument("inputs", nargs="+", help="files or directories (.jsonl/.parquet: a `text` field)")
     prep.add_argument("--out", required=True, help="dataset directory to write")
@@ -520,8 +535,11 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
         help="pretrain a model (run under torchrun for several processes)",
         description="Options override the --config file, which overrides the defaults.",
     )
-    train.add_argument("--config", default=None, help="a TOML or YAML file of training options")
-    add_config_arguments(train)
+    if command == "train":
+        from gptoss.train.trainer import add_config_arguments
+
+        train.add_argument("--config", default=None, help="a TOML or YAML file of training options")
+        add_config_arguments(train)
     train.set_defaults(func=cmd_train)
 
     plot = sub.add_parser("plot", help="draw the loss curves of training runs to a PNG")
@@ -540,14 +558,15 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(func=cmd_plan)
 
-    from gptoss.train.sft import add_sft_arguments
-
     finetune = sub.add_parser(
         "finetune",
         help="supervised fine-tuning on harmony conversations (JSONL), full or LoRA",
         description="Options override the --config file, which overrides the defaults.",
     )
-    add_sft_arguments(finetune)
+    if command == "finetune":
+        from gptoss.train.sft import add_sft_arguments
+
+        add_sft_arguments(finetune)
     finetune.set_defaults(func=cmd_finetune)
 
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model, as a new checkpoint")
@@ -557,7 +576,9 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     merge.set_defaults(func=cmd_merge)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; the options of `train` and `finetune` (built from their config
+    classes, behind torch) only when `command` names one of them."""
     parser = argparse.ArgumentParser(prog="gptoss", description="The gpt-oss model family.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -581,14 +602,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve_command(sub)
     _add_export_command(sub)
-    _add_training_commands(sub)
+    _add_training_commands(sub, command)
     add_eval_command(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as exc:

@@ -16,6 +16,9 @@ from typing import Any
 MXFP4_BLOCK = 32
 MXFP4_BYTES_PER_BLOCK = 17
 
+# The checkpoint bundled with the package (src/gptoss/models/), what commands load by default.
+DEFAULT_MODEL = "gptoss-nano"
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 

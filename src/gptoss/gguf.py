@@ -41,7 +41,7 @@ from tqdm import tqdm
 from gptoss.checkpoint import CheckpointError, hf_state_dict, hf_tensor_map
 from gptoss.config import FULL, MXFP4_BLOCK, SLIDING, ModelConfig
 from gptoss.model import GptOss
-from gptoss.mxfp4 import MXFP4Experts
+from gptoss.quant.mxfp4 import MXFP4Experts
 
 ARCH = "gpt-oss"
 Q = gguf.GGMLQuantizationType
@@ -708,7 +708,7 @@ def load_gguf(
         raise GGUFError(f"{path} lacks tensors for {', '.join(missing[:8])}")
 
     if packed and dequantize:
-        from gptoss.mxfp4 import dequantize_experts
+        from gptoss.quant.mxfp4 import dequantize_experts
 
         dequantize_experts(model, dtype)
     return model.eval()
