@@ -53,7 +53,7 @@ from gptoss import ModelConfig, get_config
 from gptoss.checkpoint import INDEX_FILE, MXFP4_QUANTIZATION_CONFIG, hf_tensor_map
 from gptoss.config import MXFP4_BLOCK, MXFP4_BYTES_PER_BLOCK
 from gptoss.model import GptOss
-from gptoss.mxfp4 import MXFP4Experts, unpack
+from gptoss.quant.mxfp4 import MXFP4Experts, unpack
 
 MODELS = {"nano": "gpt-oss-nano", "20b": "gpt-oss-20b"}
 # Exponents around 2^-7 give weights of magnitude ~0.01-0.05, like a trained model's experts.
@@ -213,7 +213,8 @@ def _prompts(config: ModelConfig, batch: int, length: int) -> list[list[int]]:
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     from gptoss import load_model
     from gptoss.inference import SamplingParams, generate_stream
-    from gptoss.inference.optimize import prepare_for_inference, quantize_int8
+    from gptoss.inference.optimize import prepare_for_inference
+    from gptoss.quant.int8 import quantize_int8
 
     start = time.perf_counter()
     model = load_model(spec["path"], dtype=getattr(torch, spec["dtype"]))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import random_model, tiny_config
 from gptoss import get_config, save_model
-from gptoss.mxfp4 import quantize_experts
+from gptoss.quant.mxfp4 import quantize_experts
 
 GPTOSS = shutil.which("gptoss") or str(Path(sys.executable).with_name("gptoss"))
 
@@ -52,6 +52,26 @@ def test_info_on_something_unknown_fails_clearly():
     assert "neither a checkpoint directory nor a preset" in result.stderr
     assert "gpt-oss-nano" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_imports_no_torch():
+    """`gptoss --help` (and the parser of every command but train and finetune) loads neither torch
+    nor the libraries behind the commands: each command imports what it uses when it runs."""
+    script = (
+        "import sys, contextlib, io\n"
+        "from gptoss.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'finetune' in out.getvalue()\n"
+        "heavy = sorted(m for m in ('torch', 'numpy', 'openai', 'fastapi', 'tiktoken') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_serve_rejects_a_negative_prefix_cache_before_loading(capsys):

@@ -44,7 +44,7 @@ def bundled(tmp_path_factory):
     runner = ModelRunner(model, max_batch=8, context=2048)
     db = tmp_path_factory.mktemp("bundled") / "responses.sqlite3"
     app = create_app(
-        runner, ServerSettings(model_name=BUNDLED, responses_db=db, api_key="s3cret", max_queue=64)
+        runner, ServerSettings(model_name=BUNDLED, responses_db=db, api_keys=("s3cret",), max_queue=64)
     )
     with LiveServer(app) as server:
         yield server

@@ -7,8 +7,9 @@ import torch
 
 from conftest import random_model, tiny_config
 from gptoss.inference import generate
-from gptoss.inference.optimize import Int8Linear, prepare_for_inference, quantize_int8
-from gptoss.mxfp4 import quantize_experts
+from gptoss.inference.optimize import prepare_for_inference
+from gptoss.quant.int8 import Int8Linear, quantize_int8
+from gptoss.quant.mxfp4 import quantize_experts
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,11 @@ def test_int8_linear_is_close_to_the_float_layer():
 
 
 def test_int8_quantization_in_row_chunks_equals_all_at_once(monkeypatch):
-    from gptoss.inference import optimize
+    from gptoss.quant import int8
 
     linear = torch.nn.Linear(64, 50).to(torch.bfloat16)
     whole = Int8Linear(linear)
-    monkeypatch.setattr(optimize, "QUANTIZE_ROWS", 7)  # bounds the fp32 working copy of a big head
+    monkeypatch.setattr(int8, "QUANTIZE_ROWS", 7)  # bounds the fp32 working copy of a big head
     chunked = Int8Linear(linear)
     assert torch.equal(whole.weight, chunked.weight) and torch.equal(whole.scale, chunked.scale)
 

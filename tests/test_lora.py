@@ -10,7 +10,7 @@ from torch import nn
 from conftest import random_model, tiny_config
 from gptoss.checkpoint import load_checkpoint, save_checkpoint
 from gptoss.model import Experts
-from gptoss.mxfp4 import MXFP4Experts, quantize_experts
+from gptoss.quant.mxfp4 import MXFP4Experts, quantize_experts
 from gptoss.train.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

@@ -3,11 +3,12 @@ directions, on random weights in fp32."""
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM, GptOssConfig, GptOssForCausalLM
 
 from conftest import random_model, tiny_config
 from gptoss import load_model, save_model
-from gptoss.model import Experts, yarn_inv_freq
+from gptoss.model import yarn_inv_freq
 
 TOLERANCE = 1e-4
 
@@ -85,18 +86,28 @@ def test_causal_future_tokens_do_not_change_the_past():
 def test_moe_runs_only_the_chosen_experts(monkeypatch):
     config = tiny_config(num_local_experts=8, num_experts_per_tok=2)
     model = random_model(config)
-    used: list[int] = []
-    original = Experts.expert_forward
-
-    def spy(self, params, x):
-        used.append(x.shape[0])
-        return original(self, params, x)
-
-    monkeypatch.setattr(Experts, "expert_forward", spy)
-    with torch.no_grad():
+    with GroupedGemms() as gemms, torch.no_grad():
         model(torch.tensor([[5]]))
-    # one token: each layer runs exactly its k chosen experts, once each
-    assert len(used) == config.num_hidden_layers * config.num_experts_per_tok
+    # one token: each layer runs exactly its k chosen experts, once each (gate_up and down, one row
+    # for each chosen expert, none for the others)
+    assert len(gemms.group_rows) == 2 * config.num_hidden_layers
+    for rows in gemms.group_rows:
+        assert sorted(rows) == [0] * (8 - config.num_experts_per_tok) + [1] * config.num_experts_per_tok
+
+
+class GroupedGemms(TorchFunctionMode):
+    """The rows each group of every F.grouped_mm call inside it takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.group_rows: list[list[int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "").endswith("grouped_mm"):  # (F.grouped_mm's aten op)
+            ends = kwargs["offs"].tolist()
+            self.group_rows.append([b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)])
+        return func(*args, **kwargs)
 
 
 def test_yarn_frequencies_match_transformers():

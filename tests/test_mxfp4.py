@@ -5,7 +5,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from conftest import random_model, tiny_config
 from gptoss import load_model, save_model
-from gptoss.mxfp4 import FP4_VALUES, MXFP4Experts, dequantize_experts, pack, quantize_experts, unpack
+from gptoss.quant.mxfp4 import FP4_VALUES, MXFP4Experts, dequantize_experts, pack, quantize_experts, unpack
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,5 +1,5 @@
-"""The native decode step of a block (ops.decode.NativeBlock) computes what the general path of the
-same prepared model computes, bit for bit, and steps aside whenever it cannot."""
+"""The native decode step of a block (gptoss.inference.native.NativeBlock) computes what the general
+path of the same prepared model computes, bit for bit, and steps aside whenever it cannot."""
 
 import copy
 import os
@@ -9,11 +9,11 @@ import torch
 
 from conftest import random_model, tiny_config
 from gptoss import ops
-from gptoss.inference import KVCache
+from gptoss.inference import KVCache, native
 from gptoss.inference.optimize import prepare_for_inference
 from gptoss.inference.runner import forward_hidden
 from gptoss.model import Block
-from gptoss.mxfp4 import quantize_experts
+from gptoss.quant.mxfp4 import quantize_experts
 
 # Without the native module every block takes the general path (there is nothing to compare);
 # CI sets GPTOSS_REQUIRE_NATIVE, where test_ops.py fails on a missing build.
@@ -33,8 +33,8 @@ def released_layout(config=None, seed=7):
 def general_path(model):
     """The same prepared model with its blocks back on Block.forward (native sub-modules kept)."""
     model = copy.deepcopy(model)
-    for block in model.model.layers:
-        block.__class__ = Block
+    for i, block in enumerate(model.model.layers):
+        model.model.layers[i] = native.rebuilt(block, Block)
     return model
 
 
@@ -72,9 +72,10 @@ def test_decode_step_equals_the_general_path_bit_for_bit(int8, lengths):
 
 
 class CacheWithoutSharedSlot(KVCache):
-    """A cache that offers only `update` (as the model's KVCache protocol asks)."""
+    """A cache whose one-token passes all go through `update` (as the model's KVCache protocol asks)."""
 
-    shared_slot = None
+    def shared_slot(self, layer_idx):
+        return None
 
 
 def test_a_cache_without_shared_slot_gets_its_writes_through_update():

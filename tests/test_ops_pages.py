@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gptoss import load_model
-from gptoss.inference.optimize import Int8Linear
 from gptoss.ops.pages import HUGE_PAGE, huge_pages_enabled, use_huge_pages
+from gptoss.quant.int8 import Int8Linear
 
 needs_thp = pytest.mark.skipif(
     sys.platform != "linux" or not huge_pages_enabled(),

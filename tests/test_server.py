@@ -302,7 +302,7 @@ def test_client_errors_map_to_openai_exceptions(real):
 
 
 def test_api_key_guards_every_route_but_health(tmp_path):
-    with model_server(tmp_path, api_key="s3cret") as server:
+    with model_server(tmp_path, api_keys=("s3cret",)) as server:
         assert httpx.get(f"{server.url}/health").status_code == 200
         for path in ("/v1/models", "/metrics", "/openapi.json", "/docs", "/v1/nothing"):
             assert_error(httpx.get(f"{server.url}{path}"), 401)

@@ -35,7 +35,7 @@ def script(prompt: str) -> list[int]:
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory):
     runner = ScriptedRunner(script)
-    with live_server(runner, tmp_path_factory.mktemp("anthropic"), api_key=KEY) as server:
+    with live_server(runner, tmp_path_factory.mktemp("anthropic"), api_keys=(KEY,)) as server:
         server.runner = runner
         yield server
 

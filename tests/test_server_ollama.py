@@ -213,7 +213,7 @@ def test_the_client_raises_response_error(scripted):
 
 
 def test_a_key_is_asked_for_in_ollama_shape(tmp_path):
-    with live_server(ScriptedRunner(script), tmp_path, api_key="k3y") as server:
+    with live_server(ScriptedRunner(script), tmp_path, api_keys=("k3y",)) as server:
         refused = httpx.post(server.url + "/api/chat", json={"model": MODEL, "messages": user("hi")})
         assert refused.status_code == 401 and "API key" in refused.json()["error"]
         with pytest.raises(ollama.ResponseError) as caught:

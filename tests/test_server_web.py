@@ -45,7 +45,7 @@ def script(prompt: str) -> list[int]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     runner = ScriptedRunner(script, step_seconds=0.02)  # slow enough to watch a stream, and stop it
-    with live_server(runner, tmp_path_factory.mktemp("web"), api_key=KEY) as live:
+    with live_server(runner, tmp_path_factory.mktemp("web"), api_keys=(KEY,)) as live:
         live.runner = runner
         yield live
 

@@ -13,7 +13,7 @@ import gptoss.train.loss
 from conftest import random_model, tiny_config
 from gptoss.checkpoint import load_model, save_checkpoint
 from gptoss.cli import main
-from gptoss.mxfp4 import quantize_experts
+from gptoss.quant.mxfp4 import quantize_experts
 from gptoss.tokenizer import Tokenizer, get_tokenizer
 from gptoss.train.lora import load_lora
 from gptoss.train.loss import IGNORE_INDEX, linear_cross_entropy

@@ -1,13 +1,16 @@
 """gptoss: the gpt-oss model family — exact model math, checkpoints, inference, serving, training."""
 
-from gptoss.checkpoint import load_model, save_model
-from gptoss.config import PRESETS, ModelConfig, get_config
-from gptoss.inference import SamplingParams, Session, generate, generate_stream
-from gptoss.model import GptOss
-from gptoss.tokenizer import get_tokenizer
+from gptoss._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
+_ORIGINS = {
+    "gptoss.checkpoint": ("load_model", "save_model"),
+    "gptoss.config": ("PRESETS", "ModelConfig", "get_config"),
+    "gptoss.inference": ("SamplingParams", "Session", "generate", "generate_stream"),
+    "gptoss.model": ("GptOss",),
+    "gptoss.tokenizer": ("get_tokenizer",),
+}
 __all__ = [
     "PRESETS",
     "GptOss",
@@ -21,3 +24,4 @@ __all__ = [
     "load_model",
     "save_model",
 ]
+__getattr__ = lazy_attributes(__name__, _ORIGINS)

@@ -24,11 +24,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from gptoss.config import PRESETS, ModelConfig, get_config
+from gptoss.config import DEFAULT_MODEL, PRESETS, ModelConfig, get_config
 from gptoss.model import MLP, GptOss
 from gptoss.model_card import ModelCard, read_license_name, write_card
-from gptoss.mxfp4 import MXFP4Experts
 from gptoss.ops.pages import use_huge_pages
+from gptoss.quant.mxfp4 import MXFP4Experts
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,20 @@ def _shard_files(directory: Path) -> dict[str, Path]:
     """tensor name → file, from the index when there is one, else from every *.safetensors."""
     index = directory / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"{index} is not valid JSON ({exc}): it may be truncated — re-copy it"
+            ) from None
+        except (KeyError, TypeError):
+            raise CheckpointError(
+                f"{index} has no 'weight_map' object: re-copy it (it lists the file of every tensor)"
+            ) from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) and Path(f).name == f for f in weight_map.values()
+        ):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names in {directory}")
         files = {name: directory / fname for name, fname in weight_map.items()}
         for path in set(files.values()):
             if not path.is_file():
@@ -153,6 +166,8 @@ def _read_header(path: Path) -> dict[str, _Stored]:
             if not 2 <= length <= size - 8:
                 raise ValueError(f"a header of {length} bytes does not fit in {size} bytes")
             header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
         stored = {}
         for name, entry in header.items():
             if name == "__metadata__":
@@ -167,7 +182,7 @@ def _read_header(path: Path) -> dict[str, _Stored]:
                 raise ValueError(f"tensor {name} lies outside the file")
             stored[name] = _Stored(dtype, shape, 8 + length + begin, end - begin)
         return stored
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({exc}); it may be truncated or still "
             "downloading — re-copy it"
@@ -219,7 +234,13 @@ def is_mxfp4_checkpoint(directory: str | Path) -> bool:
 def _checkpoint_dtype(directory: Path) -> torch.dtype:
     hf = json.loads((directory / "config.json").read_text())
     name = hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"
-    return getattr(torch, name)
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(
+            f"{directory / 'config.json'} gives dtype {name!r}; use a floating-point torch dtype "
+            "such as 'bfloat16' or 'float32'"
+        )
+    return dtype
 
 
 def load_checkpoint(
@@ -283,11 +304,27 @@ def load_checkpoint(
                         )
                     _load_tensor(f, stored[name], target, from_file)
 
+    if config.vocab_rows is not None:
+        _check_token_ids(model, files["model.token_ids"])
     if packed and dequantize:
-        from gptoss.mxfp4 import dequantize_experts
+        from gptoss.quant.mxfp4 import dequantize_experts
 
         dequantize_experts(model, dtype)
     return model.eval()
+
+
+def _check_token_ids(model: GptOss, path: Path) -> None:
+    """The rows' token ids of a trimmed vocabulary must be ascending ids of the id space, the same
+    in the embedding and the head: anything else (a flipped byte) would index out of range later."""
+    ids, head = model.model.token_ids, model.lm_head.token_ids
+    space = model.config.vocab_size
+    if not (
+        bool((ids.diff() > 0).all()) and int(ids[0]) >= 0 and int(ids[-1]) < space and torch.equal(ids, head)
+    ):
+        raise CheckpointError(
+            f"{path}: tensors model.token_ids and lm_head.token_ids must be the same ascending ids in "
+            f"0..{space - 1}; the file is corrupted — re-copy it"
+        )
 
 
 def _names(names: list[str], limit: int = 8) -> str:
@@ -376,9 +413,6 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the public entry points
-DEFAULT_MODEL = "gptoss-nano"
-
-
 def bundled_model_dir() -> Path:
     """Where the demonstration model that ships inside the package lives."""
     return Path(__file__).parent / "models" / DEFAULT_MODEL
@@ -394,6 +428,10 @@ def resolve_model(path_or_preset: str | Path) -> str | Path:
 def model_config(path_or_preset: str | Path) -> ModelConfig:
     """The config of a checkpoint directory, of a preset name, or of the bundled `gptoss-nano`."""
     path_or_preset = resolve_model(path_or_preset)
+    if Path(path_or_preset).suffix.lower() == ".gguf":
+        from gptoss.gguf import read_config
+
+        return read_config(path_or_preset)
     if Path(path_or_preset).is_dir():
         return ModelConfig.from_dir(path_or_preset)
     if str(path_or_preset) in PRESETS:
@@ -428,9 +466,13 @@ def load_model(
     """A ready model from a checkpoint directory, or a preset name with random weights.
 
     Checkpoints keep their stored dtype unless `dtype` is given; presets default to float32.
-    `gptoss-nano` names the bundled demonstration model.
+    `gptoss-nano` names the bundled demonstration model; a `.gguf` file is read by `gptoss.gguf`.
     """
     path_or_preset = resolve_model(path_or_preset)
+    if Path(path_or_preset).suffix.lower() == ".gguf":
+        from gptoss.gguf import load_gguf
+
+        return load_gguf(path_or_preset, device=device, dtype=dtype, dequantize=dequantize)
     config = model_config(path_or_preset)
     if Path(path_or_preset).is_dir():
         return load_checkpoint(path_or_preset, device=device, dtype=dtype, dequantize=dequantize)
@@ -446,6 +488,16 @@ def save_model(
     directory: str | Path,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     card: ModelCard | None = None,
+    format: str = "safetensors",
+    outtype: str = "bf16",
 ) -> Path:
-    """Save `model` as a Hugging Face-layout checkpoint directory (see `save_checkpoint`)."""
+    """Save `model` as a Hugging Face-layout checkpoint directory (see `save_checkpoint`), or with
+    `format="gguf"` as one GGUF file at `directory` for llama.cpp (see `gptoss.gguf.save_gguf`;
+    `outtype` is the type of its non-expert matrices)."""
+    if format == "gguf":
+        from gptoss.gguf import save_gguf
+
+        return save_gguf(model, directory, outtype)
+    if format != "safetensors":
+        raise ValueError(f"unknown checkpoint format {format!r}; use 'safetensors' or 'gguf'")
     return save_checkpoint(model, directory, max_shard_bytes, card)

@@ -8,17 +8,23 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-
-from gptoss.checkpoint import DEFAULT_MODEL, checkpoint_facts, model_config, resolve_model
-from gptoss.config import PRESETS, ModelConfig
+from gptoss.config import DEFAULT_MODEL, PRESETS, ModelConfig
 from gptoss.eval.cli import add_eval_command
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# Commands import what they use when they run (torch, the engine, the trainer, the server): the
+# parser itself, and `gptoss --help`, stay fast. Options built from the trainers' config classes are
+# added only to the command being parsed.
 
 
 def model_facts(model: str) -> tuple[ModelConfig, dict]:
     """The config of a preset or checkpoint directory, plus facts about its stored files."""
+    from gptoss.checkpoint import checkpoint_facts, model_config, resolve_model
+
     config = model_config(model)
     path = resolve_model(model)
     return config, checkpoint_facts(path) if Path(path).is_dir() else {}
@@ -41,6 +47,9 @@ def _gib(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     config, facts = model_facts(args.model)
     report = config.summary(args.context) | facts
     if args.json:
@@ -132,6 +141,8 @@ def _sampling_params(args: argparse.Namespace):  # noqa: ANN202 - SamplingParams
 def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from rich.console import Console
+
     from gptoss.harmony import ReasoningDelta, StreamParser, TextDelta
     from gptoss.inference import generate_stream
     from gptoss.inference.chat import HARMONY_STOP_TOKENS, TextDecoder, harmony_prompt
@@ -209,6 +220,8 @@ CHAT_HELP = "/reset  forget the conversation · /effort low|medium|high · /show
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from gptoss.harmony import ReasoningDelta, TextDelta
     from gptoss.inference import ContextFullError
     from gptoss.inference.chat import ChatSession
@@ -274,7 +287,7 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
         "model",
         nargs="?",
         default=DEFAULT_MODEL,
-        help=f"a checkpoint directory, or a preset ({', '.join(PRESETS)}; random weights); "
+        help=f"a checkpoint directory, a .gguf file, or a preset ({', '.join(PRESETS)}; random weights); "
         f"default: the bundled {DEFAULT_MODEL}",
     )
 
@@ -298,6 +311,21 @@ def _add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -
 
 
 # ---------------------------------------------------------------------- serve (gptoss.server)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds in "30d", "12h", "90m", "45s" or a plain number of seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration such as 30d, 12h or 90m")
+    return seconds
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
@@ -307,7 +335,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model,
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
+        api_keys=tuple(args.api_key or ()),
         served_model_name=args.served_model_name,
         device=args.device,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
@@ -318,6 +346,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes,
         responses_db=args.responses_db,
+        responses_ttl=args.responses_ttl,
+        responses_max_bytes=args.responses_max_mb * 2**20,
     )
     return 0
 
@@ -327,13 +357,25 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     _add_model_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require this bearer key (default: $GPTOSS_API_KEY)")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        help="require this bearer key; repeat for several, each seeing only its own stored responses "
+        "(default: $GPTOSS_API_KEY, comma-separated)",
+    )
     serve.add_argument("--served-model-name", default=None, help="model id for clients (default: dir name)")
     serve.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
     serve.add_argument("--max-model-len", type=int, default=8192, help="tokens per sequence, prompt included")
     serve.add_argument("--max-queue", type=int, default=256, help="sequences waiting before a 429")
     serve.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="largest request body")
     serve.add_argument("--responses-db", default=None, help="SQLite file for stored responses")
+    serve.add_argument(
+        "--responses-ttl",
+        type=_duration,
+        default="30d",
+        help="how long responses are kept (30d, 12h, 90m)",
+    )
+    serve.add_argument("--responses-max-mb", type=int, default=1024, help="stored responses' size cap")
     serve.add_argument(
         "--prefix-cache-gib",
         type=float,
@@ -382,6 +424,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gptoss.checkpoint import model_config
     from gptoss.train.plan import plan_training
 
     plans = [
@@ -454,9 +500,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_commands(sub: argparse._SubParsersAction) -> None:
-    from gptoss.train.trainer import add_config_arguments
+def cmd_export(args: argparse.Namespace) -> int:
+    from gptoss.gguf import export
 
+    for path in export(args.model, args.out, args.outtype, args.ollama, progress=not args.quiet):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_export_command(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="write a model as GGUF for llama.cpp, LM Studio or Ollama")
+    export.add_argument("model", help="a checkpoint directory, a .gguf file or a preset (random weights)")
+    export.add_argument(
+        "out", nargs="?", default=None, help="the .gguf file to write (default with --ollama: DIR/NAME.gguf)"
+    )
+    export.add_argument(
+        "--outtype", choices=["bf16", "f16", "f32", "q8_0"], default="bf16",
+        help="type of the matrices other than MXFP4 experts (default bf16)",
+    )  # fmt: skip
+    export.add_argument(
+        "--ollama", metavar="DIR", default=None, help="also write DIR/Modelfile for `ollama create`"
+    )
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    export.set_defaults(func=cmd_export)
+
+
+def _add_training_commands(sub: argparse._SubParsersAction, command: str | None) -> None:
     prep = sub.add_parser("prepare-data", help="tokenize text, JSONL or Parquet into uint32 token shards")
     prep.add_argument("inputs", nargs="+", help="files or directories (.jsonl/.parquet: a `text` field)")
     prep.add_argument("--out", required=True, help="dataset directory to write")
@@ -473,8 +542,11 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
         help="pretrain a model (run under torchrun for several processes)",
         description="Options override the --config file, which overrides the defaults.",
     )
-    train.add_argument("--config", default=None, help="a TOML or YAML file of training options")
-    add_config_arguments(train)
+    if command == "train":
+        from gptoss.train.trainer import add_config_arguments
+
+        train.add_argument("--config", default=None, help="a TOML or YAML file of training options")
+        add_config_arguments(train)
     train.set_defaults(func=cmd_train)
 
     plot = sub.add_parser("plot", help="draw the loss curves of training runs to a PNG")
@@ -493,14 +565,15 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(func=cmd_plan)
 
-    from gptoss.train.sft import add_sft_arguments
-
     finetune = sub.add_parser(
         "finetune",
         help="supervised fine-tuning on harmony conversations (JSONL), full or LoRA",
         description="Options override the --config file, which overrides the defaults.",
     )
-    add_sft_arguments(finetune)
+    if command == "finetune":
+        from gptoss.train.sft import add_sft_arguments
+
+        add_sft_arguments(finetune)
     finetune.set_defaults(func=cmd_finetune)
 
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model, as a new checkpoint")
@@ -510,7 +583,9 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     merge.set_defaults(func=cmd_merge)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; the options of `train` and `finetune` (built from their config
+    classes, behind torch) only when `command` names one of them."""
     parser = argparse.ArgumentParser(prog="gptoss", description="The gpt-oss model family.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -533,14 +608,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     _add_serve_command(sub)
-    _add_training_commands(sub)
+    _add_export_command(sub)
+    _add_training_commands(sub, command)
     add_eval_command(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as exc:

@@ -16,8 +16,29 @@ from typing import Any
 MXFP4_BLOCK = 32
 MXFP4_BYTES_PER_BLOCK = 17
 
+# The checkpoint bundled with the package (src/gptoss/models/), what commands load by default.
+DEFAULT_MODEL = "gptoss-nano"
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+
+
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "num_experts_per_tok",
+    "sliding_window",
+    "max_position_embeddings",
+    "rope_original_max_position_embeddings",
+)
+_NUMBERS = ("rope_theta", "rope_scaling_factor", "rms_norm_eps", "swiglu_alpha", "swiglu_limit")
+# What every gpt_oss config.json states (the rest has defaults).
+_REQUIRED_HF = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 @dataclass(frozen=True)
@@ -68,6 +89,19 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        wrong_type = [
+            f"{name} must be a positive integer, not {value!r}"
+            for name in _POSITIVE_INTS
+            if type(value := getattr(self, name)) is not int or value < 1
+        ] + [
+            f"{name} must be a number, not {value!r}"
+            for name in _NUMBERS
+            if type(value := getattr(self, name)) not in (int, float)
+        ]
+        if type(self.num_local_experts) is not int:
+            wrong_type.append(f"num_local_experts must be an integer, not {self.num_local_experts!r}")
+        if wrong_type:  # the checks below would fail on these with a bare TypeError
+            raise ValueError("invalid ModelConfig: " + "; ".join(wrong_type))
         problems = []
         if self.num_attention_heads % self.num_key_value_heads:
             problems.append(
@@ -280,6 +314,10 @@ class ModelConfig:
             raise ValueError(
                 f"config.json has model_type {model_type!r}; gptoss loads only 'gpt_oss' checkpoints"
             )
+        for key in _REQUIRED_HF:
+            if type(hf.get(key)) is not int or hf[key] < 1:
+                found = "it is missing" if key not in hf else f"not {hf[key]!r}"
+                raise ValueError(f"config.json needs {key!r} as a positive integer ({found})")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "yarn"))
         if rope_type != "yarn":
@@ -332,9 +370,18 @@ class ModelConfig:
             )
         try:
             hf = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-        return cls.from_hf(hf, name=Path(directory).name)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}; re-copy it from the model's source") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{path} holds a JSON {type(hf).__name__}, not the object of a model config")
+        try:
+            return cls.from_hf(hf, name=Path(directory).name)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        except (TypeError, AttributeError, KeyError) as exc:  # a field of the wrong JSON type
+            raise ValueError(
+                f"{path} has a field of the wrong type ({exc}); compare it with the model's original"
+            ) from None
 
     # ------------------------------------------------------------------ summary
     def summary(self, context: int | None = None) -> dict[str, Any]:

@@ -209,6 +209,27 @@ class Router(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast gives a matmul of x (the grouped GEMM is not on autocast's list)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def grouped_matmul(x: Tensor, weights: Tensor, ends: Tensor) -> Tensor:
+    """Rows x (M, K) times weights (G, K, N), rows ends[g-1]:ends[g] by group g's (one grouped GEMM).
+
+    The GEMM wants rows of whole 16-byte units, so K and N are padded with zeros to multiples of 8
+    where they are not (small test shapes, LoRA ranks): the products and sums are the same."""
+    dtype = autocast_dtype(x)
+    x, weights = x.to(dtype), weights.to(dtype)
+    K, N = weights.shape[1:]
+    if K % 8:
+        x, weights = F.pad(x, (0, -K % 8)), F.pad(weights, (0, 0, 0, -K % 8))
+    if N % 8:
+        weights = F.pad(weights, (0, -N % 8))
+    return F.grouped_mm(x, weights, offs=ends)[:, :N]
+
+
 class Experts(nn.Module):
     """E clamped-SwiGLU MLPs stored as stacked tensors in the Hugging Face layout (x @ W)."""
 
@@ -221,40 +242,28 @@ class Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
 
-    def per_expert(self) -> list[tuple[Tensor, ...]]:
-        """Each expert's tensors, split from the stacks once per forward: autograd then sees one
-        unbind, where indexing `gate_up_proj[e]` per expert would write a full (E, H, 2I) zero
-        gradient for every expert used. Quantized storage overrides this with its own tensors."""
-        return list(
-            zip(self.gate_up_proj, self.gate_up_proj_bias, self.down_proj, self.down_proj_bias, strict=True)
-        )
-
-    def expert_forward(self, params: tuple[Tensor, ...], x: Tensor) -> Tensor:
-        """One expert (its `per_expert` tensors) on its tokens x (n, H) → (n, H)."""
-        gate_up_w, gate_up_b, down_w, down_b = params
-        h = clamped_swiglu(x @ gate_up_w.to(x.dtype) + gate_up_b, self.alpha, self.limit)
-        return h @ down_w.to(x.dtype) + down_b
+    def project(self, name: str, x: Tensor, expert_of: Tensor, ends: Tensor) -> Tensor:
+        """Rows x (M, in) grouped by expert through stacked weight `name` (E, in, out) and its bias:
+        rows ends[e-1]:ends[e] belong to expert e, whose index every row has in expert_of (M,)."""
+        weight, bias = getattr(self, name), getattr(self, f"{name}_bias")
+        return grouped_matmul(x, weight, ends) + bias[expert_of]
 
     def forward(self, x: Tensor, expert_idx: Tensor, expert_weight: Tensor) -> Tensor:
-        """x (N, H); expert_idx, expert_weight (N, k) → weighted sum of the chosen experts (N, H)."""
+        """x (N, H); expert_idx, expert_weight (N, k) → weighted sum of the chosen experts (N, H).
+
+        The N·k (token, expert) pairs are sorted by expert and every expert multiplies its rows in
+        one grouped GEMM: no loop over experts, no count read back to the host (no sync, no graph
+        break under compile), each expert's weight gradient written once."""
         N, k = expert_idx.shape
         flat_expert = expert_idx.reshape(-1)
-        # Group the N·k (token, expert) pairs by expert so each expert runs once on its tokens.
         order = torch.argsort(flat_expert, stable=True)
-        token_of = order // k
-        counts = torch.bincount(flat_expert, minlength=self.gate_up_proj_bias.shape[0]).tolist()
+        token_of, expert_of = order // k, flat_expert[order]
+        counts = torch.bincount(flat_expert, minlength=self.gate_up_proj_bias.shape[0])
+        ends = counts.cumsum(0).to(torch.int32)
+        h = clamped_swiglu(self.project("gate_up_proj", x[token_of], expert_of, ends), self.alpha, self.limit)
+        y = self.project("down_proj", h, expert_of, ends)
         weight_sorted = expert_weight.reshape(-1)[order]
-        params = self.per_expert()
-        out = torch.zeros_like(x)
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = token_of[start : start + count]
-            y = self.expert_forward(params[e], x[rows])
-            out.index_add_(0, rows, y * weight_sorted[start : start + count, None])
-            start += count
-        return out
+        return torch.zeros_like(x).index_add_(0, token_of, y * weight_sorted[:, None])
 
 
 class MoE(nn.Module):

@@ -83,8 +83,17 @@ class VocabularyFit:
         return np.concatenate(pieces).astype(np.int64)
 
 
+# Respelling is per token, so a long prompt goes a piece at a time: converting millions of Python
+# ints at once would hold the GIL (and a server's event loop) for a noticeable time.
+_FIT_PIECE = 1 << 16
+
+
 def fit_tokens(model: GptOss, tokens: Sequence[int]) -> list[int]:
     """`tokens` as `model` can read them: unchanged, or respelled in bytes where it has no row."""
     if model.config.vocab_rows is None:
         return list(tokens)
-    return VocabularyFit(model.model.token_ids.cpu())(tokens).tolist()
+    fit = VocabularyFit(model.model.token_ids.cpu())
+    out: list[int] = []
+    for start in range(0, len(tokens), _FIT_PIECE):
+        out += fit(tokens[start : start + _FIT_PIECE]).tolist()
+    return out

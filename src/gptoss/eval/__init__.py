@@ -4,14 +4,37 @@ OpenAI-compatible endpoint (see docs/evaluation.md).
 The lm-evaluation-harness adapter lives in `gptoss.eval.lm_eval_adapter` (it needs `lm-eval`).
 """
 
-from gptoss.eval.endpoint import EndpointModel, EndpointUnsupported
-from gptoss.eval.humaneval import check_completions, load_problems, pass_at_k, run_humaneval
-from gptoss.eval.mmlu import Question, load_mmlu, run_mmlu
-from gptoss.eval.models import EvalModel, GenerationRequest, LocalModel
-from gptoss.eval.perplexity import run_perplexity
-from gptoss.eval.results import EvalResult
-from gptoss.eval.sandbox import ExecutionResult, SandboxLimits, run_python
+from gptoss._lazy import lazy_attributes
 
+_ORIGINS = {
+    "gptoss.eval.endpoint": (
+        "EndpointModel",
+        "EndpointUnsupported",
+    ),
+    "gptoss.eval.humaneval": (
+        "check_completions",
+        "load_problems",
+        "pass_at_k",
+        "run_humaneval",
+    ),
+    "gptoss.eval.mmlu": (
+        "Question",
+        "load_mmlu",
+        "run_mmlu",
+    ),
+    "gptoss.eval.models": (
+        "EvalModel",
+        "GenerationRequest",
+        "LocalModel",
+    ),
+    "gptoss.eval.perplexity": ("run_perplexity",),
+    "gptoss.eval.results": ("EvalResult",),
+    "gptoss.eval.sandbox": (
+        "ExecutionResult",
+        "SandboxLimits",
+        "run_python",
+    ),
+}
 __all__ = [
     "EndpointModel",
     "EndpointUnsupported",
@@ -31,3 +54,4 @@ __all__ = [
     "run_perplexity",
     "run_python",
 ]
+__getattr__ = lazy_attributes(__name__, _ORIGINS)

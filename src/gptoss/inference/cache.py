@@ -81,6 +81,11 @@ class KVCache:
         return not self.broken
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the stored keys and values."""
+        return self.keys[0].dtype
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 

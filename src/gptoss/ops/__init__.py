@@ -16,11 +16,14 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from gptoss.model import Attention, Block, RMSNorm, Router, apply_rotary, clamped_swiglu
+# The reference math is the model file's own functions (functions only: no module class here, so
+# the model, the quantized formats and the inference engine all build on this layer, not around it).
+from gptoss.model import apply_rotary, clamped_swiglu
 from gptoss.model import rms_norm as reference_rms_norm
 from gptoss.model import sink_attention as reference_sink_attention
+from gptoss.ops.formats import unpack
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ except ImportError:  # built by `pip install` when a C compiler is present
 
 MAX_ROWS = _native.MAX_ROWS if _native else 0
 MAX_MANY = _native.MAX_MANY if _native else 0  # weights one `linears` call fuses
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the native module's F32 / BF16
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the native module's F32 / BF16
 INT8_REFERENCE_ROWS = 8192  # output channels the int8 reference path dequantizes at a time
 
 
@@ -77,7 +80,7 @@ def _native_ok(x: Tensor, *tensors: Tensor | None, max_rows: int | None = None) 
 def _native_dtype(t: Tensor) -> Tensor:
     """t detached and contiguous in a dtype the native code reads (bf16 or fp32)."""
     t = t.detach()
-    return (t if t.dtype in _DTYPE_CODES else t.float()).contiguous()
+    return (t if t.dtype in DTYPE_CODES else t.float()).contiguous()
 
 
 # Every tensor whose address goes to native code is bound to a local name first, so that it stays
@@ -91,20 +94,18 @@ def mxfp4_linear(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None 
     `MAX_ROWS` rows (on AVX2, once per pass of up to 48 rows); the reference dequantizes, then
     multiplies. One bf16 row on an AVX2 CPU is first rounded to 16-bit block floats (each value
     within 2^-15 of its group of 32's largest; exact within 2^7 of it) for integer dot products:
-    native.c, mxfp4_i16_avx2.
+    native/avx2.c, mxfp4_i16_avx2.
     """
     if _native_ok(x, bias):
         xa, b = _native_dtype(x), None if bias is None else _native_dtype(bias)
         blocks, scales = blocks.contiguous(), scales.contiguous()
         y = torch.empty(x.shape[0], blocks.shape[0], dtype=xa.dtype)
         _native.mxfp4_matmul(
-            xa.data_ptr(), _DTYPE_CODES[xa.dtype], x.shape[0], x.shape[1],
+            xa.data_ptr(), DTYPE_CODES[xa.dtype], x.shape[0], x.shape[1],
             blocks.data_ptr(), scales.data_ptr(), blocks.shape[0],
-            _ptr(b), _code(b), y.data_ptr(), _DTYPE_CODES[y.dtype],
+            _ptr(b), _code(b), y.data_ptr(), DTYPE_CODES[y.dtype],
         )  # fmt: skip
         return y.to(x.dtype)
-    from gptoss.mxfp4 import unpack  # here: gptoss.mxfp4 itself imports this module
-
     y = x @ unpack(blocks, scales, x.dtype)
     return y if bias is None else y + bias
 
@@ -127,7 +128,7 @@ def mxfp4_expert(
     `mxfp4_moe` with one expert: the SwiGLU is applied to the fp32 sums as the kernel makes them,
     and the hidden activations (N, I) are stored once, in x's dtype, as the reference rounds them.
     """
-    if _native_ok(x, gate_up_bias, down_bias) and x.dtype in _DTYPE_CODES:
+    if _native_ok(x, gate_up_bias, down_bias) and x.dtype in DTYPE_CODES:
         route = torch.zeros(x.shape[0], 1, dtype=torch.int64), torch.ones(x.shape[0], 1)
         stacks = (gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias)
         return mxfp4_moe(x, *route, *(t[None] for t in stacks), alpha=alpha, limit=limit)
@@ -155,7 +156,7 @@ def mxfp4_moe(
     fused kernels, and the weighted outputs are summed in fp32, rounded once to x's dtype. The
     reference groups tokens the same way (fp32 sum too) and calls `mxfp4_expert` per expert.
     """
-    if _native_ok(x, expert_weight, gate_up_bias, down_bias) and x.dtype in _DTYPE_CODES:
+    if _native_ok(x, expert_weight, gate_up_bias, down_bias) and x.dtype in DTYPE_CODES:
         xa, idx = x.detach().contiguous(), expert_idx.to(torch.int64).contiguous()
         weight = _native_dtype(expert_weight)
         gb, db = _native_dtype(gate_up_bias), _native_dtype(down_bias)
@@ -166,11 +167,11 @@ def mxfp4_moe(
         inter = down_blocks.shape[2] * down_blocks.shape[3] * 2
         y = torch.empty(x.shape[0], hidden, dtype=x.dtype)
         _native.mxfp4_moe(
-            xa.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], idx.shape[1],
-            idx.data_ptr(), weight.data_ptr(), _DTYPE_CODES[weight.dtype],
+            xa.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], idx.shape[1],
+            idx.data_ptr(), weight.data_ptr(), DTYPE_CODES[weight.dtype],
             experts, hidden, inter,
             gate_up_blocks.data_ptr(), gate_up_scales.data_ptr(), gb.data_ptr(),
-            down_blocks.data_ptr(), down_scales.data_ptr(), db.data_ptr(), _DTYPE_CODES[gb.dtype],
+            down_blocks.data_ptr(), down_scales.data_ptr(), db.data_ptr(), DTYPE_CODES[gb.dtype],
             alpha, limit, y.data_ptr(),
         )  # fmt: skip
         return y
@@ -190,7 +191,7 @@ def _native_dense(x: Tensor, rows: Tensor, layers: list[DenseWeights]) -> list[T
     """rows (N, in) through the native bf16 (scales None) or int8 matvec of every layer, in one
     call; each result shaped like x with the layer's output width, in x's dtype."""
     xa = _native_dtype(rows)
-    code = _DTYPE_CODES[xa.dtype]
+    code = DTYPE_CODES[xa.dtype]
     alive, items, outs = [], [], []
     for weight, scale, bias in layers:
         w = weight.contiguous()
@@ -251,7 +252,7 @@ def fp32_gemm_linear(
 
 
 # On AVX2 (no bf16 dot products), a call of more than MAX_ROWS rows takes the native prompt kernel
-# (native.c, avx2_gemm: a tile of bf16 or int8 weight rows decoded a column chunk at a time, once
+# (native/avx2.c, avx2_gemm: a tile of bf16 or int8 weight rows decoded a column chunk at a time, once
 # per pass of up to 48 rows). On this project's 2-core Zen 3, six 4096x2880 bf16 weights (the 20b
 # shape's projections), one thread: 55-66 GFLOP/s from 64 to 256 rows against 20-45 for the fp32
 # GEMM, 50 against 54 at 512, 42 against 61 at 1024 (two threads: 92 against 90 at 256, 89 against
@@ -303,16 +304,16 @@ def _ptr(t: Tensor | None) -> int:
 
 
 def _code(t: Tensor | None) -> int:
-    return 0 if t is None else _DTYPE_CODES[t.dtype]
+    return 0 if t is None else DTYPE_CODES[t.dtype]
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """`gptoss.model.rms_norm`: one native call instead of its handful of operators."""
-    if _native_ok(x, weight) and x.dtype in _DTYPE_CODES:
+    if _native_ok(x, weight) and x.dtype in DTYPE_CODES:
         xa, w = x.detach().contiguous(), _native_dtype(weight)
         y = torch.empty_like(xa)
         rows, dim = xa.numel() // xa.shape[-1], xa.shape[-1]
-        code = _DTYPE_CODES[xa.dtype]
+        code = DTYPE_CODES[xa.dtype]
         _native.rms_norm(xa.data_ptr(), code, rows, dim, w.data_ptr(), _code(w), eps, y.data_ptr())
         return y
     return reference_rms_norm(x, weight, eps)
@@ -326,14 +327,14 @@ def rotary_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Ten
     if (
         _native_ok(q, k, max_rows=MAX_ROWS)
         and B * T <= MAX_ROWS
-        and q.dtype in _DTYPE_CODES
+        and q.dtype in DTYPE_CODES
         and k.dtype == q.dtype
         and q.is_contiguous()
         and k.is_contiguous()
     ):
         c, s = cos.detach().float().contiguous(), sin.detach().float().contiguous()
         for t in (q, k):
-            code, heads, dim = _DTYPE_CODES[t.dtype], t.shape[2], t.shape[3]
+            code, heads, dim = DTYPE_CODES[t.dtype], t.shape[2], t.shape[3]
             _native.rotary(t.data_ptr(), code, B * T, heads, dim, c.data_ptr(), s.data_ptr())
         return q, k
     with torch.no_grad():
@@ -366,9 +367,9 @@ def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor)
     if (
         _native_ok(q, k, v, sinks, max_rows=MAX_ROWS)
         and (T <= MAX_ROWS or _native_prompt_attention())
-        and q.dtype in _DTYPE_CODES
+        and q.dtype in DTYPE_CODES
         and k.dtype == v.dtype
-        and k.dtype in _DTYPE_CODES
+        and k.dtype in DTYPE_CODES
     ):
         qa, s32 = q.detach().contiguous(), sinks.detach().float().contiguous()
         out = torch.empty(B, H, T, D, dtype=v.dtype)
@@ -388,77 +389,7 @@ def _native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: int,
         ka, va = ka.contiguous(), va.contiguous()
     m = mask.to(torch.bool).expand(-1, 1, T, k.shape[2]).contiguous()
     _native.sink_attention(
-        q.data_ptr(), _DTYPE_CODES[q.dtype], B, H, T, D,
-        ka.data_ptr(), va.data_ptr(), _DTYPE_CODES[va.dtype], k.shape[1], k.shape[2],
+        q.data_ptr(), DTYPE_CODES[q.dtype], B, H, T, D,
+        ka.data_ptr(), va.data_ptr(), DTYPE_CODES[va.dtype], k.shape[1], k.shape[2],
         ka.stride(0), ka.stride(1), m.data_ptr(), m.shape[0], sinks, out.data_ptr(),
     )  # fmt: skip
-
-
-class NativeLinear(nn.Linear):
-    """nn.Linear whose forward goes through `ops.linear`; same parameters, same state_dict."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-class NativeRMSNorm(RMSNorm):
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-def _dense_weights(layer: nn.Module) -> DenseWeights | None:
-    """A projection's weights as `linears` takes them: native bf16 linears and weight-only int8 ones."""
-    if type(layer) is NativeLinear:
-        return layer.weight, None, layer.bias
-    weight, scale = getattr(layer, "weight", None), getattr(layer, "scale", None)
-    if isinstance(weight, Tensor) and weight.dtype == torch.int8 and isinstance(scale, Tensor):
-        return weight, scale, layer.bias
-    return None
-
-
-class NativeAttention(Attention):
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        layers = [_dense_weights(layer) for layer in (self.q_proj, self.k_proj, self.v_proj)]
-        if any(layer is None for layer in layers):  # e.g. LoRA-wrapped projections
-            return super().project(x)
-        q, k, v = linears(x, layers)
-        return q, k, v
-
-    def rotate(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            return super().rotate(q, k, cos, sin)
-        return rotary_(q, k, cos, sin)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        return sink_attention(q, k, v, mask, self.sinks)
-
-
-class NativeRouter(Router):
-    def project(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-_NATIVE_CLASSES: dict[type, type] = {
-    nn.Linear: NativeLinear,
-    RMSNorm: NativeRMSNorm,
-    Attention: NativeAttention,
-    Router: NativeRouter,
-}
-
-from gptoss.ops.decode import NativeBlock  # noqa: E402  (decode.py builds on the classes above)
-
-_NATIVE_CLASSES[Block] = NativeBlock
-
-
-def use_native_kernels(model: nn.Module) -> nn.Module:
-    """Route `model`'s linear layers, RMSNorms, attention and routers through this module's
-    kernels, and its blocks' decode steps through `gptoss.ops.decode`, in place.
-
-    Changing the classes keeps the parameter objects (and any tying) untouched; the model file
-    stays plain PyTorch, as DESIGN.md asks: kernels are applied from outside.
-    """
-    for module in model.modules():
-        native = _NATIVE_CLASSES.get(type(module))
-        if native is not None:
-            module.__class__ = native
-    return model

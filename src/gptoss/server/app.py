@@ -31,6 +31,7 @@ from gptoss.server.errors import APIError, error_response, install_error_handler
 from gptoss.server.metrics import MetricsMiddleware
 from gptoss.server.schemas import ModelCard, ModelList
 from gptoss.server.service import ServerSettings, Service, ServiceDep
+from gptoss.server.store import owner_of
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,16 @@ PUBLIC_PREFIXES = (page.ASSETS_PATH + "/",)
 
 
 class Gate:
-    """The door, before any routing. With an API key, every route but /health and the chat page
+    """The door, before any routing. With API keys, every route but /health and the chat page
     needs ``Authorization: Bearer <key>`` or Anthropic's ``x-api-key: <key>`` (docs and 404s
-    included, hence middleware rather than a route dependency). Request bodies over `max_bytes` get
+    included, hence middleware rather than a route dependency); the key's digest goes to
+    `request.state.owner`, which owns stored responses. Request bodies over `max_bytes` get
     413: at once when Content-Length says so, else as soon as the streamed body passes the limit.
     (FastAPI's own `max_body_size` answers in plain text, not in the APIs' error shapes.)"""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], max_bytes: int) -> None:
         self.app = app
-        self.expected = api_key.encode() if api_key else None
+        self.owners = {key.encode(): owner_of(key) for key in api_keys}
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -62,6 +64,7 @@ class Gate:
         if error is not None:
             await error_response(scope["path"], error)(scope, receive, send)
             return
+        scope.setdefault("state", {})["owner"] = self._owner(scope)
         received = 0
 
         async def limited_receive() -> Message:
@@ -77,10 +80,9 @@ class Gate:
     def _check(self, scope: Scope) -> APIError | None:
         headers = Headers(scope=scope)
         path = scope["path"]
-        if self.expected is not None and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
-            scheme, _, token = headers.get("authorization", "").partition(" ")  # schemes ignore case
-            given = token.strip() if scheme.lower() == "bearer" else headers.get("x-api-key", "")
-            if not secrets.compare_digest(given.encode(), self.expected):
+        if self.owners and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            given = _given_key(headers)
+            if not any(secrets.compare_digest(given, key) for key in self.owners):
                 return APIError(
                     401,
                     "Incorrect or missing API key: send it as 'Authorization: Bearer <key>' "
@@ -94,6 +96,14 @@ class Gate:
                 413, f"The request body is larger than the {self.max_bytes} bytes this server accepts."
             )
         return None
+
+    def _owner(self, scope: Scope) -> str:
+        return self.owners.get(_given_key(Headers(scope=scope)), "")
+
+
+def _given_key(headers: Headers) -> bytes:
+    scheme, _, token = headers.get("authorization", "").partition(" ")  # schemes ignore case
+    return (token.strip() if scheme.lower() == "bearer" else headers.get("x-api-key", "")).encode()
 
 
 def create_app(runner: Runner, settings: ServerSettings) -> FastAPI:
@@ -141,7 +151,7 @@ def create_app(runner: Runner, settings: ServerSettings) -> FastAPI:
     async def metrics(service: ServiceDep) -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(Gate, api_key=settings.api_key, max_bytes=settings.max_request_bytes)
+    app.add_middleware(Gate, api_keys=settings.api_keys, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: counts 401s too
     return app
 
@@ -157,7 +167,7 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    api_key: str | None = None,
+    api_keys: tuple[str, ...] = (),
     served_model_name: str | None = None,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
@@ -169,8 +179,9 @@ def serve(
 ) -> None:
     """Load `model` (a checkpoint directory or preset name) and serve it until interrupted.
 
-    `api_key` defaults to $GPTOSS_API_KEY; `prefix_cache_gib` is the prefix cache's memory (None:
-    a quarter of what is free after loading, at most 8 GiB; 0: no prefix cache); other keyword
+    `api_keys` default to $GPTOSS_API_KEY (several keys separated by commas); `prefix_cache_gib` is
+    the prefix cache's memory (None: a quarter of what is free after loading, at most 8 GiB; 0: no
+    prefix cache); other keyword
     arguments are `ServerSettings` fields.
     """
     if prefix_cache_gib is not None and prefix_cache_gib < 0:
@@ -182,8 +193,8 @@ def serve(
         runner.prefix_cache = PrefixCache(budget)
         log.info("prefix cache: %.2f GiB", budget / 2**30)
     name = served_model_name or Path(str(model)).name
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    app = create_app(runner, ServerSettings(model_name=name, api_key=api_key, **settings))
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    api_keys = api_keys or tuple(k for k in os.environ.get(API_KEY_ENV, "").split(",") if k)
+    app = create_app(runner, ServerSettings(model_name=name, api_keys=api_keys, **settings))
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_keys:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
     uvicorn.run(app, host=host, port=port, log_level="info")

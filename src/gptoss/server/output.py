@@ -15,9 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.validators import validator_for
-
 from gptoss.harmony import (
     Event,
     MessageEnd,
@@ -29,6 +26,7 @@ from gptoss.harmony import (
 )
 from gptoss.inference import TokenEvent
 from gptoss.inference.stops import StopStrings
+from gptoss.server.jsonschema_safe import validator
 from gptoss.server.prompting import JsonFormat
 from gptoss.tokenizer import get_tokenizer
 
@@ -196,6 +194,5 @@ def check_json_format(fmt: JsonFormat, text: str) -> str | None:
         return f"the answer is not valid JSON: {exc}"
     if fmt.schema is None:
         return None if isinstance(value, dict) else "the answer is JSON but not an object"
-    validator = validator_for(fmt.schema, default=Draft202012Validator)(fmt.schema)
-    error = next(iter(validator.iter_errors(value)), None)
+    error = next(iter(validator(fmt.schema).iter_errors(value)), None)
     return None if error is None else f"the answer does not match schema {fmt.name!r}: {error.message}"

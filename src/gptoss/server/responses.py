@@ -191,16 +191,21 @@ def _json_format(text: TextConfig | None) -> JsonFormat | None:
     return JsonFormat(fmt.name, fmt.schema_ if fmt.type == "json_schema" else None, fmt.description)
 
 
+def _owner(request: Request) -> str:
+    """Who owns the responses this request stores and may read (set by the app's gate)."""
+    return getattr(request.state, "owner", "")
+
+
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request, service: ServiceDep) -> Any:
     service.check_model(body.model)
-    items, prompt, fmt = await _prompt(body, service)
+    items, prompt, fmt = await _prompt(body, service, _owner(request))
     max_tokens = service.completion_budget(len(prompt.tokens), body.max_output_tokens, "max_output_tokens")
     sampling = SamplingFields(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     params = sampling_params(sampling, max_tokens, 0, None, Tokenizer.STOP_TOKENS)
     stream = service.submit([SequenceRequest(prompt.tokens, params, 0, prompt.constraint())])
     output = HarmonyOutput((), prompt.tools_allowed)
-    reply = _Reply(service, body, items, len(prompt.tokens), output, fmt, stream)
+    reply = _Reply(service, body, items, len(prompt.tokens), output, fmt, _owner(request), stream)
     if body.stream:
         return service.event_stream(stream, reply.events(stream))
     await service.run(request, stream, reply.feed)
@@ -208,21 +213,22 @@ async def create_response(body: ResponsesRequest, request: Request, service: Ser
 
 
 @router.post("/v1/responses/input_tokens")
-async def count_input_tokens(body: InputTokensRequest, service: ServiceDep) -> Any:
+async def count_input_tokens(body: InputTokensRequest, request: Request, service: ServiceDep) -> Any:
     """The prompt tokens a `POST /v1/responses` with this body would take."""
     if body.model is not None:
         service.check_model(body.model)
-    _, prompt, _ = await _prompt(body, service)
+    _, prompt, _ = await _prompt(body, service, _owner(request))
     return {"object": "response.input_tokens", "input_tokens": len(prompt.tokens)}
 
 
 async def _prompt(
-    body: ResponsesRequest | InputTokensRequest, service: Service
+    body: ResponsesRequest | InputTokensRequest, service: Service, owner: str
 ) -> tuple[list[dict[str, Any]], Prompt, JsonFormat | None]:
-    """The conversation's items (stored ones first), its prompt and the requested JSON format."""
+    """The conversation's items (stored ones of `owner` first), its prompt and the requested JSON
+    format."""
     previous: list[dict[str, Any]] = []
     if body.previous_response_id:
-        previous = service.store.conversation(body.previous_response_id)
+        previous = service.store.conversation(body.previous_response_id, owner)
         if previous is None:
             raise APIError(
                 404,
@@ -264,9 +270,11 @@ class _Reply:
         prompt_tokens: int,
         output: HarmonyOutput,
         fmt: JsonFormat | None,
+        owner: str,
         stream: TokenStream,
     ) -> None:
         self.service = service
+        self.owner = owner
         self.body = body
         self.stream = stream
         self.input_items = input_items
@@ -328,7 +336,7 @@ class _Reply:
             self.service.metrics.format_violations.inc()
         response = self.response("incomplete" if self.output.finish_reason == "length" else "completed")
         if self.body.store:
-            self.service.store.put(response, self.input_items)
+            self.service.store.put(response, self.input_items, self.owner)
         return response
 
     async def events(self, stream: TokenStream) -> AsyncIterator[str]:
@@ -345,16 +353,16 @@ class _Reply:
 
 
 @router.get("/v1/responses/{response_id}")
-async def get_response(response_id: str, service: ServiceDep) -> Any:
-    response = service.store.get(response_id)
+async def get_response(response_id: str, request: Request, service: ServiceDep) -> Any:
+    response = service.store.get(response_id, _owner(request))
     if response is None:
         raise APIError(404, f"No response with id {response_id!r} is stored.", param="response_id")
     return response
 
 
 @router.delete("/v1/responses/{response_id}")
-async def delete_response(response_id: str, service: ServiceDep) -> Any:
-    if not service.store.delete(response_id):
+async def delete_response(response_id: str, request: Request, service: ServiceDep) -> Any:
+    if not service.store.delete(response_id, _owner(request)):
         raise APIError(404, f"No response with id {response_id!r} is stored.", param="response_id")
     return {"id": response_id, "object": "response", "deleted": True}
 
@@ -368,8 +376,8 @@ def _with_parts(item: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get("/v1/responses/{response_id}/input_items")
-async def list_input_items(response_id: str, service: ServiceDep) -> Any:
-    items = service.store.input_items(response_id)
+async def list_input_items(response_id: str, request: Request, service: ServiceDep) -> Any:
+    items = service.store.input_items(response_id, _owner(request))
     if items is None:
         raise APIError(404, f"No response with id {response_id!r} is stored.", param="response_id")
     data = [{"id": item.get("id") or new_id("item_"), **_with_parts(item)} for item in items]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from jsonschema import SchemaError
-from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from gptoss.server.jsonschema_safe import check_schema
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
@@ -23,13 +23,10 @@ class Request(BaseModel):
 
 
 def check_json_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A JSON Schema that is itself valid (a bad tool schema is the client's error, found early)."""
-    if schema is None:
-        return None
-    try:
-        validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
-        raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+    """A JSON Schema that is itself valid and refers only within itself (a bad tool schema is the
+    client's error, found early; `UnsafeSchemaError` is a `ValueError`, so pydantic makes it a 400)."""
+    if schema is not None:
+        check_schema(schema)
     return schema
 
 

@@ -30,7 +30,7 @@ from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK
 from gptoss.inference.scoring import PromptScores, score_tokens
 from gptoss.server.errors import APIError, error_body
 from gptoss.server.metrics import Metrics
-from gptoss.server.store import ResponseStore
+from gptoss.server.store import DEFAULT_MAX_BYTES, DEFAULT_TTL_SECONDS, ResponseStore
 from gptoss.tokenizer import cache_dir
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,13 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @dataclass(frozen=True)
 class ServerSettings:
     model_name: str
-    api_key: str | None = None  # None: no authentication
+    api_keys: tuple[str, ...] = ()  # none: no authentication; each key sees only its own responses
     max_queue: int = DEFAULT_MAX_QUEUE  # sequences waiting for a slot before requests get 429
     max_request_bytes: int = 8 * 2**20
     prefill_budget: int = 512  # prompt tokens prefilled per scheduler step
     responses_db: str | Path | None = None  # None: <gptoss cache>/responses.sqlite3
+    responses_ttl: float = DEFAULT_TTL_SECONDS
+    responses_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 class Service:
@@ -59,7 +61,11 @@ class Service:
         self.engine = AsyncEngine(runner, settings.max_queue, settings.prefill_budget)
         self.metrics = Metrics(self.engine)
         self.engine.on_decode = self.metrics.batch_size.observe
-        self.store = ResponseStore(settings.responses_db or cache_dir() / "responses.sqlite3")
+        self.store = ResponseStore(
+            settings.responses_db or cache_dir() / "responses.sqlite3",
+            settings.responses_ttl,
+            settings.responses_max_bytes,
+        )
         self.created = int(time.time())
         self.fingerprint = f"fp_gptoss_{runner.context}"
 

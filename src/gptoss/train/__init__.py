@@ -1,19 +1,51 @@
 """Training: token shards, the pretrainer, FSDP2 parallelism, checkpoints, planning at scale,
 supervised fine-tuning (full or LoRA) and LoRA adapters."""
 
-from gptoss.train.checkpoints import (
-    export_hf_model,
-    latest_checkpoint,
-    load_training_checkpoint,
-    save_training_checkpoint,
-)
-from gptoss.train.data import Batches, TokenSplit, prepare_data, read_shard, write_dataset, write_shard
-from gptoss.train.lora import LoRAConfig, apply_lora, load_lora, merge_adapter, merge_lora, save_lora
-from gptoss.train.plan import GPUS, plan_training
-from gptoss.train.plot import plot_runs, read_metrics
-from gptoss.train.sft import SFTConfig, finetune, load_sft_config
-from gptoss.train.trainer import TrainConfig, Trainer, load_train_config, train
+from gptoss._lazy import lazy_attributes
 
+_ORIGINS = {
+    "gptoss.train.checkpoints": (
+        "export_hf_model",
+        "latest_checkpoint",
+        "load_training_checkpoint",
+        "save_training_checkpoint",
+    ),
+    "gptoss.train.data": (
+        "Batches",
+        "TokenSplit",
+        "prepare_data",
+        "read_shard",
+        "write_dataset",
+        "write_shard",
+    ),
+    "gptoss.train.lora": (
+        "LoRAConfig",
+        "apply_lora",
+        "load_lora",
+        "merge_adapter",
+        "merge_lora",
+        "save_lora",
+    ),
+    "gptoss.train.plan": (
+        "GPUS",
+        "plan_training",
+    ),
+    "gptoss.train.plot": (
+        "plot_runs",
+        "read_metrics",
+    ),
+    "gptoss.train.sft": (
+        "SFTConfig",
+        "finetune",
+        "load_sft_config",
+    ),
+    "gptoss.train.trainer": (
+        "TrainConfig",
+        "Trainer",
+        "load_train_config",
+        "train",
+    ),
+}
 __all__ = [
     "GPUS",
     "Batches",
@@ -43,3 +75,4 @@ __all__ = [
     "write_dataset",
     "write_shard",
 ]
+__getattr__ = lazy_attributes(__name__, _ORIGINS)

@@ -482,7 +482,7 @@ class Batches:
 
 def validation_windows(tokens: TokenSplit, seq_len: int, count: int) -> np.ndarray:
     """The first `count` non-overlapping windows of a split (fewer if it is short): a fixed eval set."""
-    count = min(count, (len(tokens) - 1) // seq_len)
+    count = min(count, max(len(tokens) - 1, 0) // seq_len)  # an empty split has no window
     return (
         np.stack([tokens.read(i * seq_len, seq_len + 1) for i in range(count)])
         if count

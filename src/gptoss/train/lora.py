@@ -40,8 +40,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from gptoss.checkpoint import _replace_dir, load_model, save_checkpoint
-from gptoss.model import Experts, GptOss, clamped_swiglu
-from gptoss.mxfp4 import MXFP4Experts, dequantize_experts
+from gptoss.model import Experts, GptOss, grouped_matmul
+from gptoss.quant.mxfp4 import MXFP4Experts, dequantize_experts
 
 log = logging.getLogger(__name__)
 
@@ -135,32 +135,13 @@ class LoRAExperts(Experts):
         self.scaling = config.scaling
         self.lora_dropout = nn.Dropout(config.dropout)
 
-    def _factors(self, name: str) -> list[tuple[Tensor, Tensor] | None]:
+    def project(self, name: str, x: Tensor, expert_of: Tensor, ends: Tensor) -> Tensor:
+        """The base projection plus each row's expert's low-rank delta, as grouped GEMMs too."""
+        y = super().project(name, x, expert_of, ends)
         if name not in self.adapted:
-            return [None] * self.gate_up_proj.shape[0]
-        return list(zip(getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B"), strict=True))
-
-    def per_expert(self) -> list[tuple[Tensor | tuple[Tensor, Tensor] | None, ...]]:
-        return [
-            (*base, gate_up, down)
-            for base, gate_up, down in zip(
-                super().per_expert(), self._factors("gate_up_proj"), self._factors("down_proj"), strict=True
-            )
-        ]
-
-    def _project(
-        self, x: Tensor, weight: Tensor, bias: Tensor, factors: tuple[Tensor, Tensor] | None
-    ) -> Tensor:
-        y = x @ weight.to(x.dtype) + bias
-        if factors is None:
             return y
-        a, b = factors
-        return y + (self.lora_dropout(x) @ a.to(x.dtype)) @ b.to(x.dtype) * self.scaling
-
-    def expert_forward(self, params: tuple[Any, ...], x: Tensor) -> Tensor:
-        gate_up_w, gate_up_b, down_w, down_b, gate_up_lora, down_lora = params
-        h = clamped_swiglu(self._project(x, gate_up_w, gate_up_b, gate_up_lora), self.alpha, self.limit)
-        return self._project(h, down_w, down_b, down_lora)
+        low = grouped_matmul(self.lora_dropout(x), getattr(self, f"{name}_lora_A"), ends)
+        return y + grouped_matmul(low, getattr(self, f"{name}_lora_B"), ends) * self.scaling
 
     def delta_weight(self, name: str) -> Tensor:
         """scaling · A @ B (E, in, out) in fp32 for expert tensor `name`."""

@@ -38,10 +38,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from gptoss.checkpoint import DEFAULT_MODEL, load_model, save_checkpoint
+from gptoss.checkpoint import load_model, save_checkpoint
+from gptoss.config import DEFAULT_MODEL
 from gptoss.harmony import chat_messages_to_harmony, render_for_training
 from gptoss.model import GptOss
-from gptoss.mxfp4 import dequantize_experts
+from gptoss.quant.mxfp4 import dequantize_experts
 from gptoss.tokenizer import get_tokenizer
 from gptoss.train.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, save_lora, trainable_parameters
 from gptoss.train.loss import IGNORE_INDEX, LossHead, apply_fused_loss

@@ -35,7 +35,13 @@ from tqdm import tqdm
 from gptoss.checkpoint import load_checkpoint, model_config
 from gptoss.config import ModelConfig
 from gptoss.model import GptOss, Router
-from gptoss.train.checkpoints import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from gptoss.train.checkpoints import (
+    DamagedCheckpoint,
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from gptoss.train.data import Batches, TokenSplit, validation_windows
 from gptoss.train.loss import LossHead, apply_fused_loss
 from gptoss.train.parallelize import DistInfo, all_reduce_mean, init_distributed, parallelize, shutdown
@@ -351,7 +357,18 @@ class Trainer:
         self.autocast = bf16 and not self.info.sharded
 
         self.train_tokens = TokenSplit(config.data, "train")
-        self.val_tokens = TokenSplit(config.data, "val")
+        self.val_windows = validation_windows(
+            TokenSplit(config.data, "val"), config.seq_len, config.eval_windows
+        )
+        if len(self.val_windows) < self.info.world_size and self.info.is_main:
+            log.info(
+                "no validation: the val split of %s holds %d window(s) of %d tokens for %d rank(s) "
+                "(prepare the data with a larger --val-fraction to get one)",
+                config.data,
+                len(self.val_windows),
+                config.seq_len + 1,
+                self.info.world_size,
+            )
         self.model_config = resolve_model_config(config)
         if self.train_tokens.vocab_size > self.model_config.vocab_size:
             raise ValueError(
@@ -404,26 +421,63 @@ class Trainer:
         )
 
     def resume(self) -> Path | None:
-        """Restore the latest checkpoint of the run directory, if there is one."""
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            return None
+        """Restore the newest intact checkpoint of the run directory, if there is one.
+
+        A damaged checkpoint is skipped with a warning that names what is wrong with it, and the
+        next older one is tried; if every one is damaged, `DamagedCheckpoint` lists them all.
+        """
+        problems = []
+        for path in reversed(checkpoint_dirs(self.run_dir)):
+            try:
+                self._restore(path)
+            except DamagedCheckpoint as exc:
+                problems.append(f"{path.name}: {exc}")
+                if self.info.is_main:
+                    log.warning("checkpoint %s is damaged, skipping it: %s", path.name, exc)
+                continue
+            return path
+        if problems:
+            raise DamagedCheckpoint(
+                f"no intact checkpoint in {self.run_dir / 'checkpoints'} ({'; '.join(problems)}); "
+                "start over with another --out, or move the damaged checkpoints away to train from scratch"
+            )
+        return None
+
+    def _restore(self, path: Path) -> None:
         state = load_training_checkpoint(path, self.model, self.optimizer, self.info)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        data = state["data"]
-        now = {k: getattr(self.config, k) for k in ("seed", "sampling", "seq_len", "batch_size")}
-        changed = {k: (data[k], v) for k, v in now.items() if data[k] != v}
+        try:
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+            data = state["data"]
+            changed = {
+                k: (data[k], v)
+                for k in ("seed", "sampling", "seq_len", "batch_size")
+                if data[k] != (v := getattr(self.config, k))
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DamagedCheckpoint(f"{path / 'trainer.json'} lacks a valid {exc}") from exc
         if changed and self.info.is_main:
             log.warning("resuming with changed data settings %s: batches will differ from the run's", changed)
-        return path
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop records logged after the checkpoint: those steps run again."""
+        """Drop records logged after the checkpoint (those steps run again), and a line torn by a
+        crash mid-write."""
         path = self.run_dir / METRICS
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if not path.is_file():
+            return
+        kept, torn = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                step_of = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                continue
+            if step_of <= step:
+                kept.append(line)
+        if torn:
+            log.warning("dropped %d unreadable line(s) of %s (a write cut short by a crash)", torn, path)
+        path.write_text("".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ steps
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -491,7 +545,7 @@ class Trainer:
     def evaluate(self) -> float | None:
         """Mean cross-entropy over the fixed validation windows (None when the split is too short)."""
         config, world = self.config, self.info.world_size
-        windows = validation_windows(self.val_tokens, config.seq_len, config.eval_windows)
+        windows = self.val_windows
         per_rank = len(windows) // world
         if per_rank == 0:
             return None
