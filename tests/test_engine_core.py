@@ -236,6 +236,7 @@ def test_api_shapes_the_sdks_expect(bundled):
 # ---------------------------------------------------------------------- engine pieces
 def test_a_row_that_cannot_be_sampled_fails_alone():
     logits = torch.randn(3, 50)
+
     class AllowNothing:  # a constraint gone wrong: no token allowed
         def allowed(self) -> list[int]:
             return []

@@ -491,7 +491,9 @@ def test_response_format_is_enforced_and_checked(scripted):
     bad = client.chat.completions.create(
         model=MODEL, messages=user("json invalid"), response_format=fmt, max_tokens=40
     )
-    assert bad.choices[0].message.content.startswith('{"city": "') and bad.choices[0].finish_reason == "length"
+    assert (
+        bad.choices[0].message.content.startswith('{"city": "') and bad.choices[0].finish_reason == "length"
+    )
     assert "not valid JSON" in bad.choices[0].model_extra["response_format_error"]
     plain = client.chat.completions.create(
         model=MODEL, messages=user("hi"), response_format={"type": "json_object"}, max_tokens=40

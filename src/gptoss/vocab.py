@@ -88,3 +88,10 @@ def fit_tokens(model: GptOss, tokens: Sequence[int]) -> list[int]:
     if model.config.vocab_rows is None:
         return list(tokens)
     return VocabularyFit(model.model.token_ids.cpu())(tokens).tolist()
+
+
+def token_rows(model: GptOss) -> tuple[int, ...] | None:
+    """The ids `model` has rows for, ascending; None when it has the whole vocabulary."""
+    if model.config.vocab_rows is None:
+        return None
+    return tuple(model.model.token_ids.cpu().tolist())

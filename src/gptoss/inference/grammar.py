@@ -27,6 +27,7 @@ import torch
 from llguidance import LLMatcher
 
 from gptoss.tokenizer import Tokenizer, get_tokenizer
+from gptoss.vocab import VocabularyFit
 
 BodyKind = Literal["json_schema", "regex", "choice", "grammar"]
 
@@ -44,20 +45,49 @@ class GrammarError(ValueError):
         self.param = param
 
 
-@functools.cache
-def llg_tokenizer() -> llguidance.LLTokenizer:
-    """llguidance's view of o200k_harmony (about 1.5 s to build, so built once per process)."""
+@functools.lru_cache(maxsize=4)
+def llg_tokenizer(rows: tuple[int, ...] | None = None) -> llguidance.LLTokenizer:
+    """llguidance's view of o200k_harmony as a model with token ids `rows` (None: all) writes it.
+
+    llguidance allows only the canonical tokenization of text the grammar forces (a tool's name,
+    a channel's), so a trimmed model must be described as it is: ids without rows have no bytes,
+    and text is tokenized as the model reads it (`gptoss.vocab.VocabularyFit`). Built once per
+    vocabulary: about 1.5 s for the whole one (llguidance's own BPE), 0.2 s for a trimmed one.
+    """
     enc = get_tokenizer()
     # o200k_base's <|endofprompt|> and harmony's <|reserved_200018|> name the same id; llguidance
     # needs one name per id.
     special = {name: i for name, i in enc._special_tokens.items() if name != "<|endofprompt|>"}
-    return llguidance.LLTokenizer.from_tiktoken(
-        encoder=enc._mergeable_ranks,
-        special_tokens=special,
-        pattern=enc._pat_str,
-        eos_token=Tokenizer.ENDOFTEXT,
-        n_vocab=Tokenizer.N_VOCAB,
+    if rows is None:
+        return llguidance.LLTokenizer.from_tiktoken(
+            encoder=enc._mergeable_ranks,
+            special_tokens=special,
+            pattern=enc._pat_str,
+            eos_token=Tokenizer.ENDOFTEXT,
+            n_vocab=Tokenizer.N_VOCAB,
+        )
+    return llguidance.LLTokenizer(
+        llguidance.TokenizerWrapper(_TrimmedVocabulary(rows, special)), n_vocab=Tokenizer.N_VOCAB
     )
+
+
+class _TrimmedVocabulary:
+    """A trimmed vocabulary in the shape `llguidance.TokenizerWrapper` reads."""
+
+    eos_token_id = Tokenizer.ENDOFTEXT
+    bos_token_id = None
+
+    def __init__(self, rows: tuple[int, ...], special: dict[str, int]) -> None:
+        self.fit = VocabularyFit(rows)
+        names = {i: name for name, i in special.items()}
+        self.special_token_ids = [i for i in rows if i in names]
+        enc = get_tokenizer()
+        self.tokens = [b""] * Tokenizer.N_VOCAB  # no bytes: never allowed
+        for i in rows:
+            self.tokens[i] = names[i].encode() if i in names else enc.decode_single_token_bytes(i)
+
+    def __call__(self, text: bytes) -> list[int]:
+        return self.fit(get_tokenizer().encode_ordinary(text.decode("utf-8", "replace"))).tolist()
 
 
 @dataclass(frozen=True)
@@ -80,7 +110,7 @@ class ToolArgs:
     strict: bool = True  # False: a schema llguidance cannot compile falls back to any JSON object
 
 
-def _compile_part(kind: BodyKind, spec: Any, param: str) -> dict[str, Any]:
+def _compile_part(kind: BodyKind, spec: Any, param: str, rows: tuple[int, ...] | None) -> dict[str, Any]:
     """One part as an llguidance sub-grammar, checked alone so that errors name `param`."""
     try:
         if kind == "json_schema":
@@ -93,7 +123,7 @@ def _compile_part(kind: BodyKind, spec: Any, param: str) -> dict[str, Any]:
             text = llguidance.grammar_from("regex" if kind == "regex" else "grammar", spec)
     except ValueError as exc:  # GrammarError included; llguidance's converters raise ValueError
         raise GrammarError(str(exc), getattr(exc, "param", param)) from None
-    is_error, messages = LLMatcher.validate_grammar_with_warnings(text, llg_tokenizer())
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(text, llg_tokenizer(rows))
     if is_error:
         raise GrammarError(f"{param} cannot be compiled into a grammar: {messages[0].strip()}", param)
     if not text.lstrip().startswith("{"):  # plain Lark text
@@ -107,11 +137,13 @@ def _compile_part(kind: BodyKind, spec: Any, param: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class HarmonyGrammar:
     """The grammar of one assistant turn. `body` None: the final answer is free text;
-    `must_call`: the answer must be one of the `tools`' calls (no final message)."""
+    `must_call`: the answer must be one of the `tools`' calls (no final message); `rows`: the
+    token ids of the model's trimmed vocabulary (None: the whole vocabulary)."""
 
     body: Body | None
     tools: tuple[ToolArgs, ...] = ()
     must_call: bool = False
+    rows: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.must_call and not self.tools:
@@ -122,15 +154,17 @@ class HarmonyGrammar:
         """The compiled sub-grammars: the body's (if any), then each tool's arguments."""
         parts = []
         if self.body is not None:
-            parts.append(_compile_part(self.body.kind, self.body.spec, self.body.param) | {"name": "body"})
+            parts.append(
+                _compile_part(self.body.kind, self.body.spec, self.body.param, self.rows) | {"name": "body"}
+            )
         for i, tool in enumerate(self.tools):
             schema = tool.schema if tool.schema is not None else _ANY_OBJECT
             try:
-                part = _compile_part("json_schema", schema, tool.param)
+                part = _compile_part("json_schema", schema, tool.param, self.rows)
             except GrammarError:
                 if tool.strict:
                     raise
-                part = _compile_part("json_schema", _ANY_OBJECT, tool.param)
+                part = _compile_part("json_schema", _ANY_OBJECT, tool.param, self.rows)
             parts.append(part | {"name": f"args{i}"})
         return parts
 
@@ -170,19 +204,18 @@ class HarmonyGrammar:
 
     def constraint(self, max_tokens: int) -> GrammarConstraint:
         """A fresh constraint for one sequence of at most `max_tokens` tokens."""
-        return GrammarConstraint(self.grammar(max_tokens))
+        return GrammarConstraint(self.grammar(max_tokens), self.rows)
 
 
 class GrammarConstraint:
     """A `sampling.TokenConstraint` that follows an llguidance grammar, token by token.
 
-    `allowed` is a boolean mask over the full o200k_harmony vocabulary; a trimmed model's missing
-    rows are -inf anyway, and every grammar here can be written in single-byte tokens, which every
-    trimmed vocabulary keeps.
+    `allowed` is a boolean mask over the full o200k_harmony vocabulary; with a trimmed model's
+    `rows` it allows only ids the model has (every text can be spelled in its byte tokens).
     """
 
-    def __init__(self, grammar: str) -> None:
-        self.matcher = LLMatcher(llg_tokenizer(), grammar, log_level=0)
+    def __init__(self, grammar: str, rows: tuple[int, ...] | None = None) -> None:
+        self.matcher = LLMatcher(llg_tokenizer(rows), grammar, log_level=0)
         if self.matcher.is_error():
             raise ValueError(f"invalid grammar: {self.matcher.get_error()}")
 
@@ -201,10 +234,10 @@ class GrammarConstraint:
         return self.matcher.is_accepting()
 
 
-def plain_grammar(body: Body) -> str:
+def plain_grammar(body: Body, rows: tuple[int, ...] | None = None) -> str:
     """The grammar of raw text (no harmony around it): `body` alone; once it is complete only
     <|endoftext|> may follow."""
-    part = _compile_part(body.kind, body.spec, body.param) | {"name": "body"}
+    part = _compile_part(body.kind, body.spec, body.param, rows) | {"name": "body"}
     return json.dumps({"grammars": [{"lark_grammar": "start: @body\n"}, part]})
 
 

@@ -304,7 +304,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 
     prompts, texts = await run_in_threadpool(prepare)
     _, output = output_constraint(body, None)
-    grammar = await run_in_threadpool(text_grammar, output) if output is not None else None
+    rows = service.runner.token_rows
+    grammar = await run_in_threadpool(text_grammar, output, rows) if output is not None else None
     requests = []
     stop_ids = Tokenizer.STOP_TOKENS
     for p, tokens in enumerate(prompts):
@@ -312,7 +313,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         for i in range(body.n if max_tokens else 0):
             params = sampling_params(body, max_tokens, i, body.logprobs, stop_ids)
             requests.append(
-                SequenceRequest(tokens, params, p * body.n + i, grammar and GrammarConstraint(grammar))
+                SequenceRequest(tokens, params, p * body.n + i, grammar and GrammarConstraint(grammar, rows))
             )
     outputs = await run_in_threadpool(
         lambda: [

@@ -108,12 +108,16 @@ def build_prompt(
         raise APIError(400, f"invalid messages: {exc}", param="messages") from None
     if output is None and json_format is not None:
         output = json_format.body()
-    grammar = turn_grammar(shown, tool_choice, output, tool_param)
+    grammar = turn_grammar(shown, tool_choice, output, tool_param, runner.token_rows)
     return Prompt(runner.fit_prompt(tokens), grammar, tools_allowed=bool(shown))
 
 
 def turn_grammar(
-    tools: Sequence[Mapping[str, Any]], tool_choice: ToolChoice, output: Body | None, tool_param: str
+    tools: Sequence[Mapping[str, Any]],
+    tool_choice: ToolChoice,
+    output: Body | None,
+    tool_param: str,
+    rows: tuple[int, ...] | None,
 ) -> HarmonyGrammar | None:
     """The grammar of the turn, or None when nothing constrains it (then decoding costs nothing
     extra). Once a grammar runs, every shown tool's arguments follow its schema: strict tools'
@@ -128,7 +132,7 @@ def turn_grammar(
         ToolArgs(t["name"], t.get("parameters"), tool_param.format(i=i), strict=bool(t.get("strict")))
         for i, t in callable_
     )
-    grammar = HarmonyGrammar(output, args, must_call=tool_choice.mode == "required")
+    grammar = HarmonyGrammar(output, args, must_call=tool_choice.mode == "required", rows=rows)
     try:
         grammar.check()
     except GrammarError as exc:
@@ -144,10 +148,10 @@ def response_format_instructions(fmt: JsonFormat) -> str:
     return f"# Response Formats\n\n## {fmt.name}\n\n{description}{json.dumps(fmt.schema)}"
 
 
-def text_grammar(output: Body) -> str:
+def text_grammar(output: Body, rows: tuple[int, ...] | None) -> str:
     """The grammar of raw completions' text (no harmony): the body alone, compiled (a 400 names
     the field that cannot be)."""
     try:
-        return plain_grammar(output)
+        return plain_grammar(output, rows)
     except GrammarError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
