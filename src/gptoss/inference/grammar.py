@@ -32,8 +32,9 @@ from gptoss.vocab import VocabularyFit
 BodyKind = Literal["json_schema", "regex", "choice", "grammar"]
 
 # JSON whitespace between tokens, bounded: a free `[ \t\n\r]+` lets a model that likes whitespace
-# (or a random-weight one) pad forever; 16 characters still allow indented, multi-line JSON.
-_JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,16}"}
+# (or a random-weight one) pad forever; one space, or a newline and up to 15 spaces or tabs, still
+# allows compact and indented, multi-line JSON.
+_JSON_OPTIONS = {"whitespace_pattern": r"(\n[ \t]{0,15}|[ ])?"}
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 

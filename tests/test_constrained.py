@@ -1,0 +1,369 @@
+"""Constrained decoding, live on 127.0.0.1 with the official clients: JSON Schema answers and tool
+arguments that validate every time on the bundled model and on a random-weight model, the
+reasoning left free, vLLM/llama.cpp fields, and clear 400s for what cannot be compiled."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import anthropic
+import httpx
+import jsonschema
+import ollama
+import pytest
+import torch
+
+from gptoss import load_model
+from gptoss.inference import ModelRunner
+from gptoss.inference.grammar import Body, GrammarConstraint, HarmonyGrammar, ToolArgs
+from gptoss.inference.optimize import prepare_for_inference
+from gptoss.server import ServerSettings, create_app
+from gptoss.tokenizer import Tokenizer, get_tokenizer
+from gptoss.vocab import token_rows
+from test_server import SCRIPTS
+from test_server_support import MODEL, LiveServer, model_server
+
+BUNDLED = "gptoss-nano"
+# Nested objects, an array, enums, required fields, additionalProperties false; strings and arrays
+# are bounded so that even a random-weight model, which never wants to close a string, finishes.
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+        "address": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "age", "role", "tags", "address"],
+    "additionalProperties": False,
+}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+WEATHER_ARGS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 16},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_ARGS, "strict": True}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+]
+ASK = [{"role": "user", "content": "Describe a person called Ada who lives in Paris."}]
+MAX_TOKENS = 400  # reasoning may take half: the answer always has room
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    model = prepare_for_inference(load_model(BUNDLED))
+    runner = ModelRunner(model, max_batch=16, context=2048)
+    db = tmp_path_factory.mktemp("bundled") / "responses.sqlite3"
+    with LiveServer(create_app(runner, ServerSettings(model_name=BUNDLED, responses_db=db))) as server:
+        server.model = BUNDLED
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random-weight model with the whole vocabulary."""
+    with model_server(tmp_path_factory.mktemp("tiny"), max_batch=16, context=1024) as server:
+        server.model = MODEL
+        yield server
+
+
+@pytest.fixture(params=["bundled", "tiny"])
+def server(request):
+    return request.getfixturevalue(request.param)
+
+
+# ---------------------------------------------------------------------- answers that validate
+def test_json_schema_answers_validate_every_time(server):
+    client = server.client(timeout=300)
+    answers = []
+    for seed in (1, 100):
+        reply = client.chat.completions.create(
+            model=server.model, messages=ASK, response_format=FORMAT, n=8, seed=seed, max_tokens=MAX_TOKENS
+        )
+        answers += [(c.message.content, c.finish_reason) for c in reply.choices]
+    stream = client.chat.completions.create(
+        model=server.model, messages=ASK, response_format=FORMAT, seed=7, max_tokens=MAX_TOKENS, stream=True
+    )
+    answers.append(("".join(c.choices[0].delta.content or "" for c in stream if c.choices), "stop"))
+    for content, finish in answers:
+        assert finish == "stop"
+        jsonschema.validate(json.loads(content), PERSON)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_tool_calls_arguments_validate_every_time(server, choice):
+    client = server.client(timeout=300)
+    reply = client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=TOOLS,
+        tool_choice=choice,
+        n=8,
+        seed=3,
+        max_tokens=MAX_TOKENS,
+    )
+    names = set()
+    for c in reply.choices:
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+        call = c.message.tool_calls[0].function
+        names.add(call.name)
+        if call.name == "get_weather":
+            jsonschema.validate(json.loads(call.arguments), WEATHER_ARGS)
+        else:
+            assert isinstance(json.loads(call.arguments), dict)
+    assert names <= ({"get_weather", "get_time"} if choice == "required" else {"get_weather"})
+
+
+def test_other_apis_formats_validate(bundled):
+    """Responses `text.format`, Anthropic `output_config.format`, Ollama `format`, each through its
+    own official client."""
+    client = bundled.client(timeout=300)
+    response = client.responses.create(
+        model=BUNDLED,
+        input=ASK[0]["content"],
+        text={"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}},
+        max_output_tokens=MAX_TOKENS,
+    )
+    jsonschema.validate(json.loads(response.output_text), PERSON)
+    claude = anthropic.Anthropic(base_url=bundled.url, api_key="unused", timeout=300)
+    message = claude.messages.create(
+        model=BUNDLED,
+        max_tokens=MAX_TOKENS,
+        messages=ASK,
+        extra_body={"output_config": {"format": {"type": "json_schema", "schema": PERSON}}},
+    )
+    text = "".join(b.text for b in message.content if b.type == "text")
+    jsonschema.validate(json.loads(text), PERSON)
+    chat = ollama.Client(host=bundled.url, timeout=300).chat(
+        model=BUNDLED, messages=ASK, format=PERSON, options={"num_predict": MAX_TOKENS, "seed": 5}
+    )
+    jsonschema.validate(json.loads(chat.message.content), PERSON)
+
+
+# ---------------------------------------------------------------------- the reasoning stays free
+def test_reasoning_is_not_held_to_the_answers_grammar(bundled):
+    """The analysis channel holds text that the final answer's grammar refuses (it is not JSON)."""
+    reply = bundled.client(timeout=300).chat.completions.create(
+        model=BUNDLED, messages=ASK, response_format=FORMAT, n=4, seed=11, max_tokens=MAX_TOKENS
+    )
+    reasonings = [c.message.model_extra.get("reasoning") or "" for c in reply.choices]
+    assert any(r.strip() for r in reasonings)
+    for reasoning, choice in zip(reasonings, reply.choices, strict=True):
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+        if reasoning.strip():
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(reasoning)
+            assert not _final_grammar_accepts(reasoning)
+
+
+def _final_grammar_accepts(text: str) -> bool:
+    """Whether the final channel of PERSON's grammar would let the model write `text`."""
+    constraint = HarmonyGrammar(Body("json_schema", PERSON, "x")).constraint(64)
+    tokens = get_tokenizer().encode("<|channel|>final<|message|>", allowed_special="all")
+    for token in tokens + get_tokenizer().encode_ordinary(text):
+        allowed = constraint.allowed()
+        if allowed is not None and not allowed[token]:
+            return False
+        constraint.advance(token)
+    return True
+
+
+def test_greedy_output_is_unchanged_by_a_constraint_it_already_satisfies(bundled):
+    """Where the unconstrained greedy answer satisfies a format, constraining to that format
+    changes no token: the mask only removes what the model would not have written."""
+    client = bundled.client(timeout=300)
+    for question in ("Say hello.", "What is 2 + 2?", "Name a colour."):
+        messages = [{"role": "user", "content": question}]
+        free = client.chat.completions.create(
+            model=BUNDLED, messages=messages, temperature=0, max_tokens=MAX_TOKENS
+        ).choices[0]
+        assert free.finish_reason == "stop"
+        answer = free.message.content
+        for extra in ({"guided_choice": [answer, answer + " (not this)"]}, {"guided_regex": "(?s:.+)"}):
+            held = client.chat.completions.create(
+                model=BUNDLED, messages=messages, temperature=0, max_tokens=MAX_TOKENS, extra_body=extra
+            ).choices[0]
+            assert held.message.content == answer
+            assert held.message.model_extra.get("reasoning") == free.message.model_extra.get("reasoning")
+
+
+# ---------------------------------------------------------------------- vLLM / llama.cpp fields
+@pytest.mark.parametrize(
+    ("extra", "check"),
+    [
+        ({"guided_regex": "[0-9]{3}-[a-z]{2}"}, lambda t: len(t) == 6 and t[3] == "-" and t[:3].isdigit()),
+        ({"guided_choice": ["yes", "no", "maybe"]}, lambda t: t in ("yes", "no", "maybe")),
+        ({"grammar": 'root ::= "a" [0-9] "z"'}, lambda t: len(t) == 3 and t[0] == "a" and t[1].isdigit()),
+        (
+            {
+                "guided_json": {
+                    "type": "object",
+                    "properties": {"ok": {"type": "boolean"}},
+                    "required": ["ok"],
+                    "additionalProperties": False,
+                }
+            },
+            lambda t: isinstance(json.loads(t)["ok"], bool),
+        ),  # fmt: skip
+        ({"structured_outputs": {"choice": ["left", "right"]}}, lambda t: t in ("left", "right")),
+    ],
+)
+def test_vllm_and_llama_cpp_fields_constrain_the_answer(tiny, extra, check):
+    reply = tiny.client(timeout=300).chat.completions.create(
+        model=MODEL, messages=ASK, n=4, seed=2, max_tokens=200, extra_body=extra
+    )
+    for c in reply.choices:
+        assert c.finish_reason == "stop" and check(c.message.content), c.message.content
+
+
+def test_raw_completions_follow_a_regex(tiny):
+    reply = tiny.client().completions.create(
+        model=MODEL,
+        prompt="The code is",
+        max_tokens=40,
+        n=4,
+        seed=1,
+        extra_body={"guided_regex": "[A-Z]{2}[0-9]{2}"},
+    )
+    for c in reply.choices:
+        assert len(c.text) == 4 and c.text[:2].isupper() and c.text[2:].isdigit(), c.text
+
+
+# ---------------------------------------------------------------------- what cannot be compiled
+def _error(server, body: dict) -> dict:
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": ASK} | body, timeout=60
+    )
+    assert response.status_code == 400, response.text
+    return response.json()["error"]
+
+
+def test_bad_formats_are_400s_that_name_the_part(tiny):
+    lookahead = {"type": "string", "pattern": "(?=x)x"}  # llguidance has no lookarounds
+    error = _error(
+        tiny, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": lookahead}}}
+    )
+    assert error["param"] == "response_format.json_schema.schema" and "cannot be compiled" in error["message"]
+    strict_tool = {"type": "function", "function": {"name": "f", "parameters": lookahead, "strict": True}}
+    error = _error(tiny, {"tools": [TOOLS[0], strict_tool], "tool_choice": "required"})
+    assert error["param"] == "tools[1].function.parameters"
+    error = _error(
+        tiny,
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}},
+    )
+    assert "response_format" in error["param"] and "not a valid JSON Schema" in error["message"]
+    assert _error(tiny, {"grammar": "root ::= (("})["param"] == "grammar"
+    assert _error(tiny, {"guided_regex": "[a-"})["param"] == "guided_regex"
+    assert _error(tiny, {"guided_choice": []})["param"] == "guided_choice"
+    error = _error(tiny, {"guided_regex": "a", "guided_choice": ["b"]})
+    assert "not several" in error["message"]
+    error = _error(tiny, {"guided_regex": "a", "response_format": {"type": "json_object"}})
+    assert error["param"] == "guided_regex"
+    # A non-strict tool whose schema cannot be compiled is held to "any JSON object" instead.
+    loose = {"type": "function", "function": {"name": "f", "parameters": lookahead}}
+    reply = tiny.client().chat.completions.create(
+        model=MODEL, messages=ASK, tools=[loose], tool_choice="required", max_tokens=200, seed=1
+    )
+    assert isinstance(json.loads(reply.choices[0].message.tool_calls[0].function.arguments), dict)
+
+
+def test_an_external_ref_is_never_fetched(tiny):
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"type": "string"}')
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.HTTPServer(("127.0.0.1", 0), Handler) as remote:
+        threading.Thread(target=remote.serve_forever, daemon=True).start()
+        schema = {
+            "type": "object",
+            "properties": {"a": {"$ref": f"http://127.0.0.1:{remote.server_port}/a.json"}},
+        }
+        error = _error(
+            tiny, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+        )
+        remote.shutdown()
+    assert error["param"] == "response_format.json_schema.schema"
+    assert hits == []
+
+
+# ---------------------------------------------------------------------- the grammar itself
+@pytest.mark.parametrize("key", ["weather?", "Sunny, 21C", "think first", "preamble please", "json valid"])
+def test_the_grammar_accepts_what_gpt_oss_writes(key):
+    """The channel orders of the server tests' scripts, as gpt-oss writes them."""
+    tools = (ToolArgs("get_weather", {"type": "object"}, "t"), ToolArgs("get_time", None, "t"))
+    body = Body("json_schema", {"type": "object"}, "x") if key.startswith("json") else None
+    constraint = HarmonyGrammar(body, tools).constraint(400)
+    for token in get_tokenizer().encode(SCRIPTS[key], allowed_special="all"):
+        assert constraint.allowed()[token]
+        constraint.advance(token)
+    assert constraint.is_accepting()
+
+
+def test_the_reasoning_budget_makes_the_model_answer():
+    """Past half of max_tokens the analysis must end; then only the answer's tokens are allowed."""
+    constraint = HarmonyGrammar(Body("choice", ["ok"], "x")).constraint(20)
+    tokens = get_tokenizer().encode("<|channel|>analysis<|message|>", allowed_special="all")
+    tokens += get_tokenizer().encode_ordinary("la " * 30)
+    for i, token in enumerate(tokens):
+        allowed = constraint.allowed()
+        if not allowed[token]:
+            assert allowed.nonzero()[:, 0].tolist() == [Tokenizer.END] and i <= 2 + 10 + 2
+            return
+        constraint.advance(token)
+    raise AssertionError("the analysis was never cut")
+
+
+def test_a_trimmed_vocabulary_can_always_follow_the_grammar():
+    """A random walk over the bundled model's own rows: every step leaves some token it has."""
+    rows = token_rows(load_model(BUNDLED))
+    has = torch.zeros(Tokenizer.N_VOCAB, dtype=torch.bool)
+    has[list(rows)] = True
+    tools = (ToolArgs("get_weather", WEATHER_ARGS, "t"),)
+    grammar = HarmonyGrammar(Body("json_schema", PERSON, "x"), tools, rows=rows)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        constraint = grammar.constraint(60)
+        for _ in range(400):
+            allowed = constraint.allowed()
+            if allowed is None:
+                break
+            assert not (allowed & ~has).any()
+            choices = allowed.nonzero()[:, 0]
+            token = int(choices[torch.randint(len(choices), (1,), generator=generator)])
+            constraint.advance(token)
+            if token in Tokenizer.STOP_TOKENS:
+                break
+        assert constraint.is_accepting()
+
+
+def test_a_refused_token_fails_the_sequence_clearly():
+    constraint = GrammarConstraint(HarmonyGrammar(Body("choice", ["ok"], "x")).grammar(20))
+    constraint.advance(Tokenizer.RETURN)
+    with pytest.raises(RuntimeError, match="grammar constraint failed"):
+        constraint.allowed()
