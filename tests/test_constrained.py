@@ -7,13 +7,16 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+from typing import Annotated, Literal
 
 import anthropic
 import httpx
 import jsonschema
 import ollama
+import openai
 import pytest
 import torch
+from pydantic import BaseModel, Field
 
 from gptoss import load_model
 from gptoss.inference import ModelRunner
@@ -59,9 +62,14 @@ WEATHER_ARGS = {
     "required": ["city", "unit"],
     "additionalProperties": False,
 }
+TIME_ARGS = {
+    "type": "object",
+    "properties": {"zone": {"enum": ["UTC", "CET"]}},
+    "additionalProperties": False,
+}
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_ARGS, "strict": True}},
-    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME_ARGS}},
 ]
 ASK = [{"role": "user", "content": "Describe a person called Ada who lives in Paris."}]
 MAX_TOKENS = 400  # reasoning may take half: the answer always has room
@@ -125,10 +133,9 @@ def test_forced_tool_calls_arguments_validate_every_time(server, choice):
         assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
         call = c.message.tool_calls[0].function
         names.add(call.name)
-        if call.name == "get_weather":
-            jsonschema.validate(json.loads(call.arguments), WEATHER_ARGS)
-        else:
-            assert isinstance(json.loads(call.arguments), dict)
+        jsonschema.validate(
+            json.loads(call.arguments), WEATHER_ARGS if call.name == "get_weather" else TIME_ARGS
+        )
     assert names <= ({"get_weather", "get_time"} if choice == "required" else {"get_weather"})
 
 
@@ -367,3 +374,52 @@ def test_a_refused_token_fails_the_sequence_clearly():
     constraint.advance(Tokenizer.RETURN)
     with pytest.raises(RuntimeError, match="grammar constraint failed"):
         constraint.allowed()
+
+
+# ---------------------------------------------------------------------- frameworks' structured output
+class Address(BaseModel):
+    city: str = Field(max_length=12)
+    zip: str = Field(pattern=r"^[0-9]{5}$")
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=12)
+    age: int = Field(ge=0, le=120)
+    role: Literal["admin", "user", "guest"]
+    tags: list[Annotated[str, Field(max_length=8)]] = Field(max_length=3)
+    address: Address
+
+
+def test_langchain_with_structured_output(bundled):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model=BUNDLED,
+        base_url=f"{bundled.url}/v1",
+        api_key="unused",
+        max_tokens=MAX_TOKENS,
+        seed=4,
+        timeout=300,
+    )
+    for method in ("json_schema", "function_calling"):
+        person = llm.with_structured_output(Person, method=method, strict=True).invoke(ASK[0]["content"])
+        assert isinstance(person, Person)
+
+
+def test_agents_sdk_output_type(bundled):
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, set_tracing_disabled
+
+    set_tracing_disabled(True)  # tracing would export to OpenAI's servers
+    model = OpenAIChatCompletionsModel(
+        model=BUNDLED,
+        openai_client=openai.AsyncOpenAI(base_url=f"{bundled.url}/v1", api_key="unused", timeout=300),
+    )
+    agent = Agent(
+        name="describer",
+        instructions="Describe the person asked for.",
+        model=model,
+        model_settings=ModelSettings(max_tokens=MAX_TOKENS),
+        output_type=Person,
+    )
+    result = Runner.run_sync(agent, ASK[0]["content"])
+    assert isinstance(result.final_output, Person)
