@@ -220,11 +220,10 @@ class GrammarConstraint:
         if self.matcher.is_error():
             raise ValueError(f"invalid grammar: {self.matcher.get_error()}")
 
-    def allowed(self) -> torch.Tensor | None:
+    def allowed(self) -> torch.Tensor:
+        """Once the grammar is complete, only <|endoftext|> (a stop token) is allowed."""
         if self.matcher.is_error():
             raise RuntimeError(f"the grammar constraint failed: {self.matcher.get_error()}")
-        if self.matcher.is_stopped():
-            return None  # the grammar is complete (the sequence stops on its own stop token)
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         return torch.from_numpy(np.unpackbits(bits, bitorder="little")[: Tokenizer.N_VOCAB].view(np.bool_))
 
