@@ -131,7 +131,7 @@ def test_json_schema_answers_validate_on_the_bundled_model_and_reasoning_stays_f
         response_format=json_format(SMALL),
         n=8,
         seed=1,
-        max_tokens=160,
+        max_tokens=240,
         stream=True,
     )
     content, reasoning, finish = [""] * 8, [""] * 8, [None] * 8
@@ -176,7 +176,7 @@ def test_forced_tool_calls_arguments_validate_every_time(request, model, choice)
         tool_choice=choice,
         n=8,
         seed=3,
-        max_tokens=120,
+        max_tokens=200,
     )
     names = set()
     for c in reply.choices:
@@ -215,7 +215,9 @@ def test_other_apis_formats_validate(tiny):
 
 def test_greedy_output_is_unchanged_by_a_constraint_it_already_satisfies(bundled):
     """Where the unconstrained greedy answer satisfies a format, constraining to that format
-    changes no token: the mask only removes what the model would not have written."""
+    changes no text: the mask only removes what the model would not have written. (Tokens may
+    differ where the grammar forces text: llguidance then allows only that text's canonical
+    tokens, e.g. "nt" after "assista", which this trimmed model would spell in bytes.)"""
     runner = bundled.runner
     prompt = build_prompt(
         runner, [{"role": "user", "content": "Say hello."}], tools=[], tool_choice=ToolChoice("none"),
@@ -223,7 +225,7 @@ def test_greedy_output_is_unchanged_by_a_constraint_it_already_satisfies(bundled
     )  # fmt: skip
     params = SamplingParams(max_tokens=40, temperature=0)
 
-    def greedy(*bodies: Body | None) -> list[list[int]]:
+    def greedy(*bodies: Body | None) -> list[str]:
         engine = Engine(runner, prefill_budget=runner.context, default_stop_ids=Tokenizer.STOP_TOKENS)
         for i, body in enumerate(bodies):
             constraint = None if body is None else HarmonyGrammar(body, rows=runner.token_rows).constraint(80)
@@ -232,15 +234,17 @@ def test_greedy_output_is_unchanged_by_a_constraint_it_already_satisfies(bundled
         while engine.has_work:
             for _, event in engine.step():
                 out[event.index].append(event.token)
-        return out
+        return [get_tokenizer().decode(tokens) for tokens in out]
+
+    def same(a: str, b: str) -> bool:  # equal up to where the shorter stopped (same token budget)
+        return a.startswith(b) or b.startswith(a)
 
     free, anything = greedy(None, Body("regex", "(?s:.*)", "x"))
-    assert anything == free
-    text = get_tokenizer().decode(free)
-    assert "<|channel|>final<|message|>" in text  # the answer began within the budget
-    answer = text.split("<|channel|>final<|message|>")[-1].removesuffix("<|return|>")
+    assert same(anything, free)
+    assert "<|channel|>final<|message|>" in free  # the answer began within the budget
+    answer = free.split("<|channel|>final<|message|>")[-1].removesuffix("<|return|>")
     [held] = greedy(Body("choice", [answer, answer + " (not this)"], "x"))
-    assert held == free
+    assert same(held, free) and answer in held
 
 
 # ---------------------------------------------------------------------- vLLM / llama.cpp fields
