@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptoss import load_model
-from gptoss.inference import ModelRunner, PrefixConstraint, SamplingParams
+from gptoss.inference import ModelRunner, SamplingParams
 from gptoss.inference.optimize import prepare_for_inference
 from gptoss.inference.sampling import SampleError, Sampler
 from gptoss.inference.stops import StopStrings
@@ -236,8 +236,15 @@ def test_api_shapes_the_sdks_expect(bundled):
 # ---------------------------------------------------------------------- engine pieces
 def test_a_row_that_cannot_be_sampled_fails_alone():
     logits = torch.randn(3, 50)
-    allow_nothing = PrefixConstraint([[7]])
-    allow_nothing.allowed = lambda: []  # a constraint gone wrong: no token allowed
+
+    class AllowNothing:  # a constraint gone wrong: no token allowed
+        def allowed(self) -> list[int]:
+            return []
+
+        def advance(self, token: int) -> None:
+            pass
+
+    allow_nothing = AllowNothing()
     params = [SamplingParams(seed=1), SamplingParams(seed=2), SamplingParams(temperature=0)]
     together = Sampler(params, [[1]] * 3, 50, constraints=[None, allow_nothing, None]).sample(logits)
     assert isinstance(together[1], SampleError)

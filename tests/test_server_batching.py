@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
-from gptoss.inference import AsyncEngine, ModelRunner, PrefixConstraint, SamplingParams, SequenceRequest
+from gptoss.inference import AsyncEngine, ModelRunner, SamplingParams, SequenceRequest
 from gptoss.tokenizer import Tokenizer, get_tokenizer
 from test_server_support import MODEL, ScriptedRunner, harmony, live_server, model_server
 
@@ -227,27 +227,3 @@ def test_a_failing_model_step_gives_500_and_the_server_keeps_serving(tmp_path):
         reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}])
         assert reply.choices[0].message.content == "fine thanks"
         assert not runner.active
-
-
-def _constrained(tokens):
-    constraint = PrefixConstraint([[5, 6, 7], [5, 8]])
-    for token in tokens:
-        constraint.advance(token)
-    return constraint
-
-
-def test_prefix_constraint_forces_one_of_its_choices_then_lets_go():
-    assert _constrained([]).allowed() == [5]
-    assert _constrained([5]).allowed() == [6, 8]
-    assert _constrained([5, 8]).allowed() is None and _constrained([5, 6, 7, 1, 2]).allowed() is None
-    # in the sampler: only the allowed tokens can win, then decoding is free
-    from gptoss.inference.sampling import Sampler
-
-    constraint = PrefixConstraint([[5, 6, 7], [5, 8]])
-    sampler = Sampler([SamplingParams(temperature=0)], [[1]], 10, constraints=[constraint])
-    picks = []
-    for _ in range(3):
-        choice = sampler.sample(torch.arange(10.0)[None])[0]
-        sampler.observe([choice.token])
-        picks.append(choice.token)
-    assert picks == [5, 8, 9]

@@ -58,6 +58,7 @@ class ScriptedRunner:
     """
 
     vocab_size = Tokenizer.N_VOCAB
+    token_rows = None
 
     def __init__(
         self,

@@ -97,3 +97,10 @@ def fit_tokens(model: GptOss, tokens: Sequence[int]) -> list[int]:
     for start in range(0, len(tokens), _FIT_PIECE):
         out += fit(tokens[start : start + _FIT_PIECE]).tolist()
     return out
+
+
+def token_rows(model: GptOss) -> tuple[int, ...] | None:
+    """The ids `model` has rows for, ascending; None when it has the whole vocabulary."""
+    if model.config.vocab_rows is None:
+        return None
+    return tuple(model.model.token_ids.cpu().tolist())

@@ -1,9 +1,8 @@
-"""Inference: the engine core (KV cache, runner, sampler, stops, constraints), offline batched
-generation, persistent sessions, and the threaded engine that servers drive."""
+"""Inference: the engine core (KV cache, runner, sampler, stops, grammar constraints), offline
+batched generation, persistent sessions, and the threaded engine that servers drive."""
 
 from gptoss.inference.async_engine import AsyncEngine, EngineError, QueueFull, TokenStream
 from gptoss.inference.cache import ContextFullError, KVCache
-from gptoss.inference.constraints import PrefixConstraint
 from gptoss.inference.engine import (
     Engine,
     SequenceFailure,
@@ -25,7 +24,6 @@ __all__ = [
     "KVCache",
     "ModelRunner",
     "PrefixCache",
-    "PrefixConstraint",
     "QueueFull",
     "Runner",
     "SamplingParams",

@@ -24,7 +24,7 @@ from torch import Tensor
 from gptoss.inference.cache import KVCache
 from gptoss.inference.prefix_cache import Node, PrefixCache
 from gptoss.model import GptOss
-from gptoss.vocab import fit_tokens
+from gptoss.vocab import fit_tokens, token_rows
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class Runner(Protocol):
     vocab_size: int
     context: int  # tokens one sequence may hold: prompt + generated
     max_batch: int  # sequences that decode together
+    token_rows: tuple[int, ...] | None  # the ids a trimmed vocabulary keeps (None: all of them)
 
     def fit_prompt(self, tokens: Sequence[int]) -> list[int]:
         """`tokens` as the model reads them (a trimmed vocabulary spells ids it lacks in bytes)."""
@@ -172,6 +173,7 @@ class ModelRunner:
         config = model.config
         self.model = model.eval()
         self.vocab_size = config.vocab_size
+        self.token_rows = token_rows(model)
         self.context = min(context, config.max_position_embeddings)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk

@@ -115,8 +115,8 @@ class TokenConstraint(Protocol):
     """Which tokens a sequence may take next (a grammar, a forced header); it follows the tokens
     the sequence actually takes."""
 
-    def allowed(self) -> Sequence[int] | None:
-        """Token ids allowed next, or None when any token is."""
+    def allowed(self) -> Sequence[int] | Tensor | None:
+        """Token ids allowed next, a boolean mask over the vocabulary, or None when any token is."""
         ...
 
     def advance(self, token: int) -> None:
@@ -192,10 +192,13 @@ class _Row:
         if self.counts is not None:
             logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0)
         if self.constraint is not None and (allowed := self.constraint.allowed()) is not None:
-            index = torch.as_tensor(list(allowed), dtype=torch.long, device=logits.device)
-            masked = torch.full_like(logits, float("-inf"))
-            masked[index] = logits[index]
-            logits = masked
+            if isinstance(allowed, Tensor):
+                logits = logits.masked_fill(~allowed.to(logits.device, non_blocking=True), float("-inf"))
+            else:
+                index = torch.as_tensor(list(allowed), dtype=torch.long, device=logits.device)
+                masked = torch.full_like(logits, float("-inf"))
+                masked[index] = logits[index]
+                logits = masked
         return logits
 
     def observe(self, token: int) -> None:

@@ -107,6 +107,7 @@ class Tool(_Block):
     name: FunctionName
     description: str | None = None
     input_schema: dict[str, Any]
+    strict: bool | None = None
 
     _check = field_validator("input_schema")(check_json_schema)
 
@@ -227,7 +228,8 @@ def _assistant(blocks: list[Any]) -> dict[str, Any]:
 
 def _tools(body: CountTokensRequest) -> tuple[list[dict[str, Any]], ToolChoice]:
     tools = [
-        {"name": t.name, "description": t.description, "parameters": t.input_schema} for t in body.tools or []
+        {"name": t.name, "description": t.description, "parameters": t.input_schema, "strict": t.strict}
+        for t in body.tools or []
     ]
     tools = [{k: v for k, v in t.items() if v is not None} for t in tools]
     names = [t["name"] for t in tools]
@@ -261,7 +263,7 @@ def _shows_thinking(body: CountTokensRequest) -> bool:
 
 def _json_format(body: CountTokensRequest) -> JsonFormat | None:
     fmt = body.output_config.format if body.output_config else None
-    return JsonFormat("response", fmt.schema_) if fmt else None
+    return JsonFormat("response", fmt.schema_, None, "output_config.format.schema") if fmt else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +283,7 @@ async def count_tokens(body: CountTokensRequest, service: ServiceDep) -> dict[st
             tool_choice=choice,
             reasoning_effort=_effort(body),
             json_format=_json_format(body),
+            tool_param="tools[{i}].input_schema",
         )
     )
     return {"input_tokens": len(prompt.tokens)}
@@ -301,6 +304,7 @@ async def create_message(body: MessagesRequest, request: Request, service: Servi
         max_tokens_param="max_tokens",
         stop=body.stop_sequences or (),
         json_format=_json_format(body),
+        tool_param="tools[{i}].input_schema",
     )
     reply = _Reply(service, body, turn, _shows_thinking(body))
     if body.stream:

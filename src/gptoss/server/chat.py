@@ -11,9 +11,10 @@ from starlette.concurrency import run_in_threadpool
 
 from gptoss.harmony import Event, ReasoningDelta, TextDelta, ToolCallDelta, ToolCallStart
 from gptoss.inference import SequenceRequest, TokenEvent, TokenStream
+from gptoss.inference.grammar import Body, GrammarConstraint, GrammarError, body_from_fields
 from gptoss.server.errors import APIError
 from gptoss.server.output import HarmonyOutput, TextOutput, check_json_format, new_id
-from gptoss.server.prompting import JsonFormat, Prompt, build_prompt, parse_tool_choice
+from gptoss.server.prompting import JsonFormat, Prompt, build_prompt, parse_tool_choice, text_grammar
 from gptoss.server.schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -29,6 +30,7 @@ from gptoss.server.schemas import (
     CompletionRequest,
     FunctionCallOut,
     ResponseFormat,
+    SamplingFields,
     ToolCallOut,
     Usage,
 )
@@ -64,7 +66,24 @@ def json_format(fmt: ResponseFormat | None) -> JsonFormat | None:
         raise APIError(
             400, "response_format.json_schema is required with type 'json_schema'", param="response_format"
         )
-    return JsonFormat(fmt.json_schema.name, fmt.json_schema.schema_ or {}, fmt.json_schema.description)
+    spec = fmt.json_schema
+    return JsonFormat(spec.name, spec.schema_ or {}, spec.description, "response_format.json_schema.schema")
+
+
+def output_constraint(body: SamplingFields, fmt: JsonFormat | None) -> tuple[JsonFormat | None, Body | None]:
+    """The requested output format: `response_format`, or one of vLLM's and llama.cpp's fields
+    (in chat, a JSON Schema among them is treated as `response_format` is: shown to the model)."""
+    try:
+        output = body_from_fields(body.guided())
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    if output is None:
+        return fmt, None
+    if fmt is not None:
+        raise APIError(400, f"give response_format or {output.param}, not both", param=output.param)
+    if output.kind == "json_schema" and isinstance(body, ChatCompletionRequest):
+        return JsonFormat("response", output.spec, None, output.param), None
+    return None, output
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
@@ -72,7 +91,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     service.check_model(body.model)
     check_logit_bias(body.logit_bias, service.runner.vocab_size)
     tools = [t.function.model_dump(exclude_none=True) for t in body.tools or []]
-    fmt = json_format(body.response_format)
+    fmt, output = output_constraint(body, json_format(body.response_format))
     tool_choice = parse_tool_choice(body.tool_choice, [t["name"] for t in tools])
 
     def prepare() -> tuple[Prompt, list[HarmonyOutput]]:  # rendering and tokenizing: off the loop
@@ -83,6 +102,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
             tool_choice=tool_choice,
             reasoning_effort=body.reasoning_effort,
             json_format=fmt,
+            output=output,
         )
         return prompt, [HarmonyOutput(body.stop, prompt.tools_allowed, body.logprobs) for _ in range(body.n)]
 
@@ -90,6 +110,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     requested = body.max_completion_tokens or body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     max_tokens = service.completion_budget(len(prompt.tokens), requested, param)
+    constraints = await run_in_threadpool(lambda: [prompt.constraint(max_tokens) for _ in range(body.n)])
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     stop_ids = Tokenizer.STOP_TOKENS
     stream = service.submit(
@@ -98,7 +119,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
                 prompt.tokens,
                 sampling_params(body, max_tokens, i, logprobs, stop_ids),
                 i,
-                prompt.constraint(),
+                constraints[i],
             )
             for i in range(body.n)
         ]
@@ -284,13 +305,18 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         return prompts, [get_tokenizer().decode(tokens) if body.echo else "" for tokens in prompts]
 
     prompts, texts = await run_in_threadpool(prepare)
+    _, output = output_constraint(body, None)
+    rows = service.runner.token_rows
+    grammar = await run_in_threadpool(text_grammar, output, rows) if output is not None else None
     requests = []
     stop_ids = Tokenizer.STOP_TOKENS
     for p, tokens in enumerate(prompts):
         max_tokens = service.completion_budget(len(tokens), body.max_tokens, "max_tokens")
         for i in range(body.n if max_tokens else 0):
             params = sampling_params(body, max_tokens, i, body.logprobs, stop_ids)
-            requests.append(SequenceRequest(tokens, params, p * body.n + i))
+            requests.append(
+                SequenceRequest(tokens, params, p * body.n + i, grammar and GrammarConstraint(grammar, rows))
+            )
     outputs = await run_in_threadpool(
         lambda: [
             TextOutput(body.stop, body.logprobs, len(texts[k // body.n])) for k in range(len(texts) * body.n)

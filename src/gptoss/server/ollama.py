@@ -192,9 +192,9 @@ def _json_format(fmt: Format) -> JsonFormat | None:
     if not fmt:
         return None
     if fmt == "json":
-        return JsonFormat("json_object", None)
+        return JsonFormat("json_object", None, None, "format")
     try:
-        return JsonFormat("response", check_json_schema(fmt))
+        return JsonFormat("response", check_json_schema(fmt), None, "format")
     except ValueError as exc:
         raise APIError(400, f"format: {exc}", param="format") from None
 

@@ -1,21 +1,29 @@
 """From an API request to prompt tokens: harmony rendering, tool choice and response formats.
 
 `tool_choice` is enforced, not merely requested: "none" leaves the tools out of the prompt (the
-model cannot call what it was not shown), "required" and a named function force the tool-call
-header with a `PrefixConstraint` (spelled in the model's own vocabulary, so that trimmed models can
-write it), so the model's first message is that call.
+model cannot call what it was not shown); "required" and a named function make the turn's
+grammar (`gptoss.inference.grammar`) end in a call, so the model's answer is that call. The same
+grammar holds a requested output format (JSON Schema, regex, choice, grammar) to the final answer
+and strict tools' arguments to their schemas, while the reasoning stays free.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gptoss.harmony import call_header, chat_messages_to_harmony, render_for_completion
-from gptoss.inference import PrefixConstraint, Runner
+from gptoss.harmony import chat_messages_to_harmony, render_for_completion
+from gptoss.inference import Runner
+from gptoss.inference.grammar import (
+    Body,
+    GrammarConstraint,
+    GrammarError,
+    HarmonyGrammar,
+    ToolArgs,
+    plain_grammar,
+)
 from gptoss.server.errors import APIError
 
 # "minimal" is what newer OpenAI clients send for the least reasoning; gpt-oss's least is "low".
@@ -31,12 +39,13 @@ class ToolChoice:
 @dataclass(frozen=True)
 class Prompt:
     tokens: list[int]  # as the model reads them
-    forced_headers: tuple[tuple[int, ...], ...]  # the output must begin with one (none: free)
+    grammar: HarmonyGrammar | None  # what the turn must follow (None: free)
     tools_allowed: bool  # False: a tool call the model makes anyway is dropped, not shown
 
-    def constraint(self) -> PrefixConstraint | None:
-        """A fresh constraint for one sequence (constraints follow their sequence's tokens)."""
-        return PrefixConstraint(self.forced_headers) if self.forced_headers else None
+    def constraint(self, max_tokens: int) -> GrammarConstraint | None:
+        """A fresh constraint for one sequence of at most `max_tokens` tokens (constraints follow
+        their sequence's tokens). A few milliseconds of CPU: call it off the event loop."""
+        return self.grammar.constraint(max_tokens) if self.grammar is not None else None
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,11 @@ class JsonFormat:
     name: str
     schema: dict[str, Any] | None
     description: str | None = None
+    param: str = "response_format"  # the request field it came from
+
+    def body(self) -> Body:
+        """The final answer's constraint."""
+        return Body("json_schema", self.schema if self.schema is not None else {"type": "object"}, self.param)
 
 
 def parse_tool_choice(choice: Any, tool_names: Sequence[str]) -> ToolChoice:
@@ -73,10 +87,14 @@ def build_prompt(
     tool_choice: ToolChoice,
     reasoning_effort: str | None,
     json_format: JsonFormat | None = None,
+    output: Body | None = None,
+    tool_param: str = "tools[{i}].function.parameters",
 ) -> Prompt:
     """Prompt tokens for the next assistant turn of an OpenAI-style chat (`tools` are function
-    definitions: name, description, parameters), in `runner`'s vocabulary. CPU work (rendering,
-    tokenizing): call it off the event loop."""
+    definitions: name, description, parameters, strict), in `runner`'s vocabulary, and the turn's
+    grammar. `json_format` asks for JSON (in the prompt and by the grammar); `output` constrains
+    the answer without telling the model (vLLM's guided_* fields); `tool_param` names a tool's
+    schema in errors. CPU work (rendering, tokenizing, compiling): call it off the event loop."""
     messages = list(messages)
     if json_format is not None:
         messages.append({"role": "developer", "content": response_format_instructions(json_format)})
@@ -88,19 +106,38 @@ def build_prompt(
         tokens = render_for_completion(conversation)
     except (ValueError, KeyError, TypeError) as exc:  # UnicodeError (a lone surrogate) included
         raise APIError(400, f"invalid messages: {exc}", param="messages") from None
-    headers: tuple[tuple[int, ...], ...] = ()
-    if tool_choice.mode == "required":
-        names = [tool_choice.name] if tool_choice.name else [t["name"] for t in shown]
-        headers = tuple(tuple(runner.fit_prompt(tool_call_header(name))) for name in names)
-    return Prompt(runner.fit_prompt(tokens), headers, tools_allowed=bool(shown))
+    if output is None and json_format is not None:
+        output = json_format.body()
+    grammar = turn_grammar(shown, tool_choice, output, tool_param, runner.token_rows)
+    return Prompt(runner.fit_prompt(tokens), grammar, tools_allowed=bool(shown))
 
 
-@functools.lru_cache(maxsize=1024)
-def tool_call_header(name: str) -> tuple[int, ...]:
-    """The tokens gpt-oss writes after ``<|start|>assistant`` to call function `name`, through
-    ``<|message|>`` (as the conversation re-renders the call, so a tool loop's prompts extend each
-    other)."""
-    return tuple(call_header(f"functions.{name}"))
+def turn_grammar(
+    tools: Sequence[Mapping[str, Any]],
+    tool_choice: ToolChoice,
+    output: Body | None,
+    tool_param: str,
+    rows: tuple[int, ...] | None,
+) -> HarmonyGrammar | None:
+    """The grammar of the turn, or None when nothing constrains it (then decoding costs nothing
+    extra). Once a grammar runs, every shown tool's arguments follow its schema: strict tools'
+    always (a schema that cannot be compiled is a 400), the others' where their schema compiles."""
+    strict = any(t.get("strict") for t in tools)
+    if output is None and tool_choice.mode != "required" and not strict:
+        return None
+    callable_ = [
+        (i, t) for i, t in enumerate(tools) if tool_choice.name is None or t["name"] == tool_choice.name
+    ]
+    args = tuple(
+        ToolArgs(t["name"], t.get("parameters"), tool_param.format(i=i), strict=bool(t.get("strict")))
+        for i, t in callable_
+    )
+    grammar = HarmonyGrammar(output, args, must_call=tool_choice.mode == "required", rows=rows)
+    try:
+        grammar.check()
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    return grammar
 
 
 def response_format_instructions(fmt: JsonFormat) -> str:
@@ -109,3 +146,12 @@ def response_format_instructions(fmt: JsonFormat) -> str:
         return "# Response Formats\n\nAnswer with a single valid JSON object and nothing else."
     description = f"// {fmt.description}\n" if fmt.description else ""
     return f"# Response Formats\n\n## {fmt.name}\n\n{description}{json.dumps(fmt.schema)}"
+
+
+def text_grammar(output: Body, rows: tuple[int, ...] | None) -> str:
+    """The grammar of raw completions' text (no harmony): the body alone, compiled (a 400 names
+    the field that cannot be)."""
+    try:
+        return plain_grammar(output, rows)
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None

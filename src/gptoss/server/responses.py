@@ -188,7 +188,9 @@ def _json_format(text: TextConfig | None) -> JsonFormat | None:
     fmt = text.format if text else None
     if fmt is None or fmt.type == "text":
         return None
-    return JsonFormat(fmt.name, fmt.schema_ if fmt.type == "json_schema" else None, fmt.description)
+    if fmt.type == "json_object":
+        return JsonFormat(fmt.name, None, fmt.description, "text.format")
+    return JsonFormat(fmt.name, fmt.schema_ or {}, fmt.description, "text.format.schema")
 
 
 def _owner(request: Request) -> str:
@@ -203,7 +205,8 @@ async def create_response(body: ResponsesRequest, request: Request, service: Ser
     max_tokens = service.completion_budget(len(prompt.tokens), body.max_output_tokens, "max_output_tokens")
     sampling = SamplingFields(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     params = sampling_params(sampling, max_tokens, 0, None, Tokenizer.STOP_TOKENS)
-    stream = service.submit([SequenceRequest(prompt.tokens, params, 0, prompt.constraint())])
+    constraint = await run_in_threadpool(prompt.constraint, max_tokens)
+    stream = service.submit([SequenceRequest(prompt.tokens, params, 0, constraint)])
     output = HarmonyOutput((), prompt.tools_allowed)
     reply = _Reply(service, body, items, len(prompt.tokens), output, fmt, _owner(request), stream)
     if body.stream:
@@ -256,6 +259,7 @@ async def _prompt(
             tool_choice=tool_choice,
             reasoning_effort=body.reasoning.effort if body.reasoning else None,
             json_format=fmt,
+            tool_param="tools[{i}].parameters",
         )
     )
     return items, prompt, fmt

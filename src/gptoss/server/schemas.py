@@ -114,6 +114,19 @@ class SamplingFields(Request):
     top_k: int = Field(default=0, ge=0)
     min_p: float = Field(default=0.0, ge=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0)
+    # vLLM's and llama.cpp's output constraints (see gptoss.inference.grammar.body_from_fields)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    def guided(self) -> list[tuple[str, Any]]:
+        """The output-constraint fields given, as (name, value)."""
+        names = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "grammar", "json_schema")
+        return [(n, getattr(self, n)) for n in (*names, "structured_outputs") if getattr(self, n) is not None]
 
     @field_validator("stop")
     @classmethod

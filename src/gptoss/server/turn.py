@@ -60,6 +60,7 @@ async def start_turn(
     max_tokens_param: str,
     stop: Sequence[str] = (),
     json_format: JsonFormat | None = None,
+    tool_param: str = "tools[{i}].function.parameters",
 ) -> Turn:
     """Render the chat, budget its tokens and submit it; `max_tokens` None: whatever the context
     leaves."""
@@ -72,13 +73,15 @@ async def start_turn(
             tool_choice=tool_choice,
             reasoning_effort=reasoning_effort,
             json_format=json_format,
+            tool_param=tool_param,
         )
         return prompt, HarmonyOutput(stop, prompt.tools_allowed)
 
     prompt, output = await run_in_threadpool(prepare)
     budget = service.completion_budget(len(prompt.tokens), max_tokens, max_tokens_param)
     params = sampling_params(sampling, budget, 0, None, Tokenizer.STOP_TOKENS)
-    stream = service.submit([SequenceRequest(prompt.tokens, params, 0, prompt.constraint())])
+    constraint = await run_in_threadpool(prompt.constraint, budget)
+    stream = service.submit([SequenceRequest(prompt.tokens, params, 0, constraint)])
     return Turn(len(prompt.tokens), stream, output)
 
 
