@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from gptoss.inference.cache import ContextFullError
-from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK, ModelRunner, RowMark, Runner
+from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK, BatchLogits, ModelRunner, RowMark, Runner
 from gptoss.inference.sampling import SampleError, Sampler, SamplingParams, TokenConstraint
 from gptoss.inference.stops import StopStrings
 from gptoss.model import GptOss
@@ -235,7 +235,11 @@ class Engine:
             return
         if self.on_decode is not None:
             self.on_decode(len(batch))
-        choices = self.sampler.sample(torch.stack([logits[s.id] for s in batch]))
+        ids = [s.id for s in batch]
+        stacked = (
+            logits.stacked(ids) if isinstance(logits, BatchLogits) else torch.stack([logits[s] for s in ids])
+        )
+        choices = self.sampler.sample(stacked)
         self.sampler.observe([c.token if not isinstance(c, SampleError) else None for c in choices])
         for seq, choice in zip(list(batch), choices, strict=True):
             if isinstance(choice, SampleError):

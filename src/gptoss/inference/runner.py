@@ -141,6 +141,31 @@ class _Tracked:
     own: Node | None = None
 
 
+class BatchLogits(Mapping[int, Tensor]):
+    """A decode step's next-token logits by sequence id, kept as the one (R, V) tensor the output
+    head wrote, so that a caller reading the whole batch in the runner's order takes no copy."""
+
+    def __init__(self, ids: Sequence[int], logits: Tensor) -> None:
+        self.ids = list(ids)
+        self.logits = logits
+        self._row = {s: r for r, s in enumerate(self.ids)}
+
+    def __getitem__(self, seq: int) -> Tensor:
+        return self.logits[self._row[seq]]
+
+    def __iter__(self):  # noqa: ANN204 - Mapping's iterator
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def stacked(self, ids: Sequence[int]) -> Tensor:
+        """The logits (len(ids), V) of `ids`, in that order."""
+        if list(ids) == self.ids:
+            return self.logits
+        return self.logits[[self._row[s] for s in ids]]
+
+
 @dataclass(frozen=True)
 class RowMark:
     """A point in a parked sequence to rewind to (see `ModelRunner.mark`)."""
@@ -250,7 +275,7 @@ class ModelRunner:
             hidden.append(torch.stack([self.hidden.pop(s) for s in self.running[fed:]]))
         logits = self.model.lm_head(torch.cat(hidden))  # (R, V): one pass over the head for all
         self.joined.clear()
-        return {s: logits[r] for r, s in enumerate(self.running)}
+        return BatchLogits(self.running, logits)
 
     def release(self, seq: int) -> None:
         self._store(seq, None)

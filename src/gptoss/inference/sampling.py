@@ -260,11 +260,13 @@ class Sampler:
             return SampleError(f"sampling failed: {exc}")
 
     def _sample(self, raw: Tensor, rows: list[int]) -> list[Choice | SampleError]:
-        logits = raw[rows]
-        for i, r in enumerate(rows):
-            if self.rows[r].has_processors:
-                logits[i] = self.rows[r].process(logits[i])
-        finite = torch.isfinite(logits).any(dim=-1).tolist()
+        processed = [i for i, r in enumerate(rows) if self.rows[r].has_processors]
+        everyone = len(rows) == len(raw)
+        logits = raw[rows] if processed or not everyone else raw  # a copy only when rows change
+        for i in processed:
+            logits[i] = self.rows[rows[i]].process(logits[i])
+        # A row can be sampled when its best logit is finite (NaN or all -inf are not).
+        finite = torch.isfinite(logits.amax(dim=-1)).tolist()
         ok = [i for i, f in enumerate(finite) if f]
         tokens = logits.argmax(dim=-1)  # the greedy rows' answer; sampled rows overwrite theirs
         sampled = [i for i in ok if not self.rows[rows[i]].params.greedy]
@@ -272,7 +274,9 @@ class Sampler:
             probs = self._filtered_probs(logits[sampled], [rows[i] for i in sampled])
             for j, i in enumerate(sampled):
                 tokens[i] = torch.multinomial(probs[j], 1, generator=self.rows[rows[i]].generator)[0]
-        choices = self._choices(raw[rows], tokens, [self.rows[r].params.logprobs for r in rows])
+        choices = self._choices(
+            raw if everyone else raw[rows], tokens, [self.rows[r].params.logprobs for r in rows]
+        )
         return [
             choices[i] if finite[i] else SampleError(
                 "no token can be sampled: every token's logit is -inf or NaN after the logits processors "
