@@ -209,7 +209,9 @@ class ModelRunner:
         self.joined: set[int] = set()  # joined since the last decode: no token to feed yet
         self.prefix_cache = prefix_cache
         self.tracked: dict[int, _Tracked] = {}  # sequences that store states in the prefix cache
-        log.info(
+        # Every `generate` call makes a runner: its size is worth a line only when debugging (the
+        # server states its own at start).
+        log.debug(
             "KV cache: %d sequences × %d tokens, %.2f GiB", max_batch, self.context, self.cache.nbytes / 2**30
         )
 

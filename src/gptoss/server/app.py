@@ -188,6 +188,9 @@ def serve(
         raise ValueError(f"--prefix-cache-gib must be 0 (off) or more, got {prefix_cache_gib}")
     loaded = prepare_for_inference(load_model(model, device=device, dtype=dtype), int8=int8)
     runner = ModelRunner(loaded, max_batch=max_batch, context=context)
+    log.info(
+        "KV cache: %d sequences × %d tokens, %.2f GiB", max_batch, runner.context, runner.cache.nbytes / 2**30
+    )
     budget = default_budget_bytes(device) if prefix_cache_gib is None else int(prefix_cache_gib * 2**30)
     if budget > 0:
         runner.prefix_cache = PrefixCache(budget)
