@@ -243,6 +243,20 @@ def _checkpoint_dtype(directory: Path) -> torch.dtype:
     return dtype
 
 
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device, packed: bool) -> GptOss:
+    """A model of `config` whose weights are allocated on `device` but not filled (a loader fills
+    them), with MXFP4-packed experts when `packed`."""
+    with torch.device("meta"):
+        model = GptOss(config).to(dtype)
+        if packed:
+            for block in model.model.layers:
+                block.mlp.experts = MXFP4Experts(config).to(dtype)
+    model = model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 def load_checkpoint(
     directory: str | Path,
     device: str | torch.device = "cpu",
@@ -262,14 +276,7 @@ def load_checkpoint(
     if packed and not config.is_moe:
         raise CheckpointError(f"{directory}: MXFP4 weights in a dense checkpoint are not supported")
 
-    with torch.device("meta"):
-        model = GptOss(config).to(dtype)
-        if packed:
-            for block in model.model.layers:
-                block.mlp.experts = MXFP4Experts(config).to(dtype)
-    model = model.to_empty(device=device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model = empty_model(config, dtype, device, packed)
     use_huge_pages([*model.parameters(), *model.buffers()])  # before the reads fill them: ops/pages.py
 
     expected = hf_tensor_map(model)

@@ -38,10 +38,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from gptoss.checkpoint import CheckpointError, hf_state_dict, hf_tensor_map
+from gptoss.checkpoint import CheckpointError, empty_model, hf_state_dict, hf_tensor_map
 from gptoss.config import FULL, MXFP4_BLOCK, SLIDING, ModelConfig
 from gptoss.model import GptOss
-from gptoss.quant.mxfp4 import MXFP4Experts
 
 ARCH = "gpt-oss"
 Q = gguf.GGMLQuantizationType
@@ -667,14 +666,7 @@ def load_gguf(
     if packed and not config.is_moe:
         raise GGUFError(f"{path}: MXFP4 weights in a dense model are not supported")
 
-    with torch.device("meta"):
-        model = GptOss(config).to(dtype)
-        if packed:
-            for block in model.model.layers:
-                block.mlp.experts = MXFP4Experts(config).to(dtype)
-    model = model.to_empty(device=device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model = empty_model(config, dtype, device, packed)
 
     expected = hf_tensor_map(model)
     filled: set[str] = set()
