@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from gptoss.inference.cache import ContextFullError
+from gptoss.inference.cache import ContextFullError, KVCache
 from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK, BatchLogits, ModelRunner, RowMark, Runner
 from gptoss.inference.sampling import SampleError, Sampler, SamplingParams, TokenConstraint
 from gptoss.inference.stops import StopStrings
@@ -438,7 +438,7 @@ class Session:
         return self.runner.context
 
     @property
-    def cache(self):  # noqa: ANN201 - the runner's KVCache
+    def cache(self) -> KVCache:
         return self.runner.cache
 
     def append(self, tokens: Sequence[int]) -> None:

@@ -14,7 +14,7 @@ sampler, parser and HTTP layer through exact token sequences.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -153,7 +153,7 @@ class BatchLogits(Mapping[int, Tensor]):
     def __getitem__(self, seq: int) -> Tensor:
         return self.logits[self._row[seq]]
 
-    def __iter__(self):  # noqa: ANN204 - Mapping's iterator
+    def __iter__(self) -> Iterator[int]:
         return iter(self.ids)
 
     def __len__(self) -> int:
