@@ -31,6 +31,7 @@ from gptoss import load_model
 from gptoss.harmony import chat_messages_to_harmony, render_for_completion
 from gptoss.inference import ModelRunner, SamplingParams
 from gptoss.inference.engine import Engine, SequenceRequest, Session
+from gptoss.inference.optimize import prepare_for_inference
 from gptoss.inference.prefix_cache import PrefixCache
 
 TOOLS = [
@@ -92,7 +93,9 @@ def main() -> None:
     parser.add_argument("--out", default="prefix_cache.json")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model = load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    model = prepare_for_inference(
+        load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    )
     context = model.config.max_position_embeddings
     probe = ModelRunner(model, 1, 16)
     prompts = [
@@ -102,6 +105,8 @@ def main() -> None:
     if len(prompts[-1]) + args.max_tokens > context:
         raise SystemExit(f"the transcript reaches {len(prompts[-1])} tokens, beyond the context of {context}")
     del probe
+    # Three runners hold a whole KV cache each: sized to the transcript, not the model's context.
+    context = len(prompts[-1]) + args.max_tokens
 
     cold = Engine(ModelRunner(model, 1, context), prefill_budget=context)
     warm_runner = ModelRunner(model, 1, context, prefix_cache=PrefixCache(4 << 30))
