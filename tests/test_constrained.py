@@ -404,6 +404,32 @@ def test_a_trimmed_vocabulary_can_always_follow_the_grammar():
         assert constraint.is_accepting()
 
 
+def test_a_batch_s_masks_computed_together_equal_each_row_s_own():
+    """`prepare_batch` (llguidance's threads) gives every row the mask its own matcher computes,
+    walk after walk; a row whose matcher failed still fails alone."""
+    grammar = HarmonyGrammar(Body("json_schema", PERSON, "x"), (ToolArgs("get_weather", WEATHER_ARGS, "t"),))
+    text = grammar.grammar(80)
+    together = [GrammarConstraint(text) for _ in range(4)]
+    alone = [GrammarConstraint(text) for _ in range(4)]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        GrammarConstraint.prepare_batch(together)
+        for a, b in zip(together, alone, strict=True):
+            mask = a.allowed()
+            assert torch.equal(mask, b.allowed())
+            choices = mask.nonzero()[:, 0]
+            token = int(choices[torch.randint(len(choices), (1,), generator=generator)])
+            if token in Tokenizer.STOP_TOKENS:
+                continue  # the walk is complete: stay at its end
+            a.advance(token)
+            b.advance(token)
+    together[0].advance(Tokenizer.RETURN)  # refused mid-answer or after it: this matcher fails
+    GrammarConstraint.prepare_batch(together)
+    with pytest.raises(RuntimeError, match="grammar constraint failed"):
+        together[0].allowed()
+    assert all(torch.equal(a.allowed(), b.allowed()) for a, b in zip(together[1:], alone[1:], strict=True))
+
+
 def test_a_refused_token_fails_the_sequence_clearly():
     constraint = GrammarConstraint(HarmonyGrammar(Body("choice", ["ok"], "x")).grammar(20))
     constraint.advance(Tokenizer.RETURN)

@@ -124,6 +124,17 @@ class TokenConstraint(Protocol):
         ...
 
 
+def _prepare_constraints(constraints: Sequence[TokenConstraint]) -> None:
+    """A constraint class may compute a whole batch's next masks at once (a static
+    `prepare_batch(constraints)`, e.g. on several threads); its rows' `allowed` then return them."""
+    groups: dict[type, list[TokenConstraint]] = {}
+    for constraint in constraints:
+        if hasattr(constraint, "prepare_batch"):
+            groups.setdefault(type(constraint), []).append(constraint)
+    for kind, group in groups.items():
+        kind.prepare_batch(group)
+
+
 @dataclass(frozen=True)
 class Choice:
     """The sampled token of one row, with its log-probabilities when they were asked for."""
@@ -263,6 +274,7 @@ class Sampler:
         processed = [i for i, r in enumerate(rows) if self.rows[r].has_processors]
         everyone = len(rows) == len(raw)
         logits = raw[rows] if processed or not everyone else raw  # a copy only when rows change
+        _prepare_constraints([c for i in processed if (c := self.rows[rows[i]].constraint) is not None])
         for i in processed:
             logits[i] = self.rows[rows[i]].process(logits[i])
         # A row can be sampled when its best logit is finite (NaN or all -inf are not).
