@@ -364,9 +364,16 @@ class GptOss(nn.Module):
         self, input_ids: Tensor, position_ids: Tensor | None = None, cache: KVCache | None = None
     ) -> Tensor:
         """Logits for every position. Without `position_ids`, positions are 0..T-1 for every row."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, cache))
+
+    def hidden_states(
+        self, input_ids: Tensor, position_ids: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        """The final hidden states (B, T, hidden) that the output head turns into logits (a training
+        loss reads them together with `lm_head.weight`, never forming the whole logits)."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return self.lm_head(self.model(input_ids, position_ids, cache))
+        return self.model(input_ids, position_ids, cache)
 
     def token_rows(self, ids: Tensor) -> Tensor:
         """Rows of the embedding and head for token `ids` (the ids themselves unless trimmed)."""
