@@ -16,7 +16,7 @@ from gptoss.cli import main
 from gptoss.quant.mxfp4 import quantize_experts
 from gptoss.tokenizer import Tokenizer, get_tokenizer
 from gptoss.train.lora import load_lora
-from gptoss.train.loss import IGNORE_INDEX, linear_cross_entropy
+from gptoss.train.loss import IGNORE_INDEX, causal_lm_loss, linear_cross_entropy
 from gptoss.train.sft import (
     Example,
     SFTConfig,
@@ -24,10 +24,8 @@ from gptoss.train.sft import (
     encode_conversation,
     evaluate,
     finetune,
-    fused_loss_head,
     load_examples,
     load_sft_config,
-    loss_sum,
     split_validation,
     step_indices,
 )
@@ -110,8 +108,8 @@ def message_roles(tokens: list[int]) -> list[str]:
 
 
 def loss_of(model, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    with torch.no_grad(), fused_loss_head(model) as head:
-        return loss_sum(model, head, inputs, targets).item()
+    with torch.no_grad():
+        return causal_lm_loss(model, inputs, targets).item()
 
 
 # ---------------------------------------------------------------------- the masked fused loss

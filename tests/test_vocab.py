@@ -13,7 +13,7 @@ from conftest import random_model, tiny_config
 from gptoss import GptOss, load_model, save_model
 from gptoss.inference import generate
 from gptoss.tokenizer import Tokenizer, get_tokenizer
-from gptoss.train.loss import apply_fused_loss
+from gptoss.train.loss import causal_lm_loss
 from gptoss.vocab import HARMONY_TOKENS, VocabularyFit, byte_token_ids, choose_vocabulary, fit_tokens
 
 # Byte tokens are ids 0..255 of o200k, so a 320-id tiny model can hold them all plus a few more.
@@ -86,11 +86,11 @@ def test_fused_training_loss_maps_targets_to_rows():
     ids = kept_ids((2, 12), seed=2)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     with torch.no_grad():
-        want = F.cross_entropy(trimmed(inputs).flatten(0, 1), targets.flatten(), reduction="sum")
-    head = apply_fused_loss(trimmed)
-    with head.targets(trimmed.token_rows(targets)):
-        got = trimmed(inputs)
+        logits = trimmed(inputs)
+        want = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    got = causal_lm_loss(trimmed, inputs, targets)
     assert torch.allclose(got, want, rtol=1e-5)
+    assert torch.equal(trimmed(inputs), logits)  # the model itself still gives logits
 
 
 def test_fit_spells_missing_tokens_in_bytes_and_keeps_the_text():
