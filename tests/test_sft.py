@@ -385,9 +385,10 @@ def base_dir(tmp_path_factory) -> Path:
 def finetune_args(base_dir: Path, data: dict[str, Path], out: Path, mode: str, *extra: str) -> list[str]:
     """Four conversations a step in micro-batches of one, so each of two ranks accumulates two."""
     lora = ["--lora-rank", "4", "--lora-targets", "self_attn.*", "mlp.experts.*"] if mode == "lora" else []
-    return ["finetune", "--model", str(base_dir), "--data", str(data["train"]), "--val-data", str(data["val"]),
-            "--out", str(out), "--lora-rank", "0", *lora, "--batch-size", "4", "--micro-batch-size", "1",
-            "--lr", "1e-2", "--warmup-steps", "1", "--eval-every", "2", "--no-progress", *extra]  # fmt: skip
+    return ["finetune", "--model", str(base_dir), "--data", str(data["train"]),
+            "--val-data", str(data["val"]), "--out", str(out), "--lora-rank", "0", *lora,
+            "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-2", "--warmup-steps", "1",
+            "--eval-every", "2", "--no-progress", *extra]  # fmt: skip
 
 
 def trained_tensors(run: Path, mode: str) -> dict[str, torch.Tensor]:
