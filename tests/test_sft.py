@@ -35,6 +35,7 @@ from gptoss.train.sft import (
     split_validation,
     step_indices,
 )
+from gptoss.trimmed_vocab import set_vocabulary
 from gptoss.vocab import VocabularyFit, choose_vocabulary
 
 # The whole o200k id space (harmony renders real token ids), kept cheap by a narrow model.
@@ -263,7 +264,7 @@ def test_trimmed_vocabulary_respells_tokens_and_their_mask(tmp_path, data):
     assert tokenizer.decode(example.tokens[example.mask].tolist()) == tokenizer.decode(learned)
 
     model = random_model(tiny_config(**FULL_VOCAB, vocab_rows=len(kept), tie_word_embeddings=True))
-    model.set_vocabulary(torch.from_numpy(kept))
+    set_vocabulary(model, torch.from_numpy(kept))
     config = SFTConfig(
         data=str(data["train"]), out=str(tmp_path / "run"), lora_rank=0, steps=2, batch_size=4, progress=False
     )

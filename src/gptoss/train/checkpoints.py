@@ -49,6 +49,7 @@ from gptoss.checkpoint import save_model
 from gptoss.config import ModelConfig
 from gptoss.model import GptOss
 from gptoss.train.parallelize import DistInfo
+from gptoss.trimmed_vocab import trim_vocabulary
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -124,7 +125,7 @@ def full_model_copy(model: GptOss) -> GptOss:
     if dist.is_initialized() and dist.get_rank() != 0:
         return model
     with torch.device("meta"):
-        copy = GptOss(model.config)
+        copy = trim_vocabulary(GptOss(model.config))
     copy.load_state_dict(state, assign=True)
     if model.config.tie_word_embeddings:
         copy.lm_head.weight = copy.model.embed_tokens.weight
@@ -328,7 +329,7 @@ def export_hf_model(checkpoint: str | Path, out: str | Path) -> Path:
         state = json.loads((checkpoint / "trainer.json").read_text())
     except (OSError, ValueError) as exc:
         raise DamagedCheckpoint(f"{checkpoint / 'trainer.json'} cannot be read: {exc}") from exc
-    model = GptOss(ModelConfig.from_hf(state["model_config"]))
+    model = trim_vocabulary(GptOss(ModelConfig.from_hf(state["model_config"])))
     wanted = {"model": model.state_dict()}
     with _quiet_single_process():
         dcp.load(wanted, checkpoint_id=checkpoint / "state", no_dist=True)  # reads the model keys only

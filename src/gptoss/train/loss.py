@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptoss.model import GptOss
+from gptoss.trimmed_vocab import token_rows
 
 # fp32 logits per chunk: 2^28 elements = 1 GiB, 1,334 tokens of a 201,088-token vocabulary. Every
 # chunk reads the whole head weight three times, so smaller chunks trade memory for weight traffic
@@ -133,7 +134,7 @@ def head_rows(model: GptOss, targets: Tensor) -> Tensor:
         return targets
     rows = targets.clone()
     keep = targets != IGNORE_INDEX
-    rows[keep] = model.token_rows(targets[keep])
+    rows[keep] = token_rows(model, targets[keep])
     return rows
 
 

@@ -52,6 +52,7 @@ from gptoss.train.data import Batches, TokenSplit, validation_windows
 from gptoss.train.loss import IGNORE_INDEX, causal_lm_loss
 from gptoss.train.parallelize import DistInfo, all_reduce_mean, init_distributed, parallelize, shutdown
 from gptoss.train.plan import GPUS, train_flops_per_token
+from gptoss.trimmed_vocab import trim_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -356,14 +357,14 @@ def build_model(
         # shard and initialise it through DTensor's RNG (the same on every rank for one seed).
         torch.manual_seed(config.seed)
         with torch.device("meta"):
-            model = GptOss(resolve_model_config(config))
+            model = trim_vocabulary(GptOss(resolve_model_config(config)))
         parallelize(model, info, **_wrapping(config), param_dtype=param_dtype)
         model.to_empty(device=info.device)
         model.init_weights()
         return model.train()
     else:
         # The full model on every rank, seeded the same: identical to one process at any world size.
-        model = GptOss(resolve_model_config(config))
+        model = trim_vocabulary(GptOss(resolve_model_config(config)))
         model.init_weights(torch.Generator().manual_seed(config.seed))
         model.train()
     if not info.sharded:
