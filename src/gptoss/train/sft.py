@@ -323,19 +323,15 @@ class Conversations:
     def __init__(
         self, train: Sequence[Example], val: Sequence[Example], config: SFTConfig, pad_id: int
     ) -> None:
-        self.train, self.val, self.pad_id = train, val, pad_id
-        self.batch_size, self.micro_batch_size, self.seed = (
-            config.batch_size,
-            config.micro_batch_size,
-            config.seed,
-        )
+        self.train, self.val, self.config, self.pad_id = train, val, config, pad_id
 
     def _share(self, examples: Sequence[Example], rank: int, world_size: int) -> list[Batch]:
         mine = sorted(examples, key=len, reverse=True)[rank::world_size]
-        return [collate(micro, self.pad_id) for micro in micro_batches(mine, self.micro_batch_size)]
+        return [collate(micro, self.pad_id) for micro in micro_batches(mine, self.config.micro_batch_size)]
 
     def step(self, step: int, rank: int, world_size: int) -> StepBatch:
-        examples = [self.train[i] for i in step_indices(len(self.train), self.batch_size, step, self.seed)]
+        chosen = step_indices(len(self.train), self.config.batch_size, step, self.config.seed)
+        examples = [self.train[i] for i in chosen]
         return StepBatch(
             self._share(examples, rank, world_size),
             targets=sum(e.learned for e in examples),
@@ -346,7 +342,7 @@ class Conversations:
         batches = self._share(self.val, rank, world_size)
         # Every rank runs as many forward passes as the busiest (FSDP gathers weights in each):
         # a rank with fewer conversations adds one-token batches with nothing to learn.
-        busiest = math.ceil(math.ceil(len(self.val) / world_size) / self.micro_batch_size)
+        busiest = math.ceil(math.ceil(len(self.val) / world_size) / self.config.micro_batch_size)
         nothing = (torch.full((1, 1), self.pad_id), torch.full((1, 1), IGNORE_INDEX))
         return batches + [nothing] * (busiest - len(batches))
 

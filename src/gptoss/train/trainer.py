@@ -457,9 +457,6 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(self.model_config, config.seq_len)
         self.peak = peak_flops(self.device, self.compute_dtype, config.peak_tflops)
 
-    def optimizer_params(self) -> list[Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
     # ------------------------------------------------------------------ state
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -561,9 +558,10 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _to_device(self, batch: Batch) -> Batch:
-        if self.device.type == "cuda":
-            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)  # type: ignore[return-value]
-        return batch
+        if self.device.type != "cuda":
+            return batch
+        inputs, targets = (t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+        return inputs, targets
 
     def _loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Summed cross-entropy of one micro-batch (call under autocast and router capture)."""
@@ -652,7 +650,7 @@ class Trainer:
                 self.model_config.name,
                 f"{self.model_config.total_params():,}",
                 f"{self.model_config.active_params():,}",
-                f"{sum(p.numel() for p in self.optimizer_params()):,}",
+                f"{sum(p.numel() for group in self.optimizer.param_groups for p in group['params']):,}",
                 self.info.world_size,
                 self.device,
                 self.compute_dtype,
