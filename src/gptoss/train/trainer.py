@@ -309,6 +309,8 @@ class Pretraining:
         self.batches = Batches(train_tokens, config.seq_len, config.batch_size, config.seed, config.sampling)
 
     def _micro_batches(self, windows: np.ndarray) -> list[Batch]:
+        if not len(windows):  # a validation split too short for every rank to get a window
+            return []
         micros = torch.from_numpy(windows).split(self.micro_batch_size)
         return [(micro[:, :-1], micro[:, 1:]) for micro in micros]
 
