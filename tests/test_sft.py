@@ -380,7 +380,13 @@ def metrics(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
-    return save_checkpoint(random_model(tiny_config(**FULL_VOCAB)), tmp_path_factory.mktemp("base") / "base")
+    """A narrow model with rows for the ids of the data (a trimmed vocabulary): the 201,088-row
+    head would be most of every step otherwise."""
+    counts = np.bincount([t for i in [*range(16), *range(40, 44)] for t in encode_conversation(sums(i))[0]])
+    kept = choose_vocabulary(counts, 400)
+    model = random_model(tiny_config(**FULL_VOCAB, vocab_rows=len(kept)))
+    set_vocabulary(model, torch.from_numpy(kept))
+    return save_checkpoint(model, tmp_path_factory.mktemp("base") / "base")
 
 
 def finetune_args(base_dir: Path, data: dict[str, Path], out: Path, mode: str, *extra: str) -> list[str]:
@@ -414,16 +420,14 @@ def test_finetune_on_two_ranks_with_fsdp_matches_one_process(mode, base_dir, dat
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 ranks" in result.stderr
     # Each rank takes half the conversations of a step and FSDP averages the gradients: the same
-    # update up to the order of float additions (the first step's gradient norms agree to 2e-6),
-    # amplified by three Adam steps, which move each of the 201,088 head rows by up to lr however
-    # tiny its gradient: 5e-5 relative.
+    # update up to the order of float additions, amplified a little by three Adam steps.
     got, want = metrics(two), metrics(one)
     assert [r["step"] for r in got] == [1, 2, 3] and [r["step"] for r in got if "val_loss" in r] == [2, 3]
     for a, b in zip(got, want, strict=True):
         assert a["learned_tokens"] == b["learned_tokens"]
         for key in ("loss", "aux_loss", "z_loss", "grad_norm", "val_loss"):
             if key in b:
-                assert a[key] == pytest.approx(b[key], rel=5e-5), key
+                assert a[key] == pytest.approx(b[key], rel=1e-5), key
     got_result, want_result = (json.loads((run / "result.json").read_text()) for run in (two, one))
     assert got_result["initial_val_loss"] == pytest.approx(want_result["initial_val_loss"], rel=1e-6)
     assert got_result["trainable_params"] == want_result["trainable_params"]
