@@ -9,6 +9,9 @@ the same three matmuls as `lm_head` + `F.cross_entropy`; memory and memory traff
 
 Targets equal to `IGNORE_INDEX` (−100, as in `F.cross_entropy`) are left out before the head runs:
 fine-tuning learns only the assistant's tokens, so most rows would be wasted matmuls otherwise.
+
+`causal_lm_loss` is the loss of every training run, pretraining and fine-tuning alike; it calls the
+model's `hidden_states` and reads the head's weight, so the model itself is never changed.
 """
 
 from __future__ import annotations
