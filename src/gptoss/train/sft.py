@@ -327,7 +327,12 @@ class Conversations:
 
     def _share(self, examples: Sequence[Example], rank: int, world_size: int) -> list[Batch]:
         mine = sorted(examples, key=len, reverse=True)[rank::world_size]
-        return [collate(micro, self.pad_id) for micro in micro_batches(mine, self.config.micro_batch_size)]
+        batches = []
+        for micro in micro_batches(mine, self.config.micro_batch_size):
+            inputs, targets = collate(micro, self.pad_id)
+            lengths = torch.tensor([len(e) - 1 for e in micro])
+            batches.append(Batch(inputs, targets, torch.arange(inputs.shape[1]) < lengths[:, None]))
+        return batches
 
     def step(self, step: int, rank: int, world_size: int) -> StepBatch:
         chosen = step_indices(len(self.train), self.config.batch_size, step, self.config.seed)
@@ -343,7 +348,7 @@ class Conversations:
         # Every rank runs as many forward passes as the busiest (FSDP gathers weights in each):
         # a rank with fewer conversations adds one-token batches with nothing to learn.
         busiest = math.ceil(math.ceil(len(self.val) / world_size) / self.config.micro_batch_size)
-        nothing = (torch.full((1, 1), self.pad_id), torch.full((1, 1), IGNORE_INDEX))
+        nothing = Batch(torch.full((1, 1), self.pad_id), torch.full((1, 1), IGNORE_INDEX))
         return batches + [nothing] * (busiest - len(batches))
 
 

@@ -30,7 +30,7 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -229,12 +229,14 @@ class RouterLosses:
         finally:
             self.recording = False
 
-    def losses(self) -> tuple[Tensor, Tensor]:
+    def losses(self, real: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(load-balancing loss, z-loss), each averaged over layers; zeros for a dense model.
 
         Load balance (Switch Transformer): E · Σ_e f_e · P_e with f_e the fraction of routing slots
         that went to expert e and P_e its mean router probability; 1.0 when perfectly balanced.
         z-loss (ST-MoE): mean squared log-sum-exp of the logits, which keeps them from drifting large.
+        `real` (B, T) bool: only those tokens count (padding is routed too, but is not data); as
+        weights rather than a selection, so nothing is read back to the host.
         """
         if not self.records:
             zero = torch.zeros(())
@@ -243,18 +245,26 @@ class RouterLosses:
         for logits, chosen in self.records:
             logits = logits.float()
             experts = logits.shape[-1]
-            counts = torch.bincount(chosen.reshape(-1), minlength=experts).to(logits.dtype)
-            fraction = counts / chosen.numel()
-            probs = torch.softmax(logits, dim=-1).mean(0)
+            k = chosen.shape[-1]
+            # (N,) token weights: 1 for data, 0 for padding
+            weight = logits.new_ones(len(logits)) if real is None else real.reshape(-1).float()
+            tokens = weight.sum()
+            slots = torch.bincount(chosen.reshape(-1), weight.repeat_interleave(k), minlength=experts)
+            fraction = slots / (tokens * k)
+            probs = (torch.softmax(logits, dim=-1) * weight[:, None]).sum(0) / tokens
+            z.append((torch.logsumexp(logits, dim=-1).pow(2) * weight).sum() / tokens)
             balance.append(experts * (fraction * probs).sum())
-            z.append(torch.logsumexp(logits, dim=-1).pow(2).mean())
         self.records.clear()
         return torch.stack(balance).mean(), torch.stack(z).mean()
 
 
 # ---------------------------------------------------------------------- what a run learns
-Batch = tuple[Tensor, Tensor]
-"""inputs (B, T) and next-token targets (B, T), `IGNORE_INDEX` where nothing is learned."""
+class Batch(NamedTuple):
+    """One micro-batch."""
+
+    inputs: Tensor  # (B, T) token ids
+    targets: Tensor  # (B, T) next-token ids, `IGNORE_INDEX` where nothing is learned
+    real: Tensor | None = None  # (B, T) bool, False on padding (None: no padding)
 
 
 @dataclass
@@ -312,7 +322,7 @@ class Pretraining:
         if not len(windows):  # a validation split too short for every rank to get a window
             return []
         micros = torch.from_numpy(windows).split(self.micro_batch_size)
-        return [(micro[:, :-1], micro[:, 1:]) for micro in micros]
+        return [Batch(micro[:, :-1], micro[:, 1:]) for micro in micros]
 
     def step(self, step: int, rank: int, world_size: int) -> StepBatch:
         count = self.batches.batch_size * self.seq_len
@@ -562,8 +572,9 @@ class Trainer:
     def _to_device(self, batch: Batch) -> Batch:
         if self.device.type != "cuda":
             return batch
-        inputs, targets = (t.pin_memory().to(self.device, non_blocking=True) for t in batch)
-        return inputs, targets
+        return Batch(
+            *(None if t is None else t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+        )
 
     def _loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Summed cross-entropy of one micro-batch (call under autocast and router capture)."""
@@ -580,10 +591,10 @@ class Trainer:
         micros = len(batch.micro_batches)
         sums = torch.zeros(3, device=self.device)  # cross-entropy sum, load balance, z-loss
         for micro in batch.micro_batches:
-            inputs, targets = self._to_device(micro)
+            inputs, targets, real = self._to_device(micro)
             with self._autocast(), self.router_losses.capture():
                 ce = self._loss(inputs, targets)
-            balance, z = (t.to(self.device) / micros for t in self.router_losses.losses())
+            balance, z = (t.to(self.device) / micros for t in self.router_losses.losses(real))
             loss = ce * scale + config.aux_loss_coef * balance + config.z_loss_coef * z
             loss.backward()
             sums += torch.stack([ce.detach(), balance.detach(), z.detach()])
@@ -621,7 +632,7 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # cross-entropy, targets
         for micro in self.objective.validation(self.info.rank, self.info.world_size):
-            inputs, targets = self._to_device(micro)
+            inputs, targets, _ = self._to_device(micro)
             with self._autocast():
                 sums[0] += self._loss(inputs, targets)
             sums[1] += (targets != IGNORE_INDEX).sum()
