@@ -76,7 +76,8 @@ def make_trainer(engine: str, args: argparse.Namespace, out: str) -> Trainer:
         # transformers' model gives no router logits to our hooks: the same objective for both
         aux_loss_coef=0.0,
         z_loss_coef=0.0,
-        fused_loss=not args.no_fused_loss,
+        # transformers' model gives logits only (no `hidden_states` for the chunked head + loss)
+        fused_loss=not args.no_fused_loss and engine == "gptoss",
     )
     trainer = Trainer(config)  # same seed: both engines start from the same weights
     if engine == "transformers":

@@ -282,7 +282,7 @@ def ours_to_llama_cpp(
 
     model = load_model(checkpoint, dtype=torch.float32 if outtype == "f32" else None)
     path = save_gguf(model, work_dir / f"{checkpoint.name}-gptoss-{outtype}.gguf", outtype)
-    trimmed = model.model.trimmed
+    trimmed = model.config.vocab_rows is not None
     ids = model.model.token_ids.tolist() if trimmed else list(range(model.config.vocab_size))
     row = {token_id: i for i, token_id in enumerate(ids)}
     prompts = _prompts(model)

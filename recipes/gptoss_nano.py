@@ -43,6 +43,7 @@ from gptoss.model import GptOss
 from gptoss.model_card import ModelCard
 from gptoss.tokenizer import Tokenizer, get_tokenizer
 from gptoss.train.data import TokenSplit, write_dataset
+from gptoss.trimmed_vocab import set_vocabulary, trim_vocabulary
 from gptoss.vocab import VocabularyFit, choose_vocabulary
 
 VOCAB_ROWS = 12288
@@ -251,9 +252,9 @@ def sft_data(out: Path, splits: dict[str, list[Path]]) -> dict[str, int]:
 
 # ---------------------------------------------------------------------- steps
 def initial_model(out: Path, kept: np.ndarray) -> Path:
-    model = GptOss(CONFIG)
+    model = trim_vocabulary(GptOss(CONFIG))
     model.init_weights(torch.Generator().manual_seed(0))
-    model.set_vocabulary(torch.from_numpy(kept))
+    set_vocabulary(model, torch.from_numpy(kept))
     return save_model(model, out)
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gptoss import GptOss, ModelConfig
+from gptoss.trimmed_vocab import trim_vocabulary
 
 
 def tiny_config(**changes) -> ModelConfig:
@@ -44,7 +45,7 @@ def random_model(config: ModelConfig, seed: int = 0, spread: float = 0.5) -> Gpt
     """A model with random weights everywhere, biases, sinks and norms included, so that no term of
     the math can be dropped without the logits changing."""
     generator = torch.Generator().manual_seed(seed)
-    model = GptOss(config)
+    model = trim_vocabulary(GptOss(config))
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * spread / param.shape[-1] ** 0.5)

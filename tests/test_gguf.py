@@ -18,6 +18,7 @@ from gptoss.cli import main
 from gptoss.gguf import CHAT_TEMPLATE, OLLAMA_STOPS, GGUFError, read_config, save_gguf
 from gptoss.quant.mxfp4 import quantize_experts, unpack
 from gptoss.tokenizer import Tokenizer
+from gptoss.trimmed_vocab import set_vocabulary
 from gptoss.vocab import byte_token_ids, choose_vocabulary
 
 Q = gguf.GGMLQuantizationType
@@ -28,7 +29,7 @@ def trimmed_model(seed: int = 0, **changes) -> torch.nn.Module:
     """A tiny model over 400 o200k_harmony ids (the bytes, harmony's tokens and the first others)."""
     config = tiny_config(**O200K, vocab_rows=400, **changes)
     model = random_model(config, seed=seed)
-    model.set_vocabulary(torch.from_numpy(choose_vocabulary(np.ones(2000), 400)))
+    set_vocabulary(model, torch.from_numpy(choose_vocabulary(np.ones(2000), 400)))
     return model
 
 
@@ -37,7 +38,7 @@ def mxfp4_model() -> torch.nn.Module:
 
 
 def prompt(model: torch.nn.Module) -> torch.Tensor:
-    ids = model.model.token_ids if model.model.trimmed else torch.arange(Tokenizer.N_VOCAB)
+    ids = model.model.token_ids if model.config.vocab_rows is not None else torch.arange(Tokenizer.N_VOCAB)
     picks = torch.randint(0, len(ids), (2, 9), generator=torch.Generator().manual_seed(1))
     return ids[picks]
 

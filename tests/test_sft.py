@@ -2,6 +2,11 @@
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +20,9 @@ from gptoss.checkpoint import load_model, save_checkpoint
 from gptoss.cli import main
 from gptoss.quant.mxfp4 import quantize_experts
 from gptoss.tokenizer import Tokenizer, get_tokenizer
+from gptoss.train.checkpoints import checkpoint_dirs
 from gptoss.train.lora import load_lora
-from gptoss.train.loss import IGNORE_INDEX, linear_cross_entropy
+from gptoss.train.loss import IGNORE_INDEX, causal_lm_loss, linear_cross_entropy
 from gptoss.train.sft import (
     Example,
     SFTConfig,
@@ -24,13 +30,12 @@ from gptoss.train.sft import (
     encode_conversation,
     evaluate,
     finetune,
-    fused_loss_head,
     load_examples,
     load_sft_config,
-    loss_sum,
     split_validation,
     step_indices,
 )
+from gptoss.trimmed_vocab import set_vocabulary
 from gptoss.vocab import VocabularyFit, choose_vocabulary
 
 # The whole o200k id space (harmony renders real token ids), kept cheap by a narrow model.
@@ -110,8 +115,8 @@ def message_roles(tokens: list[int]) -> list[str]:
 
 
 def loss_of(model, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    with torch.no_grad(), fused_loss_head(model) as head:
-        return loss_sum(model, head, inputs, targets).item()
+    with torch.no_grad():
+        return causal_lm_loss(model, inputs, targets).item()
 
 
 # ---------------------------------------------------------------------- the masked fused loss
@@ -259,7 +264,7 @@ def test_trimmed_vocabulary_respells_tokens_and_their_mask(tmp_path, data):
     assert tokenizer.decode(example.tokens[example.mask].tolist()) == tokenizer.decode(learned)
 
     model = random_model(tiny_config(**FULL_VOCAB, vocab_rows=len(kept), tie_word_embeddings=True))
-    model.set_vocabulary(torch.from_numpy(kept))
+    set_vocabulary(model, torch.from_numpy(kept))
     config = SFTConfig(
         data=str(data["train"]), out=str(tmp_path / "run"), lora_rank=0, steps=2, batch_size=4, progress=False
     )
@@ -357,3 +362,107 @@ def test_lora_run_leaves_the_base_untouched(tmp_path, data):
     for name, param in base.named_parameters():
         torch.testing.assert_close(adapted[name], param, rtol=0, atol=0)
     assert any(p.abs().sum() > 0 for n, p in adapted.items() if n.endswith("lora_B"))
+
+
+# ---------------------------------------------------------------------- torchrun + FSDP2, kill -9 + resume
+# The processes started here run on one thread, as this module does (bitwise comparisons need it).
+ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
+DETERMINISTIC = ("step", "loss", "aux_loss", "z_loss", "lr", "grad_norm", "learned_tokens", "val_loss")
+
+
+def deterministic(records: list[dict]) -> list[dict]:
+    return [{k: r[k] for k in DETERMINISTIC if k in r} for r in records]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A narrow model with rows for the ids of the data (a trimmed vocabulary): the 201,088-row
+    head would be most of every step otherwise."""
+    counts = np.bincount([t for i in [*range(16), *range(40, 44)] for t in encode_conversation(sums(i))[0]])
+    kept = choose_vocabulary(counts, 400)
+    model = random_model(tiny_config(**FULL_VOCAB, vocab_rows=len(kept)))
+    set_vocabulary(model, torch.from_numpy(kept))
+    return save_checkpoint(model, tmp_path_factory.mktemp("base") / "base")
+
+
+def finetune_args(base_dir: Path, data: dict[str, Path], out: Path, mode: str, *extra: str) -> list[str]:
+    """Four conversations a step in micro-batches of one, so each of two ranks accumulates two."""
+    lora = ["--lora-rank", "4", "--lora-targets", "self_attn.*", "mlp.experts.*"] if mode == "lora" else []
+    return ["finetune", "--model", str(base_dir), "--data", str(data["train"]),
+            "--val-data", str(data["val"]), "--out", str(out), "--lora-rank", "0", *lora,
+            "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-2", "--warmup-steps", "1",
+            "--eval-every", "2", "--no-progress", *extra]  # fmt: skip
+
+
+def trained_tensors(run: Path, mode: str) -> dict[str, torch.Tensor]:
+    if mode == "lora":
+        from safetensors.torch import load_file
+
+        return load_file(run / "adapter" / "adapter_model.safetensors")
+    return load_model(run / "model").state_dict()
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_finetune_on_two_ranks_with_fsdp_matches_one_process(mode, base_dir, data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(finetune_args(base_dir, data, one, mode, "--steps", "3")) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*torchrun, "-m", "gptoss.cli", *finetune_args(base_dir, data, two, mode, "--steps", "3")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 ranks" in result.stderr
+    # Each rank takes half the conversations of a step and FSDP averages the gradients: the same
+    # update up to the order of float additions, amplified a little by three Adam steps.
+    got, want = metrics(two), metrics(one)
+    assert [r["step"] for r in got] == [1, 2, 3] and [r["step"] for r in got if "val_loss" in r] == [2, 3]
+    for a, b in zip(got, want, strict=True):
+        assert a["learned_tokens"] == b["learned_tokens"]
+        for key in ("loss", "aux_loss", "z_loss", "grad_norm", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    got_result, want_result = (json.loads((run / "result.json").read_text()) for run in (two, one))
+    assert got_result["initial_val_loss"] == pytest.approx(want_result["initial_val_loss"], rel=1e-6)
+    assert got_result["trainable_params"] == want_result["trainable_params"]
+    # What the shards trained is gathered into the same output as one process writes.
+    got_tensors, want_tensors = trained_tensors(two, mode), trained_tensors(one, mode)
+    assert got_tensors.keys() == want_tensors.keys()
+    for name, tensor in want_tensors.items():
+        torch.testing.assert_close(got_tensors[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_finetune_killed_and_resumed_reproduces_its_losses_bitwise(base_dir, data, tmp_path):
+    # LoRA: its checkpoints hold the adapters and their moments, not the frozen base. Dropout on the
+    # adapters draws random numbers, so the checkpoints' RNG states must be restored too.
+    mode = "lora"
+    extra = ["--steps", "6", "--save-every", "2", "--lora-dropout", "0.1"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert main(finetune_args(base_dir, data, reference, mode, *extra)) == 0
+
+    command = [sys.executable, "-m", "gptoss.cli", *finetune_args(base_dir, data, run, mode, *extra)]
+    victim = subprocess.Popen(command, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3):  # past the step-2 checkpoint
+        assert victim.poll() is None, victim.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the run did not reach step 3"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=30) == -signal.SIGKILL
+    victim.stderr.close()
+    assert not (run / "result.json").exists() and checkpoint_dirs(run)  # it died mid-run, after a checkpoint
+
+    assert main(finetune_args(base_dir, data, run, mode, *extra, "--resume")) == 0
+    assert deterministic(metrics(run)) == deterministic(metrics(reference))
+    got_result, want_result = (json.loads((r / "result.json").read_text()) for r in (run, reference))
+    for key in ("train_loss", "val_loss", "initial_val_loss", "steps"):
+        assert got_result[key] == want_result[key], key
+    got_tensors, want_tensors = trained_tensors(run, mode), trained_tensors(reference, mode)
+    for name, tensor in want_tensors.items():
+        assert torch.equal(got_tensors[name], tensor), name

@@ -170,6 +170,22 @@ def test_load_balance_is_one_when_balanced_and_grows_when_not():
     assert losses.losses()[0].item() > 1.5
 
 
+def test_padding_positions_leave_the_router_losses_unchanged():
+    losses = RouterLosses(random_model(tiny_config()))
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 4, generator=generator)  # (B, T, E): the second row has 2 pads
+    chosen = torch.randint(0, 4, (2, 6, 2), generator=generator)
+    real = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    losses.records = [(logits.flatten(0, 1), chosen.flatten(0, 1))]
+    padded = losses.losses(real)
+    losses.records = [(logits[real], chosen[real])]
+    data_only = losses.losses()
+    for got, want in zip(padded, data_only, strict=True):
+        torch.testing.assert_close(got, want)
+    losses.records = [(logits.flatten(0, 1), chosen.flatten(0, 1))]
+    assert losses.losses()[0] != pytest.approx(padded[0].item())  # the pads would have counted
+
+
 def test_router_hooks_capture_each_layer_once_even_with_checkpointing():
     model = random_model(tiny_config()).train()
     from gptoss.train.parallelize import apply_activation_checkpointing

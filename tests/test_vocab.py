@@ -13,7 +13,8 @@ from conftest import random_model, tiny_config
 from gptoss import GptOss, load_model, save_model
 from gptoss.inference import generate
 from gptoss.tokenizer import Tokenizer, get_tokenizer
-from gptoss.train.loss import apply_fused_loss
+from gptoss.train.loss import causal_lm_loss
+from gptoss.trimmed_vocab import set_vocabulary, trim_vocabulary
 from gptoss.vocab import HARMONY_TOKENS, VocabularyFit, byte_token_ids, choose_vocabulary, fit_tokens
 
 # Byte tokens are ids 0..255 of o200k, so a 320-id tiny model can hold them all plus a few more.
@@ -23,8 +24,8 @@ KEPT = torch.tensor([*range(256), 260, 271, 300, 319])
 def trimmed_pair(tie: bool = False) -> tuple[GptOss, GptOss]:
     """A full tiny model and its trimmed copy keeping the rows of `KEPT`."""
     full = random_model(tiny_config(tie_word_embeddings=tie), seed=3)
-    trimmed = GptOss(full.config.replace(vocab_rows=len(KEPT)))
-    trimmed.set_vocabulary(KEPT)
+    trimmed = trim_vocabulary(GptOss(full.config.replace(vocab_rows=len(KEPT))))
+    set_vocabulary(trimmed, KEPT)
     state = full.state_dict()
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][KEPT]
     state["lm_head.weight"] = state["lm_head.weight"][KEPT]
@@ -59,9 +60,9 @@ def test_ids_without_a_row_are_refused_with_the_fix():
 def test_set_vocabulary_checks_its_ids():
     _, trimmed = trimmed_pair()
     with pytest.raises(ValueError, match="ascending"):
-        trimmed.set_vocabulary(KEPT.flip(0))
+        set_vocabulary(trimmed, KEPT.flip(0))
     with pytest.raises(ValueError, match="vocab_rows"):
-        random_model(tiny_config()).set_vocabulary(KEPT)
+        set_vocabulary(random_model(tiny_config()), KEPT)
 
 
 def test_checkpoint_round_trip_and_transformers_reads_the_rows(tmp_path):
@@ -86,11 +87,11 @@ def test_fused_training_loss_maps_targets_to_rows():
     ids = kept_ids((2, 12), seed=2)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     with torch.no_grad():
-        want = F.cross_entropy(trimmed(inputs).flatten(0, 1), targets.flatten(), reduction="sum")
-    head = apply_fused_loss(trimmed)
-    with head.targets(trimmed.token_rows(targets)):
-        got = trimmed(inputs)
+        logits = trimmed(inputs)
+        want = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    got = causal_lm_loss(trimmed, inputs, targets)
     assert torch.allclose(got, want, rtol=1e-5)
+    assert torch.equal(trimmed(inputs), logits)  # the model itself still gives logits
 
 
 def test_fit_spells_missing_tokens_in_bytes_and_keeps_the_text():

@@ -29,6 +29,7 @@ from gptoss.model import MLP, GptOss
 from gptoss.model_card import ModelCard, read_license_name, write_card
 from gptoss.ops.pages import use_huge_pages
 from gptoss.quant.mxfp4 import MXFP4Experts
+from gptoss.trimmed_vocab import trim_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
     """A model of `config` whose weights are allocated on `device` but not filled (a loader fills
     them), with MXFP4-packed experts when `packed`."""
     with torch.device("meta"):
-        model = GptOss(config).to(dtype)
+        model = trim_vocabulary(GptOss(config)).to(dtype)
         if packed:
             for block in model.model.layers:
                 block.mlp.experts = MXFP4Experts(config).to(dtype)
@@ -485,7 +486,7 @@ def load_model(
         return load_checkpoint(path_or_preset, device=device, dtype=dtype, dequantize=dequantize)
     log.warning("%s: no weights given, using random initialisation (seed %d)", config.name, seed)
     with torch.device(device):
-        model = GptOss(config).to(dtype or torch.float32)
+        model = trim_vocabulary(GptOss(config)).to(dtype or torch.float32)
     model.init_weights(torch.Generator(device=device).manual_seed(seed))
     return model.eval()
 

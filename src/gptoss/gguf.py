@@ -235,7 +235,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model: GptOss) -> None:
             f"the model's vocabulary has {model.config.vocab_size} ids, o200k_harmony {Tokenizer.N_VOCAB}: "
             "only o200k_harmony models can be written as GGUF"
         )
-    ids = model.model.token_ids.tolist() if model.model.trimmed else range(Tokenizer.N_VOCAB)
+    ids = model.model.token_ids.tolist() if model.config.vocab_rows is not None else range(Tokenizer.N_VOCAB)
     row_of = {token_id: row for row, token_id in enumerate(ids)}
     tokens = [vocab.tokens[i] for i in ids]
     bpe = {text: row for row, text in enumerate(tokens) if ids[row] not in vocab.special}

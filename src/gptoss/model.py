@@ -3,7 +3,8 @@
 RMSNorm → rotary (YaRN) → attention (sinks, sliding window, GQA) → dense MLP / MoE → block → model.
 Module and parameter names equal the Hugging Face checkpoint keys (`model.layers.N.self_attn.q_proj`,
 `model.layers.N.mlp.experts.gate_up_proj`, ...), so loading a checkpoint is a name lookup.
-Caches, quantization, parallelism and compilation are applied from outside this file.
+Caches, quantization, parallelism, compilation and the id map of a trimmed vocabulary
+(`gptoss.trimmed_vocab`) are applied from outside this file.
 """
 
 from __future__ import annotations
@@ -299,64 +300,30 @@ class Backbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.embedding_rows, config.hidden_size)
-        self.trimmed = config.vocab_rows is not None
-        if self.trimmed:
-            # The token id of each embedding row, ascending (checkpoint key `model.token_ids`).
-            self.register_buffer("token_ids", torch.arange(config.embedding_rows))
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def token_rows(self, ids: Tensor) -> Tensor:
-        """Embedding rows of token `ids`: the ids themselves unless the vocabulary is trimmed."""
-        if not self.trimmed:
-            return ids
-        rows = torch.searchsorted(self.token_ids, ids.contiguous()).clamp_(max=len(self.token_ids) - 1)
-        missing = self.token_ids[rows] != ids
-        if missing.any():
-            raise ValueError(
-                f"token id {int(ids[missing][0])} has no row in this model's trimmed vocabulary; "
-                "spell such text with byte tokens (gptoss.vocab.fit_tokens) before feeding it"
-            )
-        return rows
-
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = self.embed_tokens(self.token_rows(input_ids))
+        x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, cache)
         return self.norm(x)
 
 
-class TrimmedHead(nn.Module):
-    """Output head of a trimmed vocabulary: logits over the rows it has, scattered into the whole
-    id space (−inf for ids without a row), so sampling and the tokenizer see ordinary token ids."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.vocab_size = config.vocab_size
-        self.weight = nn.Parameter(torch.empty(config.embedding_rows, config.hidden_size))
-        # The same ids as `model.token_ids`, kept here too so the head works on its own.
-        self.register_buffer("token_ids", torch.arange(config.embedding_rows))
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        rows = hidden @ self.weight.T
-        logits = rows.new_full((*rows.shape[:-1], self.vocab_size), float("-inf"))
-        return logits.index_copy_(-1, self.token_ids, rows)
-
-
 class GptOss(nn.Module):
-    """A gpt-oss causal language model: token ids (B, T) → next-token logits (B, T, vocab)."""
+    """A gpt-oss causal language model: token ids (B, T) → next-token logits (B, T, vocab).
+
+    With a trimmed vocabulary (`config.vocab_rows`) the ids and logits are those of the embedding's
+    rows until `gptoss.trimmed_vocab.trim_vocabulary` maps them onto token ids (loaders do)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head: nn.Module = (
-            TrimmedHead(config)
-            if config.vocab_rows is not None
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        )
+        # One row per token id; with `config.vocab_rows`, per kept id (`gptoss.trimmed_vocab`).
+        self.lm_head: nn.Module = nn.Linear(config.hidden_size, config.embedding_rows, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -364,26 +331,16 @@ class GptOss(nn.Module):
         self, input_ids: Tensor, position_ids: Tensor | None = None, cache: KVCache | None = None
     ) -> Tensor:
         """Logits for every position. Without `position_ids`, positions are 0..T-1 for every row."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, cache))
+
+    def hidden_states(
+        self, input_ids: Tensor, position_ids: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        """The final hidden states (B, T, hidden) that the output head turns into logits (a training
+        loss reads them together with `lm_head.weight`, never forming the whole logits)."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return self.lm_head(self.model(input_ids, position_ids, cache))
-
-    def token_rows(self, ids: Tensor) -> Tensor:
-        """Rows of the embedding and head for token `ids` (the ids themselves unless trimmed)."""
-        return self.model.token_rows(ids)
-
-    @torch.no_grad()
-    def set_vocabulary(self, token_ids: Tensor) -> None:
-        """Give a trimmed-vocabulary model the token id of each of its rows (ascending, distinct)."""
-        if not self.model.trimmed:
-            raise ValueError("set_vocabulary needs a model built with config.vocab_rows")
-        ids = torch.as_tensor(token_ids, dtype=torch.int64)
-        if ids.shape != self.model.token_ids.shape or bool((ids.diff() <= 0).any()):
-            raise ValueError(f"token_ids must be {len(self.model.token_ids)} ascending distinct ids")
-        if int(ids[0]) < 0 or int(ids[-1]) >= self.config.vocab_size:
-            raise ValueError(f"token_ids must lie in 0..{self.config.vocab_size - 1}")
-        self.model.token_ids.copy_(ids)
-        self.lm_head.token_ids.copy_(ids)
+        return self.model(input_ids, position_ids, cache)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -1,5 +1,5 @@
-"""Training: token shards, the pretrainer, FSDP2 parallelism, checkpoints, planning at scale,
-supervised fine-tuning (full or LoRA) and LoRA adapters."""
+"""Training: token shards, the one Trainer (its objectives: pretraining and supervised fine-tuning,
+full or LoRA), FSDP2 parallelism, checkpoints, planning at scale and LoRA adapters."""
 
 from gptoss._lazy import lazy_attributes
 
@@ -40,6 +40,9 @@ _ORIGINS = {
         "load_sft_config",
     ),
     "gptoss.train.trainer": (
+        "Objective",
+        "Pretraining",
+        "StepBatch",
         "TrainConfig",
         "Trainer",
         "load_train_config",
@@ -50,7 +53,10 @@ __all__ = [
     "GPUS",
     "Batches",
     "LoRAConfig",
+    "Objective",
+    "Pretraining",
     "SFTConfig",
+    "StepBatch",
     "TokenSplit",
     "TrainConfig",
     "Trainer",

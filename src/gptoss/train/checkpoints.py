@@ -49,6 +49,7 @@ from gptoss.checkpoint import save_model
 from gptoss.config import ModelConfig
 from gptoss.model import GptOss
 from gptoss.train.parallelize import DistInfo
+from gptoss.trimmed_vocab import trim_vocabulary
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -124,11 +125,21 @@ def full_model_copy(model: GptOss) -> GptOss:
     if dist.is_initialized() and dist.get_rank() != 0:
         return model
     with torch.device("meta"):
-        copy = GptOss(model.config)
+        copy = trim_vocabulary(GptOss(model.config))
     copy.load_state_dict(state, assign=True)
     if model.config.tie_word_embeddings:
         copy.lm_head.weight = copy.model.embed_tokens.weight
     return copy
+
+
+def _training_state(model: GptOss, optimizer: torch.optim.Optimizer, trainable_only: bool) -> dict[str, Any]:
+    """The model's and optimizer's state as DCP saves and loads it (sharded as trained)."""
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    if trainable_only:  # buffers too (an MXFP4 base's packed experts) belong to the frozen base
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in trainable}
+    return {"model": model_state, "optimizer": optim_state}
 
 
 def save_training_checkpoint(
@@ -140,8 +151,12 @@ def save_training_checkpoint(
     info: DistInfo,
     keep_last: int = 3,
     hf_model: bool = True,
+    trainable_only: bool = False,
 ) -> Path:
-    """Write checkpoint `step` of the run (collective: every rank calls it); return its directory."""
+    """Write checkpoint `step` of the run (collective: every rank calls it); return its directory.
+
+    `trainable_only`: the model's state is its trainable parameters alone (a LoRA run's adapters,
+    not the frozen base it starts from again when resuming)."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -152,8 +167,7 @@ def save_training_checkpoint(
         tmp.mkdir()
     _barrier(info)
 
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
+    state = _training_state(model, optimizer, trainable_only)
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=tmp / "state", no_dist=not info.sharded)
     if hf_model:
@@ -258,7 +272,11 @@ def _reason(exc: BaseException) -> str:
 
 
 def load_training_checkpoint(
-    path: str | Path, model: GptOss, optimizer: torch.optim.Optimizer, info: DistInfo
+    path: str | Path,
+    model: GptOss,
+    optimizer: torch.optim.Optimizer,
+    info: DistInfo,
+    trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from checkpoint `path`; return `trainer.json`.
 
@@ -276,12 +294,17 @@ def load_training_checkpoint(
         raise DamagedCheckpoint(f"{trainer_file} cannot be read: {exc}") from exc
     if not isinstance(trainer_state, dict):
         raise DamagedCheckpoint(f"{trainer_file} does not hold a JSON object")
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
+    state = _training_state(model, optimizer, trainable_only)
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path / "state", no_dist=not info.sharded)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(strict=not trainable_only),
+        )
     except (Exception, CheckpointException) as exc:  # whatever DCP's readers hit: name the directory
         raise DamagedCheckpoint(f"{path / 'state'} cannot be loaded ({_reason(exc)})") from exc
     rng_file = path / "rng" / f"rank_{info.rank:05d}.pt"
@@ -306,7 +329,7 @@ def export_hf_model(checkpoint: str | Path, out: str | Path) -> Path:
         state = json.loads((checkpoint / "trainer.json").read_text())
     except (OSError, ValueError) as exc:
         raise DamagedCheckpoint(f"{checkpoint / 'trainer.json'} cannot be read: {exc}") from exc
-    model = GptOss(ModelConfig.from_hf(state["model_config"]))
+    model = trim_vocabulary(GptOss(ModelConfig.from_hf(state["model_config"])))
     wanted = {"model": model.state_dict()}
     with _quiet_single_process():
         dcp.load(wanted, checkpoint_id=checkpoint / "state", no_dist=True)  # reads the model keys only

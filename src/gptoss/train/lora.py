@@ -29,7 +29,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -262,20 +262,31 @@ def merge_lora(model: GptOss) -> GptOss:
 
 
 # ---------------------------------------------------------------------- saving, loading
-def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Adapter tensors under `{target}.lora_A` / `{target}.lora_B` (target: module or expert tensor)."""
+def lora_state_dict(model: nn.Module, parameters: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Adapter tensors under `{target}.lora_A` / `{target}.lora_B` (target: module or expert tensor).
+
+    `parameters` (parameter name → tensor) gives the values instead of the modules: the full
+    tensors gathered from a model sharded by FSDP, whose own parameters are shards.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
     return {
-        f"{name}.{key}": tensor.detach()
+        f"{name}.{key}": (tensor if parameters is None else parameters[names[id(tensor)]]).detach()
         for name, module in lora_modules(model).items()
         for key, tensor in module.adapter_tensors().items()
     }
 
 
-def save_lora(model: GptOss, directory: str | Path, base_model: str | None = None) -> Path:
+def save_lora(
+    model: GptOss,
+    directory: str | Path,
+    base_model: str | None = None,
+    parameters: Mapping[str, Tensor] | None = None,
+) -> Path:
     """Write the adapters alone: `adapter_model.safetensors` + `adapter_config.json` (atomic).
 
     `base_model` (a path or name) is recorded for `gptoss merge` users; rank, alpha, dropout and the
-    target patterns come from the adapters themselves.
+    target patterns come from the adapters themselves; `parameters`, the adapters' values when the
+    model's own are shards (see `lora_state_dict`).
     """
     modules = lora_modules(model).values()
     if not modules:
@@ -288,7 +299,7 @@ def save_lora(model: GptOss, directory: str | Path, base_model: str | None = Non
     (rank, alpha, dropout), patterns = settings.pop(), []
     for module in modules:
         patterns += [p for p in module.lora_config.targets if p not in patterns]
-    state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model, parameters).items()}
     directory = Path(directory).resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
     meta = {

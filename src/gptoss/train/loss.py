@@ -9,17 +9,19 @@ the same three matmuls as `lm_head` + `F.cross_entropy`; memory and memory traff
 
 Targets equal to `IGNORE_INDEX` (−100, as in `F.cross_entropy`) are left out before the head runs:
 fine-tuning learns only the assistant's tokens, so most rows would be wasted matmuls otherwise.
+
+`causal_lm_loss` is the loss of every training run, pretraining and fine-tuning alike; it calls the
+model's `hidden_states` and reads the head's weight, so the model itself is never changed.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor
 
-from gptoss.model import GptOss, TrimmedHead
+from gptoss.model import GptOss
+from gptoss.trimmed_vocab import token_rows
 
 # fp32 logits per chunk: 2^28 elements = 1 GiB, 1,334 tokens of a 201,088-token vocabulary. Every
 # chunk reads the whole head weight three times, so smaller chunks trade memory for weight traffic
@@ -128,39 +130,31 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Ten
     return _loss_only(hidden, weight, targets)
 
 
-class LossHead(nn.Module):
-    """Stands in for `lm_head`, holding the same weight (so the same checkpoint key).
+def head_rows(model: GptOss, targets: Tensor) -> Tensor:
+    """`targets` as rows of the output head: themselves, or for a trimmed vocabulary the row of each
+    id (ignored targets stay `IGNORE_INDEX`)."""
+    if model.config.vocab_rows is None:
+        return targets
+    rows = targets.clone()
+    keep = targets != IGNORE_INDEX
+    rows[keep] = token_rows(model, targets[keep])
+    return rows
 
-    Without targets it returns logits like the linear layer it replaces; inside `targets(...)` it
-    returns the summed cross-entropy instead. Being called from the model's own forward keeps
-    FSDP's hooks, which gather the head's weight around that forward, in charge.
+
+def causal_lm_loss(model: GptOss, inputs: Tensor, targets: Tensor, fused: bool = True) -> Tensor:
+    """Summed cross-entropy of next-token `targets` (B, T) given `inputs` (B, T).
+
+    Targets equal to `IGNORE_INDEX` are not learned (prompt tokens, padding). `fused`: the output
+    head and the loss in chunks (`linear_cross_entropy`), reading the final hidden states and the
+    head's weight, so the whole (tokens × vocab) logits never exist; otherwise the model's logits and
+    `F.cross_entropy`. Under FSDP `model.hidden_states` must be registered as a forward method
+    (`register_fsdp_forward_method`), so the root's parameters are gathered around it as around a
+    forward, and stay gathered for the head's weight until backward.
     """
-
-    def __init__(self, weight: nn.Parameter) -> None:
-        super().__init__()
-        self.weight = weight
-        self._targets: Tensor | None = None
-
-    @contextlib.contextmanager
-    def targets(self, targets: Tensor) -> Iterator[None]:
-        self._targets = targets
-        try:
-            yield
-        finally:
-            self._targets = None
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        if self._targets is None:
-            return hidden @ self.weight.T
-        return linear_cross_entropy(hidden.flatten(0, -2), self.weight, self._targets.flatten())
-
-
-def apply_fused_loss(model: GptOss) -> LossHead:
-    """Replace `model.lm_head` by a `LossHead` over the same weight; return it."""
-    head = LossHead(model.lm_head.weight)
-    if isinstance(model.lm_head, TrimmedHead):
-        # Keeps the checkpoint key `lm_head.token_ids`; targets must be head rows
-        # (`model.token_rows`), and logits without targets are per row, not per token id.
-        head.register_buffer("token_ids", model.lm_head.token_ids)
-    model.lm_head = head
-    return head
+    if not fused:
+        logits = model(inputs)
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+    hidden = model.hidden_states(inputs).flatten(0, 1)
+    return linear_cross_entropy(hidden, model.lm_head.weight, head_rows(model, targets).flatten())

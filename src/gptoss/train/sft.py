@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on harmony conversations: full fine-tuning or LoRA, in one process.
+"""Supervised fine-tuning on harmony conversations: full fine-tuning or LoRA, on the one Trainer.
 
     result = finetune(SFTConfig(model="ckpt/", data="chats.jsonl", out="runs/sft", lora_rank=16))
     result["val_loss"], result["output"]        # runs/sft/adapter (LoRA) or runs/sft/model (full)
@@ -13,18 +13,20 @@ Batching: one conversation per row, padded on the right to the longest row of it
 of a step are sorted by length first, so little is padding). Causal attention means padding never
 reaches a real token, and no conversation attends to another: there is no packing, which would need
 an attention mask across document boundaries that the model's forward does not take. The loss is the
-mean over every learned token of the step, however the step splits into micro-batches.
+mean over every learned token of the step, however the step splits into micro-batches and ranks.
+
+The loop is `gptoss.train.trainer.Trainer`'s: this module gives it the conversations (`Conversations`)
+and the model with its adapters, so fine-tuning runs under torchrun with FSDP2, checkpoints and
+resumes (`save_every`, `resume`), and adds the MoE routers' auxiliary losses, as pretraining does.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import math
-import time
 import tomllib
 import types
 import typing
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from gptoss.checkpoint import load_model, save_checkpoint
 from gptoss.config import DEFAULT_MODEL
@@ -44,10 +46,11 @@ from gptoss.harmony import chat_messages_to_harmony, render_for_training
 from gptoss.model import GptOss
 from gptoss.quant.mxfp4 import dequantize_experts
 from gptoss.tokenizer import get_tokenizer
+from gptoss.train.checkpoints import full_model_copy
 from gptoss.train.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, save_lora, trainable_parameters
-from gptoss.train.loss import IGNORE_INDEX, LossHead, apply_fused_loss
-from gptoss.train.parallelize import apply_activation_checkpointing, pick_device
-from gptoss.train.trainer import METRICS, build_optimizer, lr_multiplier
+from gptoss.train.loss import IGNORE_INDEX, causal_lm_loss
+from gptoss.train.parallelize import init_distributed
+from gptoss.train.trainer import METRICS, Batch, StepBatch, TrainConfig, Trainer, use_bf16
 from gptoss.vocab import VocabularyFit
 
 log = logging.getLogger(__name__)
@@ -94,11 +97,19 @@ class SFTConfig:
     beta2: float = _help("AdamW beta2", default=0.999)
     eps: float = _help("AdamW epsilon", default=1e-8)
     grad_clip: float = _help("clip the global gradient norm to this (0: no clipping)", default=1.0)
+    aux_loss_coef: float = _help("MoE load-balancing loss coefficient", default=0.01)
+    z_loss_coef: float = _help("MoE router z-loss coefficient", default=0.001)
     precision: str = _help("'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'", default="auto")
     activation_checkpointing: bool = _help("recompute each block in the backward pass", default=False)
     device: str = _help("'auto', 'cpu', 'cuda'", default="auto")
     seed: int = _help("seeds the adapters, the validation split and the data order", default=0)
     eval_every: int = _help("validation loss every N steps (and always at the end; 0: end only)", default=50)
+    save_every: int = _help(
+        "checkpoint every N steps and at the end, so that --resume can continue the run (0: never)",
+        default=0,
+    )
+    keep_last: int = _help("checkpoints to keep", default=1)
+    resume: bool = _help("continue from the latest checkpoint in `out`", default=False)
     save_dtype: str = _help("full fine-tuning: 'auto' (the base's dtype), 'bf16' or 'fp32'", default="auto")
     progress: bool = _help("show a progress bar", default=True)
 
@@ -301,13 +312,47 @@ def step_indices(count: int, batch_size: int, step: int, seed: int) -> list[int]
     return [int(orders[p // count][p % count]) for p in positions]
 
 
+# ---------------------------------------------------------------------- what the trainer learns
+class Conversations:
+    """The fine-tuning objective: conversations padded into micro-batches, assistant tokens learned.
+
+    A step's conversations (`step_indices`) are sorted longest first and dealt to the ranks in turn,
+    so ranks get equal counts of similar lengths; each rank cuts its share into micro-batches.
+    """
+
+    def __init__(
+        self, train: Sequence[Example], val: Sequence[Example], config: SFTConfig, pad_id: int
+    ) -> None:
+        self.train, self.val, self.config, self.pad_id = train, val, config, pad_id
+
+    def _share(self, examples: Sequence[Example], rank: int, world_size: int) -> list[Batch]:
+        mine = sorted(examples, key=len, reverse=True)[rank::world_size]
+        batches = []
+        for micro in micro_batches(mine, self.config.micro_batch_size):
+            inputs, targets = collate(micro, self.pad_id)
+            lengths = torch.tensor([len(e) - 1 for e in micro])
+            batches.append(Batch(inputs, targets, torch.arange(inputs.shape[1]) < lengths[:, None]))
+        return batches
+
+    def step(self, step: int, rank: int, world_size: int) -> StepBatch:
+        chosen = step_indices(len(self.train), self.config.batch_size, step, self.config.seed)
+        examples = [self.train[i] for i in chosen]
+        return StepBatch(
+            self._share(examples, rank, world_size),
+            targets=sum(e.learned for e in examples),
+            tokens=sum(len(e) for e in examples),
+        )
+
+    def validation(self, rank: int, world_size: int) -> list[Batch]:
+        batches = self._share(self.val, rank, world_size)
+        # Every rank runs as many forward passes as the busiest (FSDP gathers weights in each):
+        # a rank with fewer conversations adds one-token batches with nothing to learn.
+        busiest = math.ceil(math.ceil(len(self.val) / world_size) / self.config.micro_batch_size)
+        nothing = Batch(torch.full((1, 1), self.pad_id), torch.full((1, 1), IGNORE_INDEX))
+        return batches + [nothing] * (busiest - len(batches))
+
+
 # ---------------------------------------------------------------------- model
-def _compute_bf16(precision: str, device: torch.device) -> bool:
-    return precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-
-
 def prepare_model(model: GptOss, config: SFTConfig, bf16: bool) -> LoRAConfig | None:
     """Make `model` trainable as `config` says, in place; return the LoRA config (None: full).
 
@@ -330,30 +375,6 @@ def prepare_model(model: GptOss, config: SFTConfig, bf16: bool) -> LoRAConfig | 
     return lora
 
 
-@contextlib.contextmanager
-def fused_loss_head(model: GptOss) -> Iterator[LossHead]:
-    """`model.lm_head` replaced by the chunked head + cross-entropy for the duration; then restored."""
-    original = model.lm_head
-    head = apply_fused_loss(model)
-    try:
-        yield head
-    finally:
-        model.lm_head = original
-
-
-def loss_sum(model: GptOss, head: LossHead, inputs: Tensor, targets: Tensor) -> Tensor:
-    """Summed cross-entropy over the learned targets of one micro-batch (inside `fused_loss_head`)."""
-    rows = targets.clone()
-    keep = targets != IGNORE_INDEX
-    rows[keep] = model.token_rows(targets[keep])  # head rows of a trimmed vocabulary
-    with head.targets(rows):
-        return model(inputs)
-
-
-def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate(
     model: GptOss, examples: Sequence[Example], micro_batch_size: int = 8, bf16: bool = False
@@ -363,12 +384,12 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    with fused_loss_head(model) as head:
-        for micro in micro_batches(examples, micro_batch_size):
-            inputs, targets = (t.to(device) for t in collate(micro, model.config.pad_token_id))
-            with _autocast(device, bf16):
-                total += loss_sum(model, head, inputs, targets)
-            count += sum(e.learned for e in micro)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    for micro in micro_batches(examples, micro_batch_size):
+        inputs, targets = (t.to(device) for t in collate(micro, model.config.pad_token_id))
+        with autocast:
+            total += causal_lm_loss(model, inputs, targets)
+        count += sum(e.learned for e in micro)
     model.train(was_training)
     return float(total) / count
 
@@ -378,27 +399,43 @@ def _save_dtype(config: SFTConfig, base: torch.dtype) -> torch.dtype:
     return {"auto": base, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
 
 
+def train_config(config: SFTConfig, steps: int) -> TrainConfig:
+    """The trainer's options of a fine-tuning run: those the two configs share, `steps` resolved."""
+    shared = {f.name for f in dataclasses.fields(TrainConfig)} & {
+        f.name for f in dataclasses.fields(SFTConfig)
+    }
+    # The result is written as model/ or adapter/ at the end, not into every checkpoint.
+    return TrainConfig(
+        **{name: getattr(config, name) for name in shared} | {"steps": steps, "hf_model": False}
+    )
+
+
 def finetune(config: SFTConfig, model: GptOss | None = None) -> dict[str, Any]:
     """Fine-tune `config.model` (or the `model` given) on `config.data`; write the result to `out`.
 
     Writes `out/model` (full fine-tuning: a checkpoint directory, in `save_dtype`) or `out/adapter`
     (LoRA: the adapters alone), `metrics.jsonl` (one record per step) and `result.json`, which is
     also returned: final train and validation loss, the validation loss before training, paths.
-    A `model` passed in is trained in place (full fine-tuning leaves it in `save_dtype`).
+    A `model` passed in is trained in place (full fine-tuning leaves it in `save_dtype`). Under
+    torchrun every rank calls it: FSDP2 shards the model, each rank takes its share of every step.
     """
     if not config.data:
         raise ValueError("no training data: set `data` (a JSONL file of conversations)")
     for path in filter(None, (config.data, config.val_data)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"no such data file: {path}")
+    info = init_distributed(config.device)
+    if config.batch_size % info.world_size:
+        raise ValueError(
+            f"batch_size ({config.batch_size}) must be a multiple of the world size ({info.world_size})"
+        )
     torch.manual_seed(config.seed)
-    device = pick_device(config.device)
-    bf16 = _compute_bf16(config.precision, device)
     if model is None:
-        model = load_model(config.model, device=device)
-    model.to(device)
+        model = load_model(config.model, device=info.device)
+    model.to(info.device)
     base_dtype = model.lm_head.weight.dtype
-    lora = prepare_model(model, config, bf16)
+    lora = prepare_model(model, config, use_bf16(config.precision, info.device))
+    trainable = trainable_parameters(model)
 
     fit = VocabularyFit(model.model.token_ids.cpu()) if model.config.vocab_rows is not None else None
     train = load_examples(config.data, config.seq_len, fit)
@@ -407,105 +444,62 @@ def finetune(config: SFTConfig, model: GptOss | None = None) -> dict[str, Any]:
     else:
         train, val = split_validation(train, config.val_fraction, config.seed)
     steps = config.steps or max(1, math.ceil(config.epochs * len(train) / config.batch_size))
-    log.info(
-        "fine-tuning %s (%s) on %d conversations (%d for validation), %d steps on %s",
-        model.config.name,
-        f"LoRA rank {lora.rank}" if lora else "full",
-        len(train),
-        len(val),
-        steps,
-        device,
-    )
-
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sft_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    if config.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # build_optimizer reads lr, betas, eps and weight_decay, which SFTConfig shares with TrainConfig.
-    # Frozen parameters never get a gradient, so AdamW skips them and keeps no state for them.
-    optimizer = build_optimizer(model, config)  # type: ignore[arg-type]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, config.warmup_steps, steps, config.min_lr_ratio)
-    )
+    if info.is_main:
+        log.info(
+            "fine-tuning %s (%s) on %d conversations (%d for validation), %d steps on %s",
+            model.config.name,
+            f"LoRA rank {lora.rank}" if lora else "full",
+            len(train),
+            len(val),
+            steps,
+            info.device,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sft_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
-    def validate() -> float | None:
-        return evaluate(model, val, config.micro_batch_size, bf16) if val else None
-
-    initial_val = validate()
-    model.train()
-    history: list[dict[str, Any]] = []
-    bar = tqdm(total=steps, unit="step", disable=not config.progress)
-    with open(out / METRICS, "w") as metrics_file, fused_loss_head(model) as head:
-        for step in range(1, steps + 1):
-            metrics = _train_step(model, head, optimizer, params, train, step - 1, config, bf16)
-            metrics["lr"] = scheduler.get_last_lr()[0]
-            scheduler.step()
-            if (config.eval_every and step % config.eval_every == 0) or step == steps:
-                val_loss = validate()
-                if val_loss is not None:
-                    metrics["val_loss"] = val_loss
-            history.append(metrics)
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
-    bar.close()
-    model.eval()
-
-    if lora is None:
-        output = save_checkpoint(model.to(_save_dtype(config, base_dtype)), out / "model")
-    else:
-        output = save_lora(model, out / "adapter", base_model=config.model)
+    objective = Conversations(train, val, config, model.config.pad_token_id)
+    trainer = Trainer(train_config(config, steps), objective, model=model)
+    try:
+        history = trainer.fit(validate_first=True)
+        trainer.model.eval()
+        output = _write_output(trainer, config, lora is not None, base_dtype)
+    finally:
+        trainer.close()
+    last = history[-1] if history else json.loads((out / METRICS).read_text().splitlines()[-1])
     result = {
-        "train_loss": history[-1]["loss"],
-        "val_loss": history[-1].get("val_loss"),
-        "initial_val_loss": initial_val,
+        "train_loss": last["loss"],
+        "val_loss": last.get("val_loss"),
+        "initial_val_loss": trainer.initial_val_loss,
         "steps": steps,
         "train_conversations": len(train),
         "val_conversations": len(val),
-        "trainable_params": sum(p.numel() for p in params),
+        "trainable_params": trainable,
         "mode": "lora" if lora else "full",
         "output": str(output),
         "metrics": str(out / METRICS),
     }
-    (out / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+    if info.is_main:
+        (out / RESULT).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def _train_step(
-    model: GptOss,
-    head: LossHead,
-    optimizer: torch.optim.Optimizer,
-    params: list[torch.nn.Parameter],
-    train: Sequence[Example],
-    step: int,
-    config: SFTConfig,
-    bf16: bool,
-) -> dict[str, Any]:
-    """One optimizer step over the conversations of `step`; its metrics (without lr)."""
-    start = time.perf_counter()
-    device = params[0].device
-    examples = [train[i] for i in step_indices(len(train), config.batch_size, step, config.seed)]
-    learned = sum(e.learned for e in examples)
-    total = torch.zeros((), device=device)
-    for micro in micro_batches(examples, config.micro_batch_size):
-        inputs, targets = (t.to(device) for t in collate(micro, model.config.pad_token_id))
-        with _autocast(device, bf16):
-            loss = loss_sum(model, head, inputs, targets)
-        (loss / learned).backward()  # the step's mean over learned tokens, however it is split
-        total += loss.detach()
-    clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    elapsed = time.perf_counter() - start
-    return {
-        "step": step + 1,
-        "loss": float(total) / learned,
-        "grad_norm": float(grad_norm),
-        "learned_tokens": learned,
-        "tokens_per_s": sum(len(e) for e in examples) / elapsed,
-        "step_time_s": elapsed,
-    }
+def _write_output(trainer: Trainer, config: SFTConfig, lora: bool, base_dtype: torch.dtype) -> Path:
+    """Save the fine-tuned model (full) or its adapters (LoRA) from rank 0, gathered from the shards
+    when there are several ranks (every rank must call this)."""
+    model, info = trainer.model, trainer.info
+    if not lora:
+        if info.sharded:
+            model = full_model_copy(model)
+        directory = Path(config.out) / "model"
+        return (
+            save_checkpoint(model.to(_save_dtype(config, base_dtype)), directory)
+            if info.is_main
+            else directory
+        )
+    parameters = None
+    if info.sharded:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        parameters = get_model_state_dict(model, options=options)
+    directory = Path(config.out) / "adapter"
+    return save_lora(model, directory, config.model, parameters) if info.is_main else directory

@@ -1,12 +1,18 @@
-"""Pretraining: one loop for `nano` on a laptop and for a 90b under torchrun.
+"""The one training loop: pretraining and fine-tuning, `nano` on a laptop or a 90b under torchrun.
 
     trainer = Trainer(TrainConfig(data="data/", model="gpt-oss-nano", out="runs/nano", steps=1000))
     trainer.fit()
 
-Each optimizer step takes `batch_size` windows (all ranks together) split into micro-batches of
-`micro_batch_size` per rank; gradients accumulate over the micro-batches and FSDP averages them over
-ranks, so the update is the same for any world size. Batches are a function of (seed, step), and the
-checkpoint holds everything else, so `resume` continues exactly where the run stopped.
+What a run learns is an `Objective`: this rank's micro-batches of (inputs, targets) for each step and
+for validation. `Pretraining` reads windows of token shards; supervised fine-tuning
+(`gptoss.train.sft`) gives harmony conversations whose targets are masked outside the assistant's
+turn, and a model with LoRA adapters applied from outside. The loss is the same for both: summed
+cross-entropy over the learned targets (`loss.causal_lm_loss`), divided by the step's learned targets
+on all ranks, plus the MoE routers' auxiliary losses.
+
+Each optimizer step's micro-batches accumulate gradients and FSDP averages them over ranks, so the
+update is the same for any world size. Batches are a function of (seed, step), and the checkpoint
+holds everything else, so `resume` continues exactly where the run stopped.
 """
 
 from __future__ import annotations
@@ -24,12 +30,12 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.fsdp import register_fsdp_forward_method
 from tqdm import tqdm
 
 from gptoss.checkpoint import load_checkpoint, model_config
@@ -43,9 +49,10 @@ from gptoss.train.checkpoints import (
     save_training_checkpoint,
 )
 from gptoss.train.data import Batches, TokenSplit, validation_windows
-from gptoss.train.loss import LossHead, apply_fused_loss
+from gptoss.train.loss import IGNORE_INDEX, causal_lm_loss
 from gptoss.train.parallelize import DistInfo, all_reduce_mean, init_distributed, parallelize, shutdown
 from gptoss.train.plan import GPUS, train_flops_per_token
+from gptoss.trimmed_vocab import trim_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +182,15 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 def build_optimizer(model: GptOss, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, norms, sinks).
+    """AdamW over the trainable parameters, with weight decay on matrices only (not biases, norms,
+    sinks).
 
     The fused kernel (CPU and GPU) makes one pass over parameters and moments where the foreach one
     makes one per operation, and the step is memory-bound.
     """
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all but a LoRA run's frozen base
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -220,12 +229,14 @@ class RouterLosses:
         finally:
             self.recording = False
 
-    def losses(self) -> tuple[Tensor, Tensor]:
+    def losses(self, real: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(load-balancing loss, z-loss), each averaged over layers; zeros for a dense model.
 
         Load balance (Switch Transformer): E · Σ_e f_e · P_e with f_e the fraction of routing slots
         that went to expert e and P_e its mean router probability; 1.0 when perfectly balanced.
         z-loss (ST-MoE): mean squared log-sum-exp of the logits, which keeps them from drifting large.
+        `real` (B, T) bool: only those tokens count (padding is routed too, but is not data); as
+        weights rather than a selection, so nothing is read back to the host.
         """
         if not self.records:
             zero = torch.zeros(())
@@ -234,13 +245,92 @@ class RouterLosses:
         for logits, chosen in self.records:
             logits = logits.float()
             experts = logits.shape[-1]
-            counts = torch.bincount(chosen.reshape(-1), minlength=experts).to(logits.dtype)
-            fraction = counts / chosen.numel()
-            probs = torch.softmax(logits, dim=-1).mean(0)
+            k = chosen.shape[-1]
+            # (N,) token weights: 1 for data, 0 for padding
+            weight = logits.new_ones(len(logits)) if real is None else real.reshape(-1).float()
+            tokens = weight.sum()
+            slots = torch.bincount(chosen.reshape(-1), weight.repeat_interleave(k), minlength=experts)
+            fraction = slots / (tokens * k)
+            probs = (torch.softmax(logits, dim=-1) * weight[:, None]).sum(0) / tokens
+            z.append((torch.logsumexp(logits, dim=-1).pow(2) * weight).sum() / tokens)
             balance.append(experts * (fraction * probs).sum())
-            z.append(torch.logsumexp(logits, dim=-1).pow(2).mean())
         self.records.clear()
         return torch.stack(balance).mean(), torch.stack(z).mean()
+
+
+# ---------------------------------------------------------------------- what a run learns
+class Batch(NamedTuple):
+    """One micro-batch."""
+
+    inputs: Tensor  # (B, T) token ids
+    targets: Tensor  # (B, T) next-token ids, `IGNORE_INDEX` where nothing is learned
+    real: Tensor | None = None  # (B, T) bool, False on padding (None: no padding)
+
+
+@dataclass
+class StepBatch:
+    """This rank's micro-batches of one optimizer step, and counts over the whole step (all ranks)."""
+
+    micro_batches: list[Batch]
+    targets: int  # learned targets: the loss is their mean
+    tokens: int  # tokens read, for throughput
+
+
+class Objective(Protocol):
+    """What a run learns from: a dataset cut into micro-batches, with the targets to learn.
+
+    Every rank must get the same number of micro-batches (FSDP gathers each block at every forward),
+    and a step's batches must be a function of the step alone, so a resumed run repeats them.
+    """
+
+    def step(self, step: int, rank: int, world_size: int) -> StepBatch: ...
+
+    def validation(self, rank: int, world_size: int) -> list[Batch]: ...
+
+
+class Pretraining:
+    """Windows of `seq_len + 1` tokens from the shards of `config.data`: every token is a target."""
+
+    def __init__(self, config: TrainConfig, info: DistInfo, model_config: ModelConfig) -> None:
+        world = info.world_size
+        if config.batch_size % (config.micro_batch_size * world):
+            raise ValueError(
+                f"batch_size ({config.batch_size}) must be a multiple of micro_batch_size "
+                f"({config.micro_batch_size}) × world size ({world})"
+            )
+        self.micro_batch_size, self.seq_len = config.micro_batch_size, config.seq_len
+        train_tokens = TokenSplit(config.data, "train")
+        if train_tokens.vocab_size > model_config.vocab_size:
+            raise ValueError(
+                f"{config.data} was tokenized with {train_tokens.vocab_size} ids but the model has "
+                f"only {model_config.vocab_size}"
+            )
+        val_tokens = TokenSplit(config.data, "val")
+        self.val_windows = validation_windows(val_tokens, config.seq_len, config.eval_windows)
+        if len(self.val_windows) < world and info.is_main:
+            log.info(
+                "no validation: the val split of %s holds %d window(s) of %d tokens for %d rank(s) "
+                "(prepare the data with a larger --val-fraction to get one)",
+                config.data,
+                len(self.val_windows),
+                config.seq_len + 1,
+                world,
+            )
+        self.batches = Batches(train_tokens, config.seq_len, config.batch_size, config.seed, config.sampling)
+
+    def _micro_batches(self, windows: np.ndarray) -> list[Batch]:
+        if not len(windows):  # a validation split too short for every rank to get a window
+            return []
+        micros = torch.from_numpy(windows).split(self.micro_batch_size)
+        return [Batch(micro[:, :-1], micro[:, 1:]) for micro in micros]
+
+    def step(self, step: int, rank: int, world_size: int) -> StepBatch:
+        count = self.batches.batch_size * self.seq_len
+        return StepBatch(self._micro_batches(self.batches.batch(step, rank, world_size)), count, count)
+
+    def validation(self, rank: int, world_size: int) -> list[Batch]:
+        per_rank = len(self.val_windows) // world_size
+        return self._micro_batches(self.val_windows[rank * per_rank : (rank + 1) * per_rank])
 
 
 # ---------------------------------------------------------------------- model and MFU
@@ -263,10 +353,14 @@ def _has_weights(source: str) -> bool:
     return path.is_dir() and any(path.glob("*.safetensors"))
 
 
-def build_model(config: TrainConfig, info: DistInfo, param_dtype: torch.dtype | None) -> GptOss:
-    """The model, initialised (seeded) or loaded, then parallelized onto `info.device`."""
-    model_cfg = resolve_model_config(config)
-    if _has_weights(config.model):
+def build_model(
+    config: TrainConfig, info: DistInfo, param_dtype: torch.dtype | None, model: GptOss | None = None
+) -> GptOss:
+    """The model given (a fine-tuning run's, adapters and all), else `config.model` initialised
+    (seeded) or loaded; then parallelized onto `info.device`."""
+    if model is not None:
+        model.train()
+    elif _has_weights(config.model):
         if config.model_overrides:
             raise ValueError("model_overrides cannot change a model whose weights are loaded")
         model = load_checkpoint(config.model, dtype=torch.float32, dequantize=True).train()
@@ -275,20 +369,16 @@ def build_model(config: TrainConfig, info: DistInfo, param_dtype: torch.dtype | 
         # shard and initialise it through DTensor's RNG (the same on every rank for one seed).
         torch.manual_seed(config.seed)
         with torch.device("meta"):
-            model = GptOss(model_cfg)
-        if config.fused_loss:
-            apply_fused_loss(model)
+            model = trim_vocabulary(GptOss(resolve_model_config(config)))
         parallelize(model, info, **_wrapping(config), param_dtype=param_dtype)
         model.to_empty(device=info.device)
         model.init_weights()
         return model.train()
     else:
         # The full model on every rank, seeded the same: identical to one process at any world size.
-        model = GptOss(model_cfg)
+        model = trim_vocabulary(GptOss(resolve_model_config(config)))
         model.init_weights(torch.Generator().manual_seed(config.seed))
         model.train()
-    if config.fused_loss:
-        apply_fused_loss(model)
     if not info.sharded:
         model.to(info.device)
     return parallelize(model, info, **_wrapping(config), param_dtype=param_dtype)
@@ -296,6 +386,13 @@ def build_model(config: TrainConfig, info: DistInfo, param_dtype: torch.dtype | 
 
 def _wrapping(config: TrainConfig) -> dict[str, bool]:
     return {"activation_checkpointing": config.activation_checkpointing, "compile": config.compile}
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to compute in bf16: asked for, or 'auto' on a GPU that has it."""
+    return precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float | None = None) -> float:
@@ -325,9 +422,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float 
 
 # ---------------------------------------------------------------------- the trainer
 class Trainer:
-    """Builds model, optimizer, schedule and data from a `TrainConfig`; `fit()` runs the steps."""
+    """Builds model, optimizer, schedule and data from a `TrainConfig`; `fit()` runs the steps.
 
-    def __init__(self, config: TrainConfig) -> None:
+    `objective` says what to learn (default: `Pretraining` on `config.data`); `model`, if given, is
+    trained instead of building `config.model` (fine-tuning passes its base, adapters applied).
+    """
+
+    def __init__(
+        self, config: TrainConfig, objective: Objective | None = None, model: GptOss | None = None
+    ) -> None:
         self.config = config
         self.info = init_distributed(config.device)
         torch.manual_seed(config.seed)
@@ -340,45 +443,20 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
                 "another --out"
             )
-        world = self.info.world_size
-        if config.batch_size % (config.micro_batch_size * world):
-            raise ValueError(
-                f"batch_size ({config.batch_size}) must be a multiple of micro_batch_size "
-                f"({config.micro_batch_size}) × world size ({world})"
-            )
-        self.accumulation = config.batch_size // (config.micro_batch_size * world)
-
-        bf16 = config.precision == "bf16" or (
-            config.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        )
+        bf16 = use_bf16(config.precision, self.device)
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         # Sharded: FSDP's mixed-precision policy casts the gathered weights; one process: autocast.
         param_dtype = self.compute_dtype if bf16 and self.info.sharded else None
         self.autocast = bf16 and not self.info.sharded
 
-        self.train_tokens = TokenSplit(config.data, "train")
-        self.val_windows = validation_windows(
-            TokenSplit(config.data, "val"), config.seq_len, config.eval_windows
-        )
-        if len(self.val_windows) < self.info.world_size and self.info.is_main:
-            log.info(
-                "no validation: the val split of %s holds %d window(s) of %d tokens for %d rank(s) "
-                "(prepare the data with a larger --val-fraction to get one)",
-                config.data,
-                len(self.val_windows),
-                config.seq_len + 1,
-                self.info.world_size,
-            )
-        self.model_config = resolve_model_config(config)
-        if self.train_tokens.vocab_size > self.model_config.vocab_size:
-            raise ValueError(
-                f"{config.data} was tokenized with {self.train_tokens.vocab_size} ids but the model has "
-                f"only {self.model_config.vocab_size}"
-            )
-        self.batches = Batches(
-            self.train_tokens, config.seq_len, config.batch_size, config.seed, config.sampling
-        )
-        self.model = build_model(config, self.info, param_dtype)
+        self.model_config = model.config if model is not None else resolve_model_config(config)
+        self.objective = objective or Pretraining(config, self.info, self.model_config)
+        self.model = build_model(config, self.info, param_dtype, model)
+        if self.info.sharded:
+            # The fused loss reads the hidden states and the head's weight outside `forward`.
+            register_fsdp_forward_method(self.model, "hidden_states")
+        # A LoRA run checkpoints what it trains, not the frozen base it was given.
+        self.trainable_only = any(not p.requires_grad for p in self.model.parameters())
         self.router_losses = RouterLosses(self.model)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -387,6 +465,7 @@ class Trainer:
         )
         self.step = 0
         self.tokens_seen = 0
+        self.initial_val_loss: float | None = None  # before the first step, when `fit` was asked for it
         self.flops_per_token = train_flops_per_token(self.model_config, config.seq_len)
         self.peak = peak_flops(self.device, self.compute_dtype, config.peak_tflops)
 
@@ -403,6 +482,7 @@ class Trainer:
                 "seq_len": self.config.seq_len,
                 "batch_size": self.config.batch_size,
             },
+            "initial_val_loss": self.initial_val_loss,
             "world_size": self.info.world_size,
             "config": self.config.to_dict(),
             "model_config": self.model_config.to_hf(),
@@ -418,6 +498,7 @@ class Trainer:
             self.info,
             keep_last=self.config.keep_last,
             hf_model=self.config.hf_model,
+            trainable_only=self.trainable_only,
         )
 
     def resume(self) -> Path | None:
@@ -444,10 +525,13 @@ class Trainer:
         return None
 
     def _restore(self, path: Path) -> None:
-        state = load_training_checkpoint(path, self.model, self.optimizer, self.info)
+        state = load_training_checkpoint(
+            path, self.model, self.optimizer, self.info, trainable_only=self.trainable_only
+        )
         try:
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+            self.initial_val_loss = state.get("initial_val_loss")
             data = state["data"]
             changed = {
                 k: (data[k], v)
@@ -485,34 +569,34 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _to_device(self, windows: np.ndarray) -> Tensor:
-        batch = torch.from_numpy(windows)
-        if self.device.type == "cuda":
-            return batch.pin_memory().to(self.device, non_blocking=True)
-        return batch
+    def _to_device(self, batch: Batch) -> Batch:
+        if self.device.type != "cuda":
+            return batch
+        return Batch(
+            *(None if t is None else t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+        )
 
     def _loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy of one micro-batch (B, T) (call under autocast and router capture)."""
-        head = getattr(self.model, "lm_head", None)
-        if isinstance(head, LossHead):
-            with head.targets(self.model.token_rows(targets)):  # the head's rows, if trimmed
-                return self.model(inputs) / targets.numel()
-        logits = self.model(inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        """Summed cross-entropy of one micro-batch (call under autocast and router capture)."""
+        return causal_lm_loss(self.model, inputs, targets, fused=self.config.fused_loss)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step on batch `self.step`; returns its metrics (global means over ranks)."""
-        config = self.config
+        config, world = self.config, self.info.world_size
         start = time.perf_counter()
-        windows = self._to_device(self.batches.batch(self.step, self.info.rank, self.info.world_size))
-        sums = torch.zeros(3, device=self.device)  # cross-entropy, load balance, z-loss
-        for micro in windows.split(config.micro_batch_size):
-            inputs, targets = micro[:, :-1], micro[:, 1:]
+        batch = self.objective.step(self.step, self.info.rank, world)
+        # FSDP averages gradients over ranks: scaling each rank's sum by world / (the step's learned
+        # targets) makes the update the mean over every learned target, however the step is split.
+        scale = world / batch.targets
+        micros = len(batch.micro_batches)
+        sums = torch.zeros(3, device=self.device)  # cross-entropy sum, load balance, z-loss
+        for micro in batch.micro_batches:
+            inputs, targets, real = self._to_device(micro)
             with self._autocast(), self.router_losses.capture():
                 ce = self._loss(inputs, targets)
-            balance, z = (t.to(self.device) for t in self.router_losses.losses())
-            loss = ce + config.aux_loss_coef * balance + config.z_loss_coef * z
-            (loss / self.accumulation).backward()
+            balance, z = (t.to(self.device) / micros for t in self.router_losses.losses(real))
+            loss = ce * scale + config.aux_loss_coef * balance + config.z_loss_coef * z
+            loss.backward()
             sums += torch.stack([ce.detach(), balance.detach(), z.detach()])
         clip = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
@@ -522,19 +606,19 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        means = all_reduce_mean(sums / self.accumulation, self.info).tolist()
+        means = all_reduce_mean(sums, self.info).tolist()
         elapsed = time.perf_counter() - start
         self.step += 1
-        tokens = config.batch_size * config.seq_len
-        self.tokens_seen += tokens
+        self.tokens_seen += batch.tokens
         metrics = {
             "step": self.step,
-            "loss": means[0],
+            "loss": means[0] * world / batch.targets,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens": self.tokens_seen,
-            "tokens_per_s": tokens / elapsed,
-            "mfu": tokens * self.flops_per_token / elapsed / (self.peak * self.info.world_size),
+            "learned_tokens": batch.targets,
+            "tokens_per_s": batch.tokens / elapsed,
+            "mfu": batch.tokens * self.flops_per_token / elapsed / (self.peak * world),
             "step_time_s": elapsed,
         }
         if self.router_losses.routers:
@@ -543,23 +627,26 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean cross-entropy over the fixed validation windows (None when the split is too short)."""
-        config, world = self.config, self.info.world_size
-        windows = self.val_windows
-        per_rank = len(windows) // world
-        if per_rank == 0:
-            return None
-        mine = self._to_device(windows[self.info.rank * per_rank : (self.info.rank + 1) * per_rank])
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        for micro in mine.split(config.micro_batch_size):
+        """Mean cross-entropy per learned target of the validation batches (None when there are none)."""
+        was_training = self.model.training
+        self.model.eval()
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # cross-entropy, targets
+        for micro in self.objective.validation(self.info.rank, self.info.world_size):
+            inputs, targets, _ = self._to_device(micro)
             with self._autocast():
-                total += self._loss(micro[:, :-1], micro[:, 1:]) * micro[:, 1:].numel()
-        count = per_rank * config.seq_len
-        return float(all_reduce_mean(total / count, self.info))
+                sums[0] += self._loss(inputs, targets)
+            sums[1] += (targets != IGNORE_INDEX).sum()
+        self.model.train(was_training)
+        total, count = all_reduce_mean(sums, self.info).tolist()
+        return total / count if count else None
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> list[dict[str, Any]]:
-        """Run (or continue) training to `config.steps`; return the metrics logged by this call."""
+    def fit(self, validate_first: bool = False) -> list[dict[str, Any]]:
+        """Run (or continue) training to `config.steps`; return the metrics logged by this call.
+
+        `validate_first`: measure the validation loss before the first step (`initial_val_loss`,
+        kept in checkpoints so a resumed run still knows it).
+        """
         config, main = self.config, self.info.is_main
         if config.resume:
             path = self.resume()
@@ -567,16 +654,18 @@ class Trainer:
                 log.info(
                     "resumed from %s" if path else "no checkpoint in %s: starting fresh", path or self.run_dir
                 )
+        if validate_first and self.step == 0:
+            self.initial_val_loss = self.evaluate()
         if main:
             self._truncate_metrics(self.step)
             log.info(
-                "%s: %s params (%s active), %d ranks on %s, %d× accumulation, %s",
+                "%s: %s params (%s active, %s trained), %d ranks on %s, %s",
                 self.model_config.name,
                 f"{self.model_config.total_params():,}",
                 f"{self.model_config.active_params():,}",
+                f"{sum(p.numel() for group in self.optimizer.param_groups for p in group['params']):,}",
                 self.info.world_size,
                 self.device,
-                self.accumulation,
                 self.compute_dtype,
             )
             (self.run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
