@@ -1,0 +1,181 @@
+"""Expert and tensor parallelism against one process: gloo ranks on CPU (torch.multiprocessing).
+
+Each test starts its ranks once and runs several layouts in them (starting processes is what costs
+here); rank 0 writes what every layout computed, and the test compares it with the same model run
+in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from conftest import random_model, tiny_config
+from gptoss.distributed import parallelize_for_inference
+from gptoss.inference import generate
+from gptoss.quant.mxfp4 import quantize_experts
+from gptoss.train.parallelize import clip_grad_norm_, init_distributed, parallelize
+
+SEQ, WINDOWS = 12, 8  # each step: 8 windows of 12 tokens, split over the data-parallel ranks
+LR = 0.5
+
+
+def model_for(case: str) -> torch.nn.Module:
+    """The tiny MoE (4 experts, top 2), fp32; "skewed": every token routed to experts 0 and 1, so
+    experts 2 and 3 (and the ranks holding them) get no tokens at all."""
+    model = random_model(tiny_config(), seed=3).train()
+    if case == "skewed":
+        with torch.no_grad():
+            for block in model.model.layers:
+                block.mlp.router.weight.mul_(1e-3)
+                block.mlp.router.bias.copy_(torch.tensor([6.0, 5.0, -6.0, -6.0]))
+    return model
+
+
+def batch(step: int) -> torch.Tensor:
+    return torch.randint(0, 320, (WINDOWS, SEQ + 1), generator=torch.Generator().manual_seed(step))
+
+
+def loss_of(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    logits = model(windows[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def train_two_steps(model: torch.nn.Module, rank: int, ranks: int, reduce: bool) -> dict:
+    """Loss and gradients of step 1, clipped SGD, loss of step 2; each rank on its slice."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    out: dict = {}
+    for step in (1, 2):
+        per = WINDOWS // ranks
+        loss = loss_of(model, batch(step)[rank * per : (rank + 1) * per])
+        loss.backward()
+        value = loss.detach().clone()
+        if reduce:
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        out[f"loss{step}"] = float(value)
+        if step == 1:
+            out["grads"] = {name: whole(p.grad).clone() for name, p in model.named_parameters()}
+            out["grad_norm"] = float(clip_grad_norm_(model, 1.0))
+            optimizer.step()
+            optimizer.zero_grad()
+    return out
+
+
+def reference(case: str) -> dict:
+    return train_two_steps(model_for(case), 0, 1, reduce=False)
+
+
+def _worker(rank: int, world: int, port: int, layouts: list, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results = {}
+    for name, kind, case, ep, tp in layouts:
+        if kind == "train":
+            info = init_distributed("cpu", expert_parallel=ep, tensor_parallel=tp)
+            model = parallelize(model_for(case), info)
+            results[name] = train_two_steps(model, info.data_rank, info.data_ranks, reduce=True)
+            experts = model.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
+            results[name]["experts_local"] = tuple(experts.to_local().shape) if ep > 1 else None
+        else:
+            model = inference_model(case)
+            parallelize_for_inference(model, tensor_parallel=tp, expert_parallel=ep)
+            results[name] = infer(model)
+        dist.barrier()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_ranks(world: int, layouts: list, tmp_path: Path) -> list[dict]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "results.pt")
+    mp.spawn(_worker, args=(world, port, layouts, out), nprocs=world, join=True)
+    return torch.load(out, weights_only=False)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def assert_matches(got: dict, want: dict) -> None:
+    for key in ("loss1", "loss2", "grad_norm"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert got["grads"].keys() == want["grads"].keys()
+    for name, grad in want["grads"].items():
+        assert relative_error(got["grads"][name], grad) < 1e-5, name
+
+
+# ---------------------------------------------------------------------- inference
+PROMPTS = [[5, 17, 42, 9, 100, 7], [3, 250, 11]]
+
+
+def inference_model(case: str) -> torch.nn.Module:
+    model = random_model(tiny_config(), seed=5)
+    if case == "mxfp4":
+        quantize_experts(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def infer(model: torch.nn.Module) -> dict:
+    ids = torch.tensor([PROMPTS[0] * 2])
+    tokens = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0, stop_token_ids=())
+    packed = [
+        (str(b.dtype), tuple(b.shape)) for b in model.buffers() if b.dtype == torch.uint8 and b.dim() == 4
+    ][:1]
+    return {"logits": model(ids), "tokens": tokens, "packed": packed}
+
+
+# ---------------------------------------------------------------------- the tests
+def test_two_ranks_expert_and_tensor_parallel_match_one_process(tmp_path):
+    layouts = [
+        ("ep2", "train", "random", 2, 1),
+        ("ep2-skewed", "train", "skewed", 2, 1),
+        ("tp2", "train", "random", 1, 2),
+        ("infer-tp2-ep2", "infer", "mxfp4", 2, 2),
+        ("infer-ep2-dense", "infer", "random", 2, 1),
+    ]
+    ranks = run_ranks(2, layouts, tmp_path)
+    for name, kind, case, ep, _ in layouts:
+        if kind == "train":
+            assert_matches(ranks[0][name], reference(case))
+            if ep > 1:  # each rank holds half of the 4 experts: (2, hidden, 2 · intermediate)
+                assert ranks[1][name]["experts_local"] == (2, 64, 128)
+    with torch.no_grad():
+        for name, case in (("infer-tp2-ep2", "mxfp4"), ("infer-ep2-dense", "random")):
+            want = infer(inference_model(case))
+            for rank in ranks:
+                torch.testing.assert_close(rank[name]["logits"], want["logits"], rtol=1e-5, atol=1e-6)
+                assert rank[name]["tokens"] == want["tokens"], name
+    # MXFP4 experts stay packed: 2 of the 4 experts' uint8 blocks on each rank.
+    assert ranks[1]["infer-tp2-ep2"]["packed"] == [("torch.uint8", (2, 128, 2, 16))]
+
+
+def test_four_ranks_expert_parallel_with_fsdp_match_one_process(tmp_path):
+    layouts = [
+        ("ep2-fsdp2", "train", "random", 2, 1),
+        ("ep4-skewed", "train", "skewed", 4, 1),
+    ]
+    ranks = run_ranks(4, layouts, tmp_path)
+    for name, _, case, _, _ in layouts:
+        assert_matches(ranks[0][name], reference(case))
