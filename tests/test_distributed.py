@@ -7,7 +7,9 @@ in this process.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -19,10 +21,18 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from conftest import random_model, tiny_config
+from gptoss import load_model
 from gptoss.distributed import parallelize_for_inference
 from gptoss.inference import generate
 from gptoss.quant.mxfp4 import quantize_experts
+from gptoss.train.checkpoints import latest_checkpoint
 from gptoss.train.parallelize import clip_grad_norm_, init_distributed, parallelize
+from gptoss.train.plot import read_metrics
+from gptoss.train.trainer import TrainConfig, train
+from test_train import base_config, markov_data, tiny_model_file, torchrun  # noqa: F401 (fixtures)
+
+# One thread per process: ranks share two cores, and OpenMP barriers between threads stall them.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SEQ, WINDOWS = 12, 8  # each step: 8 windows of 12 tokens, split over the data-parallel ranks
 LR = 0.5
@@ -179,3 +189,39 @@ def test_four_ranks_expert_parallel_with_fsdp_match_one_process(tmp_path):
     ranks = run_ranks(4, layouts, tmp_path)
     for name, _, case, _, _ in layouts:
         assert_matches(ranks[0][name], reference(case))
+
+
+# ---------------------------------------------------------------------- the trainer under torchrun
+def ep_config(data: Path, model: Path, out: Path, **changes) -> TrainConfig:
+    """4 steps of 8 windows in micro-batches of 2 (the same micro-batches at 1, 2 or 4 ranks, so the
+    router losses do not change with the layout), checkpoints at 2 and 4."""
+    return base_config(data, model, out, steps=4, micro_batch_size=2, eval_every=2, **changes)
+
+
+def test_a_checkpoint_saved_at_ep2_resumes_at_ep1_and_ep4(markov_data, tiny_model_file, tmp_path):  # noqa: F811
+    run = tmp_path / "ep2"
+    torchrun(2, ep_config(markov_data, tiny_model_file, run, expert_parallel=2))
+    saved = read_metrics(run)
+    assert [r["step"] for r in saved] == [1, 2, 3, 4]
+    # DCP stores the experts' global shapes: no file of the checkpoint says how they were split.
+    for layout in ("ep1", "ep4"):
+        out = tmp_path / layout
+        shutil.copytree(run, out)
+        shutil.rmtree(out / "checkpoints" / "step_00000004")  # as if the run had died after step 3
+        config = ep_config(markov_data, tiny_model_file, out, resume=True)
+        if layout == "ep1":
+            resumed = train(config)
+        else:
+            torchrun(4, dataclasses.replace(config, expert_parallel=4))
+            resumed = read_metrics(out)[2:]
+        assert [r["step"] for r in resumed] == [3, 4]
+        for got, want in zip(resumed, saved[2:], strict=True):
+            for key in ("loss", "aux_loss", "z_loss", "grad_norm", "val_loss"):
+                if key in want:
+                    assert got[key] == pytest.approx(want[key], rel=1e-5), (layout, key)
+    # The HF-layout model gathered from the expert shards is the one process's model.
+    ids = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        got = load_model(latest_checkpoint(run) / "model")(ids)
+        want = load_model(latest_checkpoint(tmp_path / "ep1") / "model")(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

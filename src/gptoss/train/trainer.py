@@ -44,7 +44,14 @@ from gptoss.train.checkpoints import (
 )
 from gptoss.train.data import Batches, TokenSplit, validation_windows
 from gptoss.train.loss import LossHead, apply_fused_loss
-from gptoss.train.parallelize import DistInfo, all_reduce_mean, init_distributed, parallelize, shutdown
+from gptoss.train.parallelize import (
+    DistInfo,
+    all_reduce_mean,
+    clip_grad_norm_,
+    init_distributed,
+    parallelize,
+    shutdown,
+)
 from gptoss.train.plan import GPUS, train_flops_per_token
 
 log = logging.getLogger(__name__)
@@ -88,6 +95,10 @@ class TrainConfig:
     precision: str = _help("'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'", default="auto")
     activation_checkpointing: bool = _help("recompute each block in the backward pass", default=False)
     compile: bool = _help("torch.compile each block", default=False)
+    expert_parallel: int = _help(
+        "split each MoE layer's experts over this many ranks (tokens travel by all-to-all)", default=1
+    )
+    tensor_parallel: int = _help("split attention by head over this many ranks (they share data)", default=1)
     fused_loss: bool = _help(
         "output head and cross-entropy in chunks, never the whole (tokens × vocab) logits", default=True
     )
@@ -329,7 +340,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.info = init_distributed(config.device)
+        self.info = init_distributed(config.device, config.expert_parallel, config.tensor_parallel)
         torch.manual_seed(config.seed)
         self.device = self.info.device
         self.run_dir = Path(config.out)
@@ -340,11 +351,11 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
                 "another --out"
             )
-        world = self.info.world_size
+        world = self.info.data_ranks
         if config.batch_size % (config.micro_batch_size * world):
             raise ValueError(
                 f"batch_size ({config.batch_size}) must be a multiple of micro_batch_size "
-                f"({config.micro_batch_size}) × world size ({world})"
+                f"({config.micro_batch_size}) × data-parallel ranks ({world})"
             )
         self.accumulation = config.batch_size // (config.micro_batch_size * world)
 
@@ -360,14 +371,14 @@ class Trainer:
         self.val_windows = validation_windows(
             TokenSplit(config.data, "val"), config.seq_len, config.eval_windows
         )
-        if len(self.val_windows) < self.info.world_size and self.info.is_main:
+        if len(self.val_windows) < self.info.data_ranks and self.info.is_main:
             log.info(
                 "no validation: the val split of %s holds %d window(s) of %d tokens for %d rank(s) "
                 "(prepare the data with a larger --val-fraction to get one)",
                 config.data,
                 len(self.val_windows),
                 config.seq_len + 1,
-                self.info.world_size,
+                self.info.data_ranks,
             )
         self.model_config = resolve_model_config(config)
         if self.train_tokens.vocab_size > self.model_config.vocab_size:
@@ -504,7 +515,7 @@ class Trainer:
         """One optimizer step on batch `self.step`; returns its metrics (global means over ranks)."""
         config = self.config
         start = time.perf_counter()
-        windows = self._to_device(self.batches.batch(self.step, self.info.rank, self.info.world_size))
+        windows = self._to_device(self.batches.batch(self.step, self.info.data_rank, self.info.data_ranks))
         sums = torch.zeros(3, device=self.device)  # cross-entropy, load balance, z-loss
         for micro in windows.split(config.micro_batch_size):
             inputs, targets = micro[:, :-1], micro[:, 1:]
@@ -515,9 +526,7 @@ class Trainer:
             (loss / self.accumulation).backward()
             sums += torch.stack([ce.detach(), balance.detach(), z.detach()])
         clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm_(self.model, clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -544,12 +553,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean cross-entropy over the fixed validation windows (None when the split is too short)."""
-        config, world = self.config, self.info.world_size
+        config, world, rank = self.config, self.info.data_ranks, self.info.data_rank
         windows = self.val_windows
         per_rank = len(windows) // world
         if per_rank == 0:
             return None
-        mine = self._to_device(windows[self.info.rank * per_rank : (self.info.rank + 1) * per_rank])
+        mine = self._to_device(windows[rank * per_rank : (rank + 1) * per_rank])
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         for micro in mine.split(config.micro_batch_size):
             with self._autocast():
