@@ -11,6 +11,8 @@ import dataclasses
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from conftest import random_model, tiny_config
 from gptoss import load_model
+from gptoss.cli import main
 from gptoss.distributed import parallelize_for_inference
 from gptoss.inference import generate
 from gptoss.quant.mxfp4 import quantize_experts
@@ -225,3 +228,30 @@ def test_a_checkpoint_saved_at_ep2_resumes_at_ep1_and_ep4(markov_data, tiny_mode
         got = load_model(latest_checkpoint(run) / "model")(ids)
         want = load_model(latest_checkpoint(tmp_path / "ep1") / "model")(ids)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_under_torchrun_with_tp_and_ep_prints_what_one_process_prints(capsys):
+    args = [
+        "generate",
+        "gptoss-nano",
+        "Once upon a time",
+        "--raw",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*command, "-m", "gptoss.cli", *args, "--tp", "2", "--ep", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(args) == 0
+    alone = capsys.readouterr().out
+    assert result.stdout == alone and len(alone.strip()) > 0  # printed once (rank 0), the same text
+    # Degrees the launch does not provide are refused with the fix, before any model is loaded.
+    assert main([*args, "--tp", "2"]) == 2
+    assert "--tp 2 must equal the number of processes (1) or be 1" in capsys.readouterr().err

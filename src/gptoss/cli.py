@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,6 +123,15 @@ def _load_for_inference(args: argparse.Namespace):  # noqa: ANN202 - a GptOss, i
     from gptoss.inference.optimize import prepare_for_inference
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    tp, ep = getattr(args, "tp", 1), getattr(args, "ep", 1)
+    if tp > 1 or ep > 1:
+        from gptoss.distributed import check_inference_degrees, parallelize_for_inference
+
+        if args.int8:
+            raise ValueError("--int8 does not combine with --tp/--ep; drop one of them")
+        check_inference_degrees(tp, ep)
+        model = load_model(args.model, device=args.device, dtype=dtype)
+        return parallelize_for_inference(model, tensor_parallel=tp, expert_parallel=ep)
     model = load_model(args.model, device=args.device, dtype=dtype)
     return prepare_for_inference(model, int8=args.int8)
 
@@ -150,7 +160,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model = _load_for_inference(args)
     params = _sampling_params(args)
-    out, err = Console(highlight=False), Console(stderr=True, highlight=False, style="dim")
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun: every rank decodes, rank 0 prints
+    out = Console(highlight=False, quiet=quiet)
+    err = Console(stderr=True, highlight=False, style="dim", quiet=quiet)
     if args.raw:
         prompt = get_tokenizer().encode(args.prompt, allowed_special="all")
         decoder = TextDecoder()
@@ -600,6 +612,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the user message (with --raw: the text to continue)")
     generate.add_argument("--raw", action="store_true", help="plain completion of the text, no chat format")
     generate.add_argument("--show-reasoning", action="store_true", help="print the reasoning (to stderr)")
+    generate.add_argument(
+        "--tp", type=int, default=1, help="under torchrun: split attention by head over the N processes"
+    )
+    generate.add_argument(
+        "--ep", type=int, default=1, help="under torchrun: split MoE experts over the N processes"
+    )
     generate.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat")

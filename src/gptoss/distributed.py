@@ -208,13 +208,8 @@ def apply_tensor_parallel(model: GptOss, tp_mesh: DeviceMesh) -> None:
 
 
 # ---------------------------------------------------------------------- inference under torchrun
-def parallelize_for_inference(model: GptOss, tensor_parallel: int = 1, expert_parallel: int = 1) -> GptOss:
-    """Split `model` over the processes torchrun started: attention by head (`tensor_parallel`) and
-    MoE experts by expert (`expert_parallel`), each 1 or the number of processes. In place.
-
-    Every rank then runs the same engine on the same tokens and gets the same logits; the rank's
-    `model.config` describes the attention it holds (its heads), which sizes its KV cache.
-    """
+def check_inference_degrees(tensor_parallel: int, expert_parallel: int) -> int:
+    """The number of processes torchrun started, once both degrees are 1 or that number."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for name, degree in (("--tp", tensor_parallel), ("--ep", expert_parallel)):
         if degree not in (1, world):
@@ -222,6 +217,17 @@ def parallelize_for_inference(model: GptOss, tensor_parallel: int = 1, expert_pa
                 f"{name} {degree} must equal the number of processes ({world}) or be 1; "
                 f"launch with torchrun --nproc_per_node {degree}"
             )
+    return world
+
+
+def parallelize_for_inference(model: GptOss, tensor_parallel: int = 1, expert_parallel: int = 1) -> GptOss:
+    """Split `model` over the processes torchrun started: attention by head (`tensor_parallel`) and
+    MoE experts by expert (`expert_parallel`), each 1 or the number of processes. In place.
+
+    Every rank then runs the same engine on the same tokens and gets the same logits; the rank's
+    `model.config` describes the attention it holds (its heads), which sizes its KV cache.
+    """
+    world = check_inference_degrees(tensor_parallel, expert_parallel)
     if world == 1:
         return model
     if expert_parallel > 1 and not model.config.is_moe:
