@@ -87,7 +87,13 @@ def check_layout(config: ModelConfig, gpus: int, ep: int, tp: int) -> None:
 
 
 def communication_per_micro_batch(
-    config: ModelConfig, gpus: int, tokens: int, ep: int, tp: int, checkpointing: bool
+    config: ModelConfig,
+    gpus: int,
+    tokens: int,
+    ep: int,
+    tp: int,
+    checkpointing: bool,
+    activation_bytes: int = ACTIVATION_BYTES,
 ) -> dict[str, float]:
     """Bytes one GPU sends per forward + backward of its micro-batch (`tokens` tokens), by kind.
 
@@ -103,7 +109,7 @@ def communication_per_micro_batch(
     h, k = config.hidden_size, config.experts_per_token
     moe_layers = config.num_hidden_layers if config.is_moe else 0
     passes = 3 if checkpointing else 2
-    a2a = 2 * passes * moe_layers * tokens * k * h * ACTIVATION_BYTES * (ep - 1) / ep
+    a2a = 2 * passes * moe_layers * tokens * k * h * activation_bytes * (ep - 1) / ep
     experts = config.num_local_experts * config.expert_params() * moe_layers if config.is_moe else 0
     attention = config.attention_params() * config.num_hidden_layers
     rest = config.total_params() - experts - attention
@@ -113,7 +119,7 @@ def communication_per_micro_batch(
         return (2 * 2 + 4) * params * (group - 1) / group  # 2 gathers in bf16, 1 reduce-scatter in fp32
 
     fsdp_bytes = fsdp(experts / ep, expert_group) + fsdp(attention / tp + rest, dense_group)
-    tp_bytes = 2 * passes / 2 * config.num_hidden_layers * tokens * h * ACTIVATION_BYTES * 2 * (tp - 1) / tp
+    tp_bytes = passes * config.num_hidden_layers * tokens * h * activation_bytes * 2 * (tp - 1) / tp
     return {"all_to_all": a2a, "fsdp": fsdp_bytes, "tensor_parallel": tp_bytes}
 
 
