@@ -31,7 +31,7 @@ from gptoss.quant.mxfp4 import quantize_experts
 from gptoss.train.checkpoints import latest_checkpoint
 from gptoss.train.parallelize import clip_grad_norm_, init_distributed, parallelize
 from gptoss.train.plot import read_metrics
-from gptoss.train.trainer import TrainConfig, train
+from gptoss.train.trainer import TrainConfig, Trainer, train
 from test_train import base_config, markov_data, tiny_model_file, torchrun  # noqa: F401 (fixtures)
 
 # One thread per process: ranks share two cores, and OpenMP barriers between threads stall them.
@@ -255,3 +255,15 @@ def test_generate_under_torchrun_with_tp_and_ep_prints_what_one_process_prints(c
     # Degrees the launch does not provide are refused with the fix, before any model is loaded.
     assert main([*args, "--tp", "2"]) == 2
     assert "--tp 2 must equal the number of processes (1) or be 1" in capsys.readouterr().err
+
+
+def test_degrees_the_launch_cannot_provide_are_refused(markov_data, tiny_model_file, tmp_path):  # noqa: F811
+    for option, message in (
+        (
+            {"expert_parallel": 2},
+            "expert_parallel 2 must be a positive divisor of the number of processes (1)",
+        ),
+        ({"tensor_parallel": 3}, "tensor_parallel 3 must be a positive divisor"),
+    ):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            Trainer(base_config(markov_data, tiny_model_file, tmp_path / "run", **option))
