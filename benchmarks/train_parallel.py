@@ -6,10 +6,11 @@
 Each layout is a `torchrun` of the real `Trainer` (the same global batch at every layout: 8 windows
 of 128 tokens in micro-batches of 2, fp32). After `--warmup` steps, `--steps` steps are timed
 (median step → tokens/s), then one more step runs under a dispatch mode that reads every
-collective PyTorch issues (FSDP's all-gathers and reduce-scatters, the experts' all-to-alls, tensor
-parallelism's all-reduces) and adds up the bytes each rank sends to the others, as a ring or a
-pairwise exchange moves them. The plan's all-to-all prediction (`gptoss.train.plan`, uniform
-routing, fp32 activations here) is printed beside the measured all-to-all bytes.
+collective PyTorch issues (FSDP's all-gathers and reduce-scatters, the experts' all-to-alls, and as
+"other" tensor parallelism's all-reduces, DTensor's gathers and the metrics' all-reduces) and adds
+up the bytes each rank sends to the others, as a ring or a pairwise exchange moves them. The plan's
+all-to-all and tensor-parallel predictions (`gptoss.train.plan`, uniform routing, fp32 activations
+here) are printed beside the measured bytes.
 """
 
 from __future__ import annotations
@@ -72,11 +73,14 @@ class CommBytes(TorchDispatchMode):
             out, inp = args[0], args[1]
             ranks = inp.numel() // out.numel()
             self.add("fsdp", inp.numel() * inp.element_size() * (ranks - 1) / ranks)
-        elif name == "c10d::allreduce_":
+        elif name in ("c10d::allreduce_", "_c10d_functional::all_reduce"):
+            # (no group size in the op: every all-reduce here spans all ranks, or a TP group of all)
             world = dist.get_world_size()
-            self.add(
-                "all_reduce", sum(t.numel() * t.element_size() for t in args[0]) * 2 * (world - 1) / world
-            )
+            tensors = args[0] if isinstance(args[0], list | tuple) else [args[0]]
+            self.add("other", sum(t.numel() * t.element_size() for t in tensors) * 2 * (world - 1) / world)
+        elif name == "_c10d_functional::all_gather_into_tensor":  # DTensor redistributions
+            inp, ranks = args[0], args[1]
+            self.add("other", inp.numel() * inp.element_size() * (ranks - 1))
         return func(*args, **(kwargs or {}))
 
 
@@ -124,8 +128,7 @@ def worker(args: argparse.Namespace) -> None:
         if trainer.info.is_main:
             step = statistics.median(times[args.warmup :])
             mean = {
-                k: statistics.mean(g.get(k, 0.0) for g in gathered)
-                for k in ("all_to_all", "fsdp", "all_reduce")
+                k: statistics.mean(g.get(k, 0.0) for g in gathered) for k in ("all_to_all", "fsdp", "other")
             }
             Path(args.result).write_text(
                 json.dumps(
@@ -144,14 +147,13 @@ def worker(args: argparse.Namespace) -> None:
         trainer.close()
 
 
-def predicted_all_to_all(procs: int, ep: int) -> float:
-    """The plan's all-to-all bytes per rank and step: fp32 rows, no checkpointing, each rank's
-    micro-batches (BATCH / procs windows of SEQ_LEN tokens in all)."""
+def predicted(procs: int, ep: int, tp: int) -> dict[str, float]:
+    """The plan's bytes per rank and step: fp32 activations, no checkpointing, the windows of the
+    rank's data-parallel slice (BATCH · tp / procs windows of SEQ_LEN tokens)."""
     from gptoss.checkpoint import model_config
 
-    tokens = BATCH // procs * SEQ_LEN
-    sent = communication_per_micro_batch(model_config("gpt-oss-nano"), procs, tokens, ep, 1, False, 4)
-    return sent["all_to_all"]
+    tokens = BATCH * tp // procs * SEQ_LEN
+    return communication_per_micro_batch(model_config("gpt-oss-nano"), procs, tokens, ep, tp, False, 4)
 
 
 def main() -> None:
@@ -182,7 +184,7 @@ def main() -> None:
             199999,
         )
         for layout in args.layouts:
-            procs, ep, _ = parse(layout)
+            procs, ep, tp = parse(layout)
             result = Path(tmp) / f"{layout.replace(':', '_')}.json"
             own = [sys.argv[0], "--worker", "--layout", layout, "--data", str(data), "--result", str(result)]
             own += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
@@ -198,7 +200,11 @@ def main() -> None:
             if done.returncode:
                 raise SystemExit(f"{layout} failed:\n{done.stderr[-4000:]}")
             row = json.loads(result.read_text())
-            row["predicted_all_to_all_bytes"] = predicted_all_to_all(procs, ep)
+            plan = predicted(procs, ep, tp)
+            row["predicted_bytes"] = {
+                "all_to_all": plan["all_to_all"],
+                "tensor_parallel": plan["tensor_parallel"],
+            }
             rows.append(row)
             print(f"{layout}: {row['tokens_per_s']:.0f} tok/s", file=sys.stderr)
 
@@ -212,7 +218,8 @@ def main() -> None:
         "all-to-all sent",
         "plan's all-to-all",
         "FSDP sent",
-        "all-reduce",
+        "TP/other sent",
+        "plan's TP",
         "loss 1",
     ):
         table.add_column(column, justify="right")
@@ -224,9 +231,10 @@ def main() -> None:
             f"{row['tokens_per_s']:.0f}",
             f"{row['step_s']:.2f} s",
             f"{sent.get('all_to_all', 0) / mib:.2f} MiB",
-            f"{row['predicted_all_to_all_bytes'] / mib:.2f} MiB",
+            f"{row['predicted_bytes']['all_to_all'] / mib:.2f} MiB",
             f"{sent.get('fsdp', 0) / mib:.1f} MiB",
-            f"{sent.get('all_reduce', 0) / mib:.2f} MiB",
+            f"{sent.get('other', 0) / mib:.2f} MiB",
+            f"{row['predicted_bytes']['tensor_parallel'] / mib:.2f} MiB",
             f"{row['losses'][0]:.6f}",
         )
     Console(width=140).print(table)

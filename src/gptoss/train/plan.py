@@ -103,8 +103,9 @@ def communication_per_micro_batch(
     - FSDP: bf16 parameters all-gathered for the forward and again for the backward, fp32 gradients
       reduce-scattered, each (n-1)/n of the GPU's share of its group's parameters; experts over
       gpus/ep GPUs, the rest over gpus/tp.
-    - tensor parallel: attention output all-reduced in the forward, its input gradient in the
-      backward (a ring all-reduce sends 2(tp-1)/tp of the tensor).
+    - tensor parallel: attention's output all-reduced in the forward (and in a recomputed one), the
+      input gradients of the q, k and v projections in the backward, one each (three separate
+      projections); a ring all-reduce sends 2(tp-1)/tp of the tensor.
     """
     h, k = config.hidden_size, config.experts_per_token
     moe_layers = config.num_hidden_layers if config.is_moe else 0
@@ -119,7 +120,8 @@ def communication_per_micro_batch(
         return (2 * 2 + 4) * params * (group - 1) / group  # 2 gathers in bf16, 1 reduce-scatter in fp32
 
     fsdp_bytes = fsdp(experts / ep, expert_group) + fsdp(attention / tp + rest, dense_group)
-    tp_bytes = passes * config.num_hidden_layers * tokens * h * activation_bytes * 2 * (tp - 1) / tp
+    all_reduces = (passes - 1) + 3  # forwards, then q, k, v in the backward
+    tp_bytes = all_reduces * config.num_hidden_layers * tokens * h * activation_bytes * 2 * (tp - 1) / tp
     return {"all_to_all": a2a, "fsdp": fsdp_bytes, "tensor_parallel": tp_bytes}
 
 
