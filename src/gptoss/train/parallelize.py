@@ -203,6 +203,7 @@ def parallelize(
     return model
 
 
+@torch.no_grad()
 def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the gradients of `model` to a global norm of `max_norm`; return the norm before clipping.
 
