@@ -267,3 +267,17 @@ def test_degrees_the_launch_cannot_provide_are_refused(markov_data, tiny_model_f
     ):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             Trainer(base_config(markov_data, tiny_model_file, tmp_path / "run", **option))
+
+
+def test_the_trainer_with_tensor_parallelism_matches_one_process(markov_data, tiny_model_file, tmp_path):  # noqa: F811
+    # The two ranks split attention by head and take the same windows: the micro-batches of one process.
+    one, two = tmp_path / "one", tmp_path / "tp2"
+    config = base_config(markov_data, tiny_model_file, one, steps=3, save_every=0, eval_every=3)
+    want = train(config)
+    torchrun(2, dataclasses.replace(config, out=str(two), tensor_parallel=2))
+    got = read_metrics(two)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "aux_loss", "z_loss", "grad_norm", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), key
