@@ -43,13 +43,15 @@ LR = 0.5
 
 def model_for(case: str) -> torch.nn.Module:
     """The tiny MoE (4 experts, top 2), fp32; "skewed": every token routed to experts 0 and 1, so
-    experts 2 and 3 (and the ranks holding them) get no tokens at all."""
-    model = random_model(tiny_config(), seed=3).train()
-    if case == "skewed":
+    experts 2 and 3 (and the ranks holding them) get no tokens at all; "one": top 1, every token
+    routed to expert 3 alone."""
+    model = random_model(tiny_config(num_experts_per_tok=1 if case == "one" else 2), seed=3).train()
+    bias = {"skewed": [6.0, 5.0, -6.0, -6.0], "one": [-6.0, -6.0, -6.0, 6.0]}.get(case)
+    if bias is not None:
         with torch.no_grad():
             for block in model.model.layers:
                 block.mlp.router.weight.mul_(1e-3)
-                block.mlp.router.bias.copy_(torch.tensor([6.0, 5.0, -6.0, -6.0]))
+                block.mlp.router.bias.copy_(torch.tensor(bias))
     return model
 
 
@@ -164,6 +166,7 @@ def test_two_ranks_expert_and_tensor_parallel_match_one_process(tmp_path):
     layouts = [
         ("ep2", "train", "random", 2, 1),
         ("ep2-skewed", "train", "skewed", 2, 1),
+        ("ep2-one-expert", "train", "one", 2, 1),
         ("tp2", "train", "random", 1, 2),
         ("infer-tp2-ep2", "infer", "mxfp4", 2, 2),
         ("infer-ep2-dense", "infer", "random", 2, 1),
