@@ -187,10 +187,11 @@ def test_two_ranks_expert_and_tensor_parallel_match_one_process(tmp_path):
     assert ranks[1]["infer-tp2-ep2"]["packed"] == [("torch.uint8", (2, 128, 2, 16))]
 
 
-def test_four_ranks_expert_parallel_with_fsdp_match_one_process(tmp_path):
+def test_four_ranks_expert_and_tensor_parallel_with_fsdp_match_one_process(tmp_path):
     layouts = [
         ("ep2-fsdp2", "train", "random", 2, 1),
         ("ep4-skewed", "train", "skewed", 4, 1),
+        ("tp2-fsdp2", "train", "random", 1, 2),
     ]
     ranks = run_ranks(4, layouts, tmp_path)
     for name, _, case, _, _ in layouts:
