@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_config
 from gptoss import get_config
-from gptoss.train.plan import GPUS, plan_training, train_flops_per_token
+from gptoss.train.plan import GPUS, plan_training, recommend_layout, train_flops_per_token
 
 GPTOSS = shutil.which("gptoss") or str(Path(sys.executable).with_name("gptoss"))
 
@@ -74,3 +74,62 @@ def test_plan_command():
     report = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True).stdout)
     assert [r["model"] for r in report] == ["gpt-oss-15b", "gpt-oss-90b"]
     assert report[1] == plan_training(get_config("gpt-oss-90b"), 15e12, 1024)
+
+
+# ---------------------------------------------------------------------- expert / tensor parallel layouts
+def test_expert_parallelism_gathers_a_share_of_the_experts_and_sends_tokens():
+    config = get_config("gpt-oss-90b")
+    fsdp, ep8 = plan_training(config, 15e12, 1024), plan_training(config, 15e12, 1024, ep=8)
+    experts_per_block = config.num_local_experts * config.expert_params()
+    saved = fsdp["memory_gib"]["gathered_blocks_bf16"] - ep8["memory_gib"]["gathered_blocks_bf16"]
+    assert saved * 2**30 == pytest.approx(2 * 2 * experts_per_block * (1 - 1 / 8))  # two bf16 blocks
+    for key in ("weights_fp32", "grads_fp32", "optimizer_fp32"):  # still sharded over every GPU
+        assert ep8["memory_gib"][key] == pytest.approx(fsdp["memory_gib"][key])
+    # Each (token, expert) pair leaves for another GPU 7 times in 8, and comes back: forward,
+    # backward and the checkpointed forward again (this plan needs per-block checkpointing).
+    assert ep8["activation_checkpointing"] == "per block"
+    pairs = 4096 * config.num_experts_per_tok * config.num_hidden_layers
+    want = 2 * 3 * pairs * config.hidden_size * 2 * 7 / 8
+    assert ep8["bytes_per_micro_batch"]["all_to_all"] == pytest.approx(want)
+    assert fsdp["bytes_per_micro_batch"]["all_to_all"] == 0
+    assert ep8["bytes_per_micro_batch"]["fsdp"] < fsdp["bytes_per_micro_batch"]["fsdp"] / 5
+    tp = plan_training(get_config("gpt-oss-15b"), 15e12, 1024, tp=8)
+    assert tp["bytes_per_micro_batch"]["tensor_parallel"] > 0
+    assert tp["layout"] == {"ep": 1, "tp": 8, "fsdp_experts": 1024, "fsdp_dense": 128}
+
+
+def test_recommended_layouts():
+    ninety = recommend_layout(get_config("gpt-oss-90b"), 15e12, 1024)
+    assert ninety["recommended"]["ep"] == 8 and ninety["recommended"]["tp"] == 1
+    assert {(p["layout"]["ep"], p["layout"]["tp"]) for p in ninety["layouts"]} >= {(1, 1), (8, 1), (1, 8)}
+    # The dense member has no experts; splitting only its attention is not worth it.
+    assert recommend_layout(get_config("gpt-oss-15b"), 15e12, 1024)["recommended"] == {
+        "ep": 1, "tp": 1, "fsdp_experts": 1024, "fsdp_dense": 1024,
+    }  # fmt: skip
+    big = recommend_layout(get_config("gpt-oss-120b"), 15e12, 1024)
+    assert big["recommended"]["ep"] > 1
+
+
+def test_layouts_that_do_not_divide_are_refused():
+    ninety, dense = get_config("gpt-oss-90b"), get_config("gpt-oss-15b")
+    with pytest.raises(ValueError, match="must divide the experts"):
+        plan_training(ninety, 1e12, 1024, ep=32)  # 48 experts
+    with pytest.raises(ValueError, match="must divide the experts"):
+        plan_training(dense, 1e12, 1024, ep=2)
+    with pytest.raises(ValueError, match="not both"):
+        plan_training(ninety, 1e12, 1024, ep=2, tp=2)
+    with pytest.raises(ValueError, match="divisors of the GPU count"):
+        plan_training(ninety, 1e12, 12, ep=8)
+
+
+def test_plan_command_with_layouts():
+    command = [GPTOSS, "plan", "gpt-oss-90b", "--tokens", "15e12", "--gpus", "1024"]
+    table = subprocess.run([*command, "--recommend"], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert "EP 8 × FSDP 128" in table.stdout and "recommended" in table.stdout
+    report = json.loads(
+        subprocess.run([*command, "--ep", "8", "--json"], capture_output=True, text=True).stdout
+    )
+    assert report[0] == plan_training(get_config("gpt-oss-90b"), 15e12, 1024, ep=8)
+    bad = subprocess.run([*command, "--ep", "5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "ep (5) and tp (1) must be positive divisors" in bad.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,6 +123,15 @@ def _load_for_inference(args: argparse.Namespace):  # noqa: ANN202 - a GptOss, i
     from gptoss.inference.optimize import prepare_for_inference
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    tp, ep = getattr(args, "tp", 1), getattr(args, "ep", 1)
+    if tp > 1 or ep > 1:
+        from gptoss.distributed import check_inference_degrees, parallelize_for_inference
+
+        if args.int8:
+            raise ValueError("--int8 does not combine with --tp/--ep; drop one of them")
+        check_inference_degrees(tp, ep)
+        model = load_model(args.model, device=args.device, dtype=dtype)
+        return parallelize_for_inference(model, tensor_parallel=tp, expert_parallel=ep)
     model = load_model(args.model, device=args.device, dtype=dtype)
     return prepare_for_inference(model, int8=args.int8)
 
@@ -150,7 +160,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model = _load_for_inference(args)
     params = _sampling_params(args)
-    out, err = Console(highlight=False), Console(stderr=True, highlight=False, style="dim")
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun: every rank decodes, rank 0 prints
+    out = Console(highlight=False, quiet=quiet)
+    err = Console(stderr=True, highlight=False, style="dim", quiet=quiet)
     if args.raw:
         prompt = get_tokenizer().encode(args.prompt, allowed_special="all")
         decoder = TextDecoder()
@@ -428,12 +440,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from gptoss.checkpoint import model_config
-    from gptoss.train.plan import plan_training
+    from gptoss.train.plan import plan_training, recommend_layout
 
-    plans = [
-        plan_training(
-            model_config(m), args.tokens, args.gpus, args.gpu, args.mfu, args.seq_len, args.micro_batch
+    options = {"gpu": args.gpu, "mfu": args.mfu, "seq_len": args.seq_len, "micro_batch": args.micro_batch}
+    if args.recommend:
+        return _print_layouts(
+            [recommend_layout(model_config(m), args.tokens, args.gpus, **options) for m in args.models], args
         )
+    plans = [
+        plan_training(model_config(m), args.tokens, args.gpus, ep=args.ep, tp=args.tp, **options)
         for m in args.models
     ]
     if args.json:
@@ -469,6 +484,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             lambda p: f"{p['max_seq_len_no_checkpointing']:,} / {p['max_seq_len_per_block_checkpointing']:,}",
         ),
         ("training FLOPs per token", lambda p: f"{_human(p['train_flops_per_token'], _SI)}FLOP"),
+        ("all-to-all per micro-batch", lambda p: _gib(p["bytes_per_micro_batch"]["all_to_all"])),
+        ("FSDP traffic per micro-batch", lambda p: _gib(p["bytes_per_micro_batch"]["fsdp"])),
+        ("estimated step (compute / total)", _step_cell),
         ("total FLOPs", lambda p: f"{p['total_flops']:.3g}"),
         ("wall clock", lambda p: f"{p['wall_clock_days']:,.1f} days"),
         ("GPU-hours", lambda p: f"{p['gpu_hours']:,.0f}"),
@@ -476,7 +494,53 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for label, cell in rows:
         table.add_row(label, *(cell(p) for p in plans))
     Console().print(table)
-    print(f"{first['gpu_memory_gib']} GiB per GPU; FSDP over all GPUs, AdamW, bf16 compute, flash attention")
+    layout = f"expert parallel {args.ep} × FSDP" if args.ep > 1 else "FSDP over all GPUs"
+    if args.tp > 1:
+        layout = f"tensor parallel {args.tp} (attention) × FSDP"
+    print(f"{first['gpu_memory_gib']} GiB per GPU; {layout}, AdamW, bf16 compute, flash attention")
+    return 0
+
+
+def _step_cell(plan: dict) -> str:
+    seconds = plan["seconds_per_micro_batch"]
+    return f"{seconds['compute']:.2f} / {seconds['step']:.2f} s"
+
+
+def _print_layouts(reports: list[dict], args: argparse.Namespace) -> int:
+    """`gptoss plan --recommend`: every layout of each model, the recommended one marked."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if args.json:
+        print(json.dumps(reports, indent=2))
+        return 0
+    console = Console(width=120)
+    for report in reports:
+        table = Table(title=f"{report['model']}: {_human(args.tokens)} tokens on {args.gpus:,} GPUs")
+        for column in ("layout", "memory", "checkpointing", "all-to-all", "FSDP", "step", ""):
+            table.add_column(column, justify="left" if column == "layout" else "right", no_wrap=True)
+        for plan in report["layouts"]:
+            ep, tp = plan["layout"]["ep"], plan["layout"]["tp"]
+            name = f"EP {ep} × FSDP {args.gpus // ep}" if ep > 1 else f"TP {tp} × FSDP {args.gpus // tp}"
+            memory = plan["memory_gib"][
+                "total_no_checkpointing"
+                if plan["activation_checkpointing"] == "none"
+                else "total_per_block_checkpointing"
+            ]
+            table.add_row(
+                "FSDP" if ep == tp == 1 else name,
+                f"{memory:,.1f} GiB",
+                plan["activation_checkpointing"],
+                _gib(plan["bytes_per_micro_batch"]["all_to_all"]),
+                _gib(plan["bytes_per_micro_batch"]["fsdp"]),
+                f"{plan['seconds_per_micro_batch']['step']:.2f} s",
+                "<- recommended" if plan["layout"] == report["recommended"] else "",
+            )
+        console.print(table)
+    print(
+        "memory, traffic and estimated step per GPU and micro-batch; NVLink inside 8-GPU nodes, "
+        "a 400 Gb/s NIC per GPU between them"
+    )
     return 0
 
 
@@ -562,6 +626,9 @@ def _add_training_commands(sub: argparse._SubParsersAction, command: str | None)
     plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed (default 0.4)")
     plan.add_argument("--seq-len", type=int, default=4096, help="training sequence length (default 4096)")
     plan.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per pass (default 1)")
+    plan.add_argument("--ep", type=int, default=1, help="expert parallel degree (default 1)")
+    plan.add_argument("--tp", type=int, default=1, help="tensor parallel degree for attention (default 1)")
+    plan.add_argument("--recommend", action="store_true", help="compare the layouts and recommend one")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(func=cmd_plan)
 
@@ -600,6 +667,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the user message (with --raw: the text to continue)")
     generate.add_argument("--raw", action="store_true", help="plain completion of the text, no chat format")
     generate.add_argument("--show-reasoning", action="store_true", help="print the reasoning (to stderr)")
+    generate.add_argument(
+        "--tp", type=int, default=1, help="under torchrun: split attention by head over the N processes"
+    )
+    generate.add_argument(
+        "--ep", type=int, default=1, help="under torchrun: split MoE experts over the N processes"
+    )
     generate.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat")

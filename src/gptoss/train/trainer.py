@@ -50,7 +50,14 @@ from gptoss.train.checkpoints import (
 )
 from gptoss.train.data import Batches, TokenSplit, validation_windows
 from gptoss.train.loss import IGNORE_INDEX, causal_lm_loss
-from gptoss.train.parallelize import DistInfo, all_reduce_mean, init_distributed, parallelize, shutdown
+from gptoss.train.parallelize import (
+    DistInfo,
+    all_reduce_mean,
+    clip_grad_norm_,
+    init_distributed,
+    parallelize,
+    shutdown,
+)
 from gptoss.train.plan import GPUS, train_flops_per_token
 from gptoss.trimmed_vocab import trim_vocabulary
 
@@ -95,6 +102,10 @@ class TrainConfig:
     precision: str = _help("'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'", default="auto")
     activation_checkpointing: bool = _help("recompute each block in the backward pass", default=False)
     compile: bool = _help("torch.compile each block", default=False)
+    expert_parallel: int = _help(
+        "split each MoE layer's experts over this many ranks (tokens travel by all-to-all)", default=1
+    )
+    tensor_parallel: int = _help("split attention by head over this many ranks (they share data)", default=1)
     fused_loss: bool = _help(
         "output head and cross-entropy in chunks, never the whole (tokens × vocab) logits", default=True
     )
@@ -292,11 +303,11 @@ class Pretraining:
     """Windows of `seq_len + 1` tokens from the shards of `config.data`: every token is a target."""
 
     def __init__(self, config: TrainConfig, info: DistInfo, model_config: ModelConfig) -> None:
-        world = info.world_size
+        world = info.data_ranks
         if config.batch_size % (config.micro_batch_size * world):
             raise ValueError(
                 f"batch_size ({config.batch_size}) must be a multiple of micro_batch_size "
-                f"({config.micro_batch_size}) × world size ({world})"
+                f"({config.micro_batch_size}) × data-parallel ranks ({world})"
             )
         self.micro_batch_size, self.seq_len = config.micro_batch_size, config.seq_len
         train_tokens = TokenSplit(config.data, "train")
@@ -432,7 +443,7 @@ class Trainer:
         self, config: TrainConfig, objective: Objective | None = None, model: GptOss | None = None
     ) -> None:
         self.config = config
-        self.info = init_distributed(config.device)
+        self.info = init_distributed(config.device, config.expert_parallel, config.tensor_parallel)
         torch.manual_seed(config.seed)
         self.device = self.info.device
         self.run_dir = Path(config.out)
@@ -582,9 +593,9 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step on batch `self.step`; returns its metrics (global means over ranks)."""
-        config, world = self.config, self.info.world_size
+        config, world = self.config, self.info.data_ranks  # tensor-parallel peers share their data
         start = time.perf_counter()
-        batch = self.objective.step(self.step, self.info.rank, world)
+        batch = self.objective.step(self.step, self.info.data_rank, world)
         # FSDP averages gradients over ranks: scaling each rank's sum by world / (the step's learned
         # targets) makes the update the mean over every learned target, however the step is split.
         scale = world / batch.targets
@@ -599,9 +610,7 @@ class Trainer:
             loss.backward()
             sums += torch.stack([ce.detach(), balance.detach(), z.detach()])
         clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm_(self.model, clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -618,7 +627,7 @@ class Trainer:
             "tokens": self.tokens_seen,
             "learned_tokens": batch.targets,
             "tokens_per_s": batch.tokens / elapsed,
-            "mfu": batch.tokens * self.flops_per_token / elapsed / (self.peak * world),
+            "mfu": batch.tokens * self.flops_per_token / elapsed / (self.peak * self.info.world_size),
             "step_time_s": elapsed,
         }
         if self.router_losses.routers:
@@ -631,7 +640,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # cross-entropy, targets
-        for micro in self.objective.validation(self.info.rank, self.info.world_size):
+        for micro in self.objective.validation(self.info.data_rank, self.info.data_ranks):
             inputs, targets, _ = self._to_device(micro)
             with self._autocast():
                 sums[0] += self._loss(inputs, targets)

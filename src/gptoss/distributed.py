@@ -1,0 +1,248 @@
+"""Expert and tensor parallelism on PyTorch's own distributed engine, applied to a built model.
+
+The modules of `model.py` are swapped for subclasses that hold the same parameters (the same
+objects, the same names, so checkpoints keep their keys) and differ only in how they move data:
+
+- `ExpertParallelMoE` (training): every rank routes its own tokens, sends each (token, expert) pair
+  to the rank holding that expert with `all_to_all_single` (uneven splits: a rank may send an
+  expert thousands of rows or none), the experts run on what arrived, and a second all-to-all
+  brings the rows home, where they are weighted and summed exactly as `Experts.forward` does.
+- `ShardedExperts`: experts whose stacked tensors (`gate_up_proj` with its interleaved gate/linear
+  columns, `down_proj` and both biases) are DTensors sharded by expert (`Shard(0)`); the math runs
+  on the rank's shard. DTensors keep the global shape, so DCP checkpoints do not depend on the layout.
+- `ReplicatedTokensMoE` (inference): every rank holds the same tokens (the decode batch), so no
+  tokens move: each rank runs the pairs routed to its own experts (dense or MXFP4, kept packed)
+  and the partial sums are added across ranks (a DTensor `Partial` made `Replicate`: one all-reduce).
+- `HeadParallelAttention`: attention with q/k/v sharded by head (`ColwiseParallel`), `o_proj` by its
+  input (`RowwiseParallel`, one all-reduce) and the sinks split with their heads.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from gptoss.model import Attention, Experts, GptOss, MoE, grouped_matmul, sink_attention
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This rank's part of a DTensor (a plain tensor is its own part); differentiable."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def adopt(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A `cls` holding `module`'s parameters, buffers, children and public attributes (the same
+    objects): the same module, its state_dict unchanged, behind another forward."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name, value in vars(module).items():
+        if not name.startswith("_"):
+            setattr(new, name, value)
+    persistent = set(module.state_dict(keep_vars=True))
+    for name, param in module.named_parameters(recurse=False):
+        new.register_parameter(name, param)
+    for name, buffer in module.named_buffers(recurse=False):
+        new.register_buffer(name, buffer, persistent=name in persistent)
+    for name, child in module.named_children():
+        new.add_module(name, child)
+    return new
+
+
+def check_divides(what: str, count: int, degree: int, option: str) -> None:
+    if count % degree:
+        raise ValueError(
+            f"{option} {degree} must divide the model's {count} {what}; choose a divisor of {count}"
+        )
+
+
+# ---------------------------------------------------------------------- experts
+class ShardedExperts(Experts):
+    """`Experts` whose tensors are DTensors sharded by expert: rows arrive with local expert indices
+    and run through this rank's shard (`Experts.forward`, unchanged, on plain local tensors)."""
+
+    def project(self, name: str, x: Tensor, expert_of: Tensor, ends: Tensor) -> Tensor:
+        weight, bias = local(getattr(self, name)), local(getattr(self, f"{name}_bias"))
+        # `Experts.forward` counts rows per expert over the global expert count; local indices
+        # only reach the shard's first entries, the rest hold the total and are dropped.
+        return grouped_matmul(x, weight, ends[: weight.shape[0]]) + bias[expert_of]
+
+
+def shard_experts(experts: Experts, mesh: DeviceMesh) -> ShardedExperts:
+    """Make `experts`' tensors DTensors sharded by expert over 1-D `mesh` (no communication: every
+    rank holds the full tensors already, or the meta device does)."""
+    check_divides("experts", experts.gate_up_proj.shape[0], mesh.size(), "expert parallel degree")
+    for name, param in list(experts.named_parameters(recurse=False)):
+        sharded = distribute_tensor(param.data, mesh, [Shard(0)], src_data_rank=None)
+        experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+    return adopt(experts, ShardedExperts)
+
+
+def keep_experts(experts: nn.Module, start: int, stop: int) -> None:
+    """Keep only experts start..stop-1 of a dense or MXFP4 experts module (every tensor of the module
+    is stacked by expert), as plain tensors: MXFP4 blocks stay packed."""
+    for name, param in list(experts.named_parameters(recurse=False)):
+        experts.register_parameter(name, nn.Parameter(param.data[start:stop].clone(), requires_grad=False))
+    for name, buffer in list(experts.named_buffers(recurse=False)):
+        experts.register_buffer(name, buffer[start:stop].clone())
+
+
+# ---------------------------------------------------------------------- MoE: tokens move
+class ExpertParallelMoE(MoE):
+    """An MoE whose experts are spread over the ranks of `ep_mesh`, each rank with its own tokens.
+
+    Set by `apply_expert_parallel`: `ep_mesh` (1-D), `num_experts` (global)."""
+
+    ep_mesh: DeviceMesh
+    num_experts: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        _, expert_idx, expert_weight = self.router(flat)
+        ranks = self.ep_mesh.size()
+        per_rank = self.num_experts // ranks
+        group = self.ep_mesh.get_group()
+
+        # The (token, expert) pairs sorted by expert are also sorted by the rank that holds it.
+        k = expert_idx.shape[1]
+        flat_expert = expert_idx.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        token_of = order // k
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,) rows per expert
+        # Row counts first (E/ranks per peer), so that every rank knows what it will receive.
+        received = torch.empty_like(counts)  # (ranks · E/ranks,)
+        dist.all_to_all_single(received, counts, group=group)
+        send = counts.view(ranks, per_rank).sum(1).tolist()  # rows to each rank
+        recv = received.view(ranks, per_rank).sum(1).tolist()  # rows from each rank
+        rows = all_to_all_single_autograd(flat[token_of], recv, send, group)  # (M, H)
+        # Arrived rows come by source rank, then by local expert within each source.
+        local_expert = torch.arange(per_rank, device=x.device).repeat(ranks)
+        row_expert = torch.repeat_interleave(local_expert, received)
+        out = self.experts(rows, row_expert[:, None], rows.new_ones(rows.shape[0], 1))
+        back = all_to_all_single_autograd(out, send, recv, group)  # (N·k, H) in `order`
+        weight_sorted = expert_weight.reshape(-1)[order]
+        combined = torch.zeros_like(flat).index_add_(0, token_of, back * weight_sorted[:, None])
+        return combined.view(B, T, H)
+
+
+def apply_expert_parallel(model: GptOss, ep_mesh: DeviceMesh) -> None:
+    """Shard every MoE layer's experts by expert over `ep_mesh`; tokens travel by all-to-all."""
+    for block in model.model.layers:
+        if isinstance(block.mlp, MoE):
+            block.mlp.experts = shard_experts(block.mlp.experts, ep_mesh)
+            block.mlp = adopt(block.mlp, ExpertParallelMoE)
+            block.mlp.ep_mesh, block.mlp.num_experts = ep_mesh, model.config.num_local_experts
+
+
+# ---------------------------------------------------------------------- MoE: tokens replicated
+class ReplicatedTokensMoE(MoE):
+    """An MoE whose experts are spread over `ep_mesh` while every rank holds the same tokens: each
+    rank runs the pairs routed to its experts (`first` .. `first + count - 1`) and the partial sums
+    are reduced over the ranks. Set by `apply_replicated_expert_parallel`."""
+
+    ep_mesh: DeviceMesh
+    first: int
+    count: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        _, expert_idx, expert_weight = self.router(flat)
+        mine = (expert_idx >= self.first) & (expert_idx < self.first + self.count)
+        token_of, slot = mine.nonzero(as_tuple=True)
+        rows = self.experts(
+            flat[token_of],
+            (expert_idx[token_of, slot] - self.first)[:, None],
+            expert_weight[token_of, slot, None],
+        )
+        partial = torch.zeros_like(flat).index_add_(0, token_of, rows)
+        summed = DTensor.from_local(partial, self.ep_mesh, [Partial()]).redistribute(placements=[Replicate()])
+        return summed.to_local().view(B, T, H)
+
+
+def apply_replicated_expert_parallel(model: GptOss, mesh: DeviceMesh) -> None:
+    """Keep on each rank of `mesh` only its share of every MoE layer's experts (for inference)."""
+    experts = model.config.num_local_experts
+    check_divides("experts", experts, mesh.size(), "expert parallel degree")
+    count = experts // mesh.size()
+    first = mesh.get_local_rank() * count
+    for block in model.model.layers:
+        if isinstance(block.mlp, MoE):
+            keep_experts(block.mlp.experts, first, first + count)
+            block.mlp = adopt(block.mlp, ReplicatedTokensMoE)
+            block.mlp.ep_mesh, block.mlp.first, block.mlp.count = mesh, first, count
+
+
+# ---------------------------------------------------------------------- attention
+class HeadParallelAttention(Attention):
+    """Attention over this rank's heads: q/k/v projections are column-sharded DTensors whose local
+    output holds the rank's heads, and the sinks a DTensor sharded with them."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        return sink_attention(q, k, v, mask, local(self.sinks))
+
+
+def apply_tensor_parallel(model: GptOss, tp_mesh: DeviceMesh) -> None:
+    """Shard every attention layer by head over 1-D `tp_mesh` (grouped-query heads stay with their
+    key/value head: both are split in contiguous, aligned runs)."""
+    config = model.config
+    degree = tp_mesh.size()
+    check_divides("key/value heads", config.num_key_value_heads, degree, "tensor parallel degree")
+    plan = {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel()}
+    plan["o_proj"] = RowwiseParallel()
+    for block in model.model.layers:
+        attn = block.self_attn
+        parallelize_module(attn, tp_mesh, plan)
+        sinks = distribute_tensor(attn.sinks.data, tp_mesh, [Shard(0)], src_data_rank=None)
+        attn.register_parameter("sinks", nn.Parameter(sinks, requires_grad=attn.sinks.requires_grad))
+        sharded = adopt(attn, HeadParallelAttention)
+        sharded.num_heads, sharded.num_kv_heads = attn.num_heads // degree, attn.num_kv_heads // degree
+        block.self_attn = sharded
+
+
+# ---------------------------------------------------------------------- inference under torchrun
+def check_inference_degrees(tensor_parallel: int, expert_parallel: int) -> int:
+    """The number of processes torchrun started, once both degrees are 1 or that number."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for name, degree in (("--tp", tensor_parallel), ("--ep", expert_parallel)):
+        if degree not in (1, world):
+            raise ValueError(
+                f"{name} {degree} must equal the number of processes ({world}) or be 1; "
+                f"launch with torchrun --nproc_per_node {degree}"
+            )
+    return world
+
+
+def parallelize_for_inference(model: GptOss, tensor_parallel: int = 1, expert_parallel: int = 1) -> GptOss:
+    """Split `model` over the processes torchrun started: attention by head (`tensor_parallel`) and
+    MoE experts by expert (`expert_parallel`), each 1 or the number of processes. In place.
+
+    Every rank then runs the same engine on the same tokens and gets the same logits; the rank's
+    `model.config` describes the attention it holds (its heads), which sizes its KV cache.
+    """
+    world = check_inference_degrees(tensor_parallel, expert_parallel)
+    if world == 1:
+        return model
+    if expert_parallel > 1 and not model.config.is_moe:
+        raise ValueError(f"--ep needs an MoE model; {model.config.name} is dense")
+    device = next(model.parameters()).device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    mesh = init_device_mesh(device.type, (world,))
+    if tensor_parallel > 1:
+        apply_tensor_parallel(model, mesh)
+        config = model.config
+        model.config = config.replace(
+            num_attention_heads=config.num_attention_heads // world,
+            num_key_value_heads=config.num_key_value_heads // world,
+        )
+    if expert_parallel > 1:
+        apply_replicated_expert_parallel(model, mesh)
+    return model

@@ -1,0 +1,287 @@
+"""Expert and tensor parallelism against one process: gloo ranks on CPU (torch.multiprocessing).
+
+Each test starts its ranks once and runs several layouts in them (starting processes is what costs
+here); rank 0 writes what every layout computed, and the test compares it with the same model run
+in this process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from conftest import random_model, tiny_config
+from gptoss import load_model
+from gptoss.cli import main
+from gptoss.distributed import parallelize_for_inference
+from gptoss.inference import generate
+from gptoss.quant.mxfp4 import quantize_experts
+from gptoss.train.checkpoints import latest_checkpoint
+from gptoss.train.parallelize import clip_grad_norm_, init_distributed, parallelize
+from gptoss.train.plot import read_metrics
+from gptoss.train.trainer import TrainConfig, Trainer, train
+from test_train import base_config, markov_data, tiny_model_file, torchrun  # noqa: F401 (fixtures)
+
+# One thread per process: ranks share two cores, and OpenMP barriers between threads stall them.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SEQ, WINDOWS = 12, 8  # each step: 8 windows of 12 tokens, split over the data-parallel ranks
+LR = 0.5
+
+
+def model_for(case: str) -> torch.nn.Module:
+    """The tiny MoE (4 experts, top 2), fp32; "skewed": every token routed to experts 0 and 1, so
+    experts 2 and 3 (and the ranks holding them) get no tokens at all; "one": top 1, every token
+    routed to expert 3 alone."""
+    model = random_model(tiny_config(num_experts_per_tok=1 if case == "one" else 2), seed=3).train()
+    bias = {"skewed": [6.0, 5.0, -6.0, -6.0], "one": [-6.0, -6.0, -6.0, 6.0]}.get(case)
+    if bias is not None:
+        with torch.no_grad():
+            for block in model.model.layers:
+                block.mlp.router.weight.mul_(1e-3)
+                block.mlp.router.bias.copy_(torch.tensor(bias))
+    return model
+
+
+def batch(step: int) -> torch.Tensor:
+    return torch.randint(0, 320, (WINDOWS, SEQ + 1), generator=torch.Generator().manual_seed(step))
+
+
+def loss_of(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    logits = model(windows[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def train_two_steps(model: torch.nn.Module, rank: int, ranks: int, reduce: bool) -> dict:
+    """Loss and gradients of step 1, clipped SGD, loss of step 2; each rank on its slice."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    out: dict = {}
+    for step in (1, 2):
+        per = WINDOWS // ranks
+        loss = loss_of(model, batch(step)[rank * per : (rank + 1) * per])
+        loss.backward()
+        value = loss.detach().clone()
+        if reduce:
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        out[f"loss{step}"] = float(value)
+        if step == 1:
+            out["grads"] = {name: whole(p.grad).clone() for name, p in model.named_parameters()}
+            out["grad_norm"] = float(clip_grad_norm_(model, 1.0))
+            optimizer.step()
+            optimizer.zero_grad()
+    return out
+
+
+def reference(case: str) -> dict:
+    return train_two_steps(model_for(case), 0, 1, reduce=False)
+
+
+def _worker(rank: int, world: int, port: int, layouts: list, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results = {}
+    for name, kind, case, ep, tp in layouts:
+        if kind == "train":
+            info = init_distributed("cpu", expert_parallel=ep, tensor_parallel=tp)
+            model = parallelize(model_for(case), info)
+            results[name] = train_two_steps(model, info.data_rank, info.data_ranks, reduce=True)
+            experts = model.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
+            results[name]["experts_local"] = tuple(experts.to_local().shape) if ep > 1 else None
+        else:
+            model = inference_model(case)
+            parallelize_for_inference(model, tensor_parallel=tp, expert_parallel=ep)
+            results[name] = infer(model)
+        dist.barrier()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_ranks(world: int, layouts: list, tmp_path: Path) -> list[dict]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "results.pt")
+    mp.spawn(_worker, args=(world, port, layouts, out), nprocs=world, join=True)
+    return torch.load(out, weights_only=False)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def assert_matches(got: dict, want: dict) -> None:
+    for key in ("loss1", "loss2", "grad_norm"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert got["grads"].keys() == want["grads"].keys()
+    for name, grad in want["grads"].items():
+        assert relative_error(got["grads"][name], grad) < 1e-5, name
+
+
+# ---------------------------------------------------------------------- inference
+PROMPTS = [[5, 17, 42, 9, 100, 7], [3, 250, 11]]
+
+
+def inference_model(case: str) -> torch.nn.Module:
+    model = random_model(tiny_config(), seed=5)
+    if case == "mxfp4":
+        quantize_experts(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def infer(model: torch.nn.Module) -> dict:
+    ids = torch.tensor([PROMPTS[0] * 2])
+    tokens = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0, stop_token_ids=())
+    packed = [
+        (str(b.dtype), tuple(b.shape)) for b in model.buffers() if b.dtype == torch.uint8 and b.dim() == 4
+    ][:1]
+    return {"logits": model(ids), "tokens": tokens, "packed": packed}
+
+
+# ---------------------------------------------------------------------- the tests
+def test_two_ranks_expert_and_tensor_parallel_match_one_process(tmp_path):
+    layouts = [
+        ("ep2", "train", "random", 2, 1),
+        ("ep2-skewed", "train", "skewed", 2, 1),
+        ("ep2-one-expert", "train", "one", 2, 1),
+        ("tp2", "train", "random", 1, 2),
+        ("infer-tp2-ep2", "infer", "mxfp4", 2, 2),
+        ("infer-ep2-dense", "infer", "random", 2, 1),
+    ]
+    ranks = run_ranks(2, layouts, tmp_path)
+    for name, kind, case, ep, _ in layouts:
+        if kind == "train":
+            assert_matches(ranks[0][name], reference(case))
+            if ep > 1:  # each rank holds half of the 4 experts: (2, hidden, 2 · intermediate)
+                assert ranks[1][name]["experts_local"] == (2, 64, 128)
+    with torch.no_grad():
+        for name, case in (("infer-tp2-ep2", "mxfp4"), ("infer-ep2-dense", "random")):
+            want = infer(inference_model(case))
+            for rank in ranks:
+                torch.testing.assert_close(rank[name]["logits"], want["logits"], rtol=1e-5, atol=1e-6)
+                assert rank[name]["tokens"] == want["tokens"], name
+    # MXFP4 experts stay packed: 2 of the 4 experts' uint8 blocks on each rank.
+    assert ranks[1]["infer-tp2-ep2"]["packed"] == [("torch.uint8", (2, 128, 2, 16))]
+
+
+def test_four_ranks_expert_and_tensor_parallel_with_fsdp_match_one_process(tmp_path):
+    layouts = [
+        ("ep2-fsdp2", "train", "random", 2, 1),
+        ("ep4-skewed", "train", "skewed", 4, 1),
+        ("tp2-fsdp2", "train", "random", 1, 2),
+    ]
+    ranks = run_ranks(4, layouts, tmp_path)
+    for name, _, case, _, _ in layouts:
+        assert_matches(ranks[0][name], reference(case))
+
+
+# ---------------------------------------------------------------------- the trainer under torchrun
+def ep_config(data: Path, model: Path, out: Path, **changes) -> TrainConfig:
+    """4 steps of 8 windows in micro-batches of 2 (the same micro-batches at 1, 2 or 4 ranks, so the
+    router losses do not change with the layout), checkpoints at 2 and 4."""
+    return base_config(data, model, out, steps=4, micro_batch_size=2, eval_every=2, **changes)
+
+
+def test_a_checkpoint_saved_at_ep2_resumes_at_ep1_and_ep4(markov_data, tiny_model_file, tmp_path):  # noqa: F811
+    run = tmp_path / "ep2"
+    torchrun(2, ep_config(markov_data, tiny_model_file, run, expert_parallel=2))
+    saved = read_metrics(run)
+    assert [r["step"] for r in saved] == [1, 2, 3, 4]
+    # DCP stores the experts' global shapes: no file of the checkpoint says how they were split.
+    for layout in ("ep1", "ep4"):
+        out = tmp_path / layout
+        shutil.copytree(run, out)
+        shutil.rmtree(out / "checkpoints" / "step_00000004")  # as if the run had died after step 3
+        config = ep_config(markov_data, tiny_model_file, out, resume=True)
+        if layout == "ep1":
+            resumed = train(config)
+        else:
+            torchrun(4, dataclasses.replace(config, expert_parallel=4))
+            resumed = read_metrics(out)[2:]
+        assert [r["step"] for r in resumed] == [3, 4]
+        for got, want in zip(resumed, saved[2:], strict=True):
+            for key in ("loss", "aux_loss", "z_loss", "grad_norm", "val_loss"):
+                if key in want:
+                    assert got[key] == pytest.approx(want[key], rel=1e-5), (layout, key)
+    # The HF-layout model gathered from the expert shards is the one process's model.
+    ids = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        got = load_model(latest_checkpoint(run) / "model")(ids)
+        want = load_model(latest_checkpoint(tmp_path / "ep1") / "model")(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_under_torchrun_with_tp_and_ep_prints_what_one_process_prints(capsys):
+    args = [
+        "generate",
+        "gptoss-nano",
+        "Once upon a time",
+        "--raw",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*command, "-m", "gptoss.cli", *args, "--tp", "2", "--ep", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(args) == 0
+    alone = capsys.readouterr().out
+    assert result.stdout == alone and len(alone.strip()) > 0  # printed once (rank 0), the same text
+    # Degrees the launch does not provide are refused with the fix, before any model is loaded.
+    assert main([*args, "--tp", "2"]) == 2
+    assert "--tp 2 must equal the number of processes (1) or be 1" in capsys.readouterr().err
+
+
+def test_degrees_the_launch_cannot_provide_are_refused(markov_data, tiny_model_file, tmp_path):  # noqa: F811
+    for option, message in (
+        (
+            {"expert_parallel": 2},
+            "expert_parallel 2 must be a positive divisor of the number of processes (1)",
+        ),
+        ({"tensor_parallel": 3}, "tensor_parallel 3 must be a positive divisor"),
+    ):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            Trainer(base_config(markov_data, tiny_model_file, tmp_path / "run", **option))
+
+
+def test_the_trainer_with_tensor_parallelism_matches_one_process(markov_data, tiny_model_file, tmp_path):  # noqa: F811
+    # The two ranks split attention by head and take the same windows: the micro-batches of one process.
+    one, two = tmp_path / "one", tmp_path / "tp2"
+    config = base_config(markov_data, tiny_model_file, one, steps=3, save_every=0, eval_every=3)
+    want = train(config)
+    torchrun(2, dataclasses.replace(config, out=str(two), tensor_parallel=2))
+    got = read_metrics(two)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "aux_loss", "z_loss", "grad_norm", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), key
