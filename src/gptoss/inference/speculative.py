@@ -27,7 +27,10 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # (the CLI imports this module for its choices: no torch at import)
+    from torch import Tensor
 
 ProposerName = Literal["ngram", "suffix"]
 PROPOSERS: tuple[str, ...] = ("ngram", "suffix")
@@ -374,8 +377,21 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self.start
 
 
-def speculation(name: str | None, max_draft: int = DEFAULT_MAX_DRAFT, adaptive: bool = True) -> Speculation | None:
+def speculation(
+    name: str | None, max_draft: int = DEFAULT_MAX_DRAFT, adaptive: bool = True
+) -> Speculation | None:
     """A `Speculation` with the named proposer ('ngram', 'suffix'), or None for 'off' / None."""
     if name in (None, "off"):
         return None
     return Speculation(make_proposer(name), max_draft=max_draft, adaptive=adaptive)
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """What a `Runner` offers for speculation (`ModelRunner` does)."""
+
+    def verify_room(self, seq: int) -> int: ...
+
+    def verify(self, seq: int, tokens: Sequence[int]) -> Tensor: ...
+
+    def settle(self, seq: int, kept: int) -> None: ...
