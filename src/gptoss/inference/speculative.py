@@ -172,6 +172,15 @@ class SuffixAutomaton:
             return self.next[state][token], matched + 1
         return 0, 0
 
+    def last_ends(self) -> list[int]:
+        """Where each state's latest occurrence ends (a state's occurrences are those of the states
+        whose suffix link leads to it, and its own first one)."""
+        ends = list(self.first_end)
+        for state in sorted(range(1, len(ends)), key=self.length.__getitem__, reverse=True):
+            link = self.link[state]
+            ends[link] = max(ends[link], ends[state])
+        return ends
+
     def repeat(self) -> tuple[int, int]:
         """The longest suffix of the text that also occurs earlier: (its length, where that earlier
         occurrence ends); (0, 0) if none."""
@@ -195,6 +204,7 @@ class SuffixProposer:
         self._cursor: dict[int, tuple[int, int]] = {}  # matching state in the corpus automaton
         self._recent: deque[list[int]] = deque()  # finished texts the corpus is built from
         self._corpus = SuffixAutomaton()
+        self._corpus_last: list[int] = [0]  # the corpus states' latest ends
 
     def start(self, seq: int, tokens: Sequence[int]) -> None:
         self._own[seq] = SuffixAutomaton()
@@ -216,10 +226,16 @@ class SuffixProposer:
         length, end = own.repeat()
         state, matched = self._cursor[seq]
         corpus = self._corpus
-        if matched > length and matched >= self.min_match:
-            start = corpus.first_end[state]
-            tokens = corpus.text[start : start + limit]
-            return tokens[: tokens.index(-1)] if -1 in tokens else tokens
+        while matched > length and matched >= self.min_match:
+            # what followed its first occurrence, or its latest if the first ended a text, or else
+            # what followed a shorter suffix
+            for start in (corpus.first_end[state], self._corpus_last[state]):
+                tokens = corpus.text[start : start + limit]
+                tokens = tokens[: tokens.index(-1)] if -1 in tokens else tokens
+                if tokens:
+                    return tokens
+            state = corpus.link[state]
+            matched = corpus.length[state]
         if length >= self.min_match:
             return own.text[end : end + limit]
         return []
@@ -239,6 +255,7 @@ class SuffixProposer:
         for text in self._recent:
             for token in (*text[-self.corpus_tokens :], -1):
                 self._corpus.append(token)
+        self._corpus_last = self._corpus.last_ends()
         for other in self._own:  # the running sequences' cursors pointed into the old automaton
             state, matched = 0, 0
             for token in self._own[other].text[-64:]:
