@@ -38,6 +38,7 @@ from gptoss import load_model
 from gptoss.inference import ModelRunner, SamplingParams, Session, generate_stream
 from gptoss.inference.optimize import prepare_for_inference
 from gptoss.inference.speculative import Speculation, speculation
+from gptoss.ops import set_num_threads
 from gptoss.tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,9 +80,9 @@ def tasks(tokenizer: Any) -> dict[str, Any]:
         tokens, seconds = [], 0.0
         session.append(tokenizer.encode("You are a coding agent. Read files, then fix the bug.\n"))
         for turn in range(4):
-            result = source[turn * 400 : turn * 400 + 1600]
+            result = source[turn * 300 : turn * 300 + 1200]
             session.append(tokenizer.encode(f"\ncall read_file(stops.py) ->\n{result}\nassistant: "))
-            params = SamplingParams(max_tokens=64, temperature=0, stop_token_ids=[])
+            params = SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[])
             out, s = decode_rate(session.stream(params))
             tokens += out
             seconds += s
@@ -91,9 +92,9 @@ def tasks(tokenizer: Any) -> dict[str, Any]:
         "rewrite a file": one(
             f"Rename StopStrings to StopMatcher in this file.\n\n{source}\n\nThe file, renamed:\n\n"
             + source[:60],
-            256,
+            160,
         ),
-        "summarise and quote": one(f"{page}\n\nSummary, quoting the page:\n\n" + page[:80], 192),
+        "summarise and quote": one(f"{page}\n\nSummary, quoting the page:\n\n" + page[:80], 128),
         "tool loop (4 turns)": tool_loop,
     }
 
@@ -158,13 +159,18 @@ def workload(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------- verify cost on a checkpoint
 def verify_cost(args: argparse.Namespace) -> dict[str, Any]:
     model = prepare_for_inference(load_model(args.model))
-    vocab = model.config.vocab_size
+    ids = model.model.token_ids if model.model.trimmed else torch.arange(model.config.vocab_size)
+    ids = ids[(ids >= 1000) & (ids < 199998)]  # ordinary text tokens (no specials)
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(1000, vocab - 2000, (args.prompt,), generator=g).tolist()
-    runner = ModelRunner(model, 1, args.prompt + 64 + args.repeats * 2)
+
+    def draw(n: int) -> list[int]:
+        return ids[torch.randint(0, len(ids), (n,), generator=g)].tolist()
+
+    prompt = draw(args.prompt)
+    runner = ModelRunner(model, 1, args.prompt + 16 + args.repeats * 10)  # each round keeps 9 tokens
     runner.prefill(0, prompt, last=True)
     runner.decode({0: None})
-    fed = torch.randint(1000, vocab - 2000, (9,), generator=g).tolist()
+    fed = draw(9)
     times: dict[int, list[float]] = {k: [] for k in range(0, 9)}
     for _ in tqdm(range(args.repeats), desc="verify cost"):
         for k in range(0, 9):
@@ -229,8 +235,11 @@ def main() -> None:
     v.add_argument("--tokens", type=int, default=24, help="tokens of the upper-bound run")
     for p in (w, v):
         p.add_argument("--draft", type=int, default=7, help="most proposed tokens a pass verifies")
+        p.add_argument("--threads", type=int, default=None, help="kernel threads (default: torch's)")
         p.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.threads:
+        set_num_threads(args.threads)
     results = workload(args) if args.command == "workload" else verify_cost(args)
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": platform.processor(), **results}
     out = args.json or Path(__file__).with_name(f"speculative-{args.command}.json")

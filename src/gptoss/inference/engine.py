@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,7 +28,7 @@ from torch import Tensor
 from gptoss.inference.cache import ContextFullError, KVCache
 from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK, BatchLogits, ModelRunner, RowMark, Runner
 from gptoss.inference.sampling import Choice, SampleError, Sampler, SamplingParams, TokenConstraint
-from gptoss.inference.speculative import Speculation, Stopwatch, Verifier
+from gptoss.inference.speculative import Speculation, Verifier
 from gptoss.inference.stops import StopStrings
 from gptoss.model import GptOss
 from gptoss.vocab import fit_tokens
@@ -234,11 +235,18 @@ class Engine:
     def _decode(self, out: list[tuple[int, Output]]) -> None:
         batch = self.running
         alone = len(batch) == 1 and bool(batch[0].generated) and self.speculation is not None
-        if alone and self._speculate(batch[0], out):
+        started = time.perf_counter()  # a lone sequence's steps are timed whole, sampling included
+        if alone and self._speculate(batch[0], out, started):
             return
+        self._decode_batch(out)
+        if alone and self.speculation is not None:
+            self.speculation.timed(1, time.perf_counter() - started)
+            self.speculation.stats.decode_passes += 1
+
+    def _decode_batch(self, out: list[tuple[int, Output]]) -> None:
+        batch = self.running
         try:
-            with Stopwatch() as watch:
-                logits = self.runner.decode({s.id: s.generated[-1] if s.generated else None for s in batch})
+            logits = self.runner.decode({s.id: s.generated[-1] if s.generated else None for s in batch})
         except Exception as exc:  # the model failed: every sequence of the pass is lost
             log.exception("decode step failed")
             for seq in list(batch):
@@ -249,9 +257,6 @@ class Engine:
             return
         if self.on_decode is not None:
             self.on_decode(len(batch))
-        if alone and self.speculation is not None:
-            self.speculation.timed(1, watch.seconds)
-            self.speculation.stats.decode_passes += 1
         ids = [s.id for s in batch]
         stacked = (
             logits.stacked(ids) if isinstance(logits, BatchLogits) else torch.stack([logits[s] for s in ids])
@@ -282,7 +287,7 @@ class Engine:
             if reason is not None:
                 self._end(seq)
 
-    def _speculate(self, seq: _Seq, out: list[tuple[int, Output]]) -> bool:
+    def _speculate(self, seq: _Seq, out: list[tuple[int, Output]], started: float) -> bool:
         """One step of the batch's only sequence through a verify pass of its last token and the
         proposed ones; False (nothing done) when no proposal is worth verifying now.
 
@@ -297,14 +302,12 @@ class Engine:
             return False
         fed = [seq.generated[-1], *drafts]
         try:
-            with Stopwatch() as watch:
-                logits = self.runner.verify(seq.id, fed)
+            logits = self.runner.verify(seq.id, fed)
         except Exception as exc:  # as a failed decode pass: the sequence is lost
             log.exception("verify pass failed")
             out.append((seq.id, SequenceFailure(seq.request.index, f"generation failed: {_describe(exc)}")))
             self._end(seq, release=True)
             return True
-        self.speculation.timed(len(fed), watch.seconds)
         if self.on_decode is not None:
             self.on_decode(1)
         emitted, accepted, reason, failure = 0, 0, None, None
@@ -327,6 +330,7 @@ class Engine:
             accepted += 1
         self.runner.settle(seq.id, emitted)  # the cache keeps the fed tokens that were emitted
         self.speculation.verified(seq.id, len(drafts), accepted, emitted)
+        self.speculation.timed(len(fed), time.perf_counter() - started)
         self.speculation.proposer.extend(seq.id, seq.generated[len(seq.generated) - emitted :])
         if failure is not None:
             out.append((seq.id, SequenceFailure(seq.request.index, failure)))

@@ -23,7 +23,6 @@ of a seeded run is the same tokens with speculation on or off.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -322,6 +321,7 @@ class Speculation:
 
     PROBE_EVERY = 16  # a sequence that stopped speculating tries one proposal this often
     DECAY = 0.8  # weight of the past in acceptance and timing averages
+    MARGIN = 1.1  # the expected gain below which plain decoding stays (timings are noisy)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_draft <= 64:
@@ -346,7 +346,7 @@ class Speculation:
         """The draft length with the most expected tokens per second (0: plain decoding). With
         each proposed token accepted with probability `rate` once its predecessors are, k proposals
         yield 1 + rate + ... + rate^k tokens."""
-        best, best_speed = 0, 1 / self._time(1)
+        best, best_speed = 0, self.MARGIN / self._time(1)
         expected = 1.0
         for k in range(1, most + 1):
             expected += rate**k
@@ -365,7 +365,7 @@ class Speculation:
         return one * passes * (1 + 0.05 * (fed - passes))
 
     def timed(self, fed: int, seconds: float) -> None:
-        """A pass of `fed` tokens took `seconds`."""
+        """A step that fed `fed` tokens took `seconds` (its pass, sampling and proposing)."""
         old = self._seconds.get(fed)
         self._seconds[fed] = seconds if old is None else self.DECAY * old + (1 - self.DECAY) * seconds
 
@@ -381,17 +381,6 @@ class Speculation:
     def forget(self, seq: int) -> None:
         self._acceptance.pop(seq, None)
         self.proposer.finish(seq)
-
-
-class Stopwatch:
-    """Wall time of a block, for `Speculation.timed`."""
-
-    def __enter__(self) -> Stopwatch:
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.start
 
 
 def speculation(
