@@ -15,8 +15,8 @@ without speculation.
 
 `verify-cost` loads a checkpoint (the 20b: ~13 GB), prefills a prompt, and times a decode step
 against verify passes of k = 1..8 proposed tokens (k+1 fed), interleaved, each pass taken back after
-it is timed; then an upper bound: a prompt that holds its own greedy continuation, generated with
-speculation off and on.
+it is timed; then an upper bound where every proposal is right: a request repeated, the suffix
+proposer holding the earlier run's output, against the same request without speculation.
 """
 
 from __future__ import annotations
@@ -197,16 +197,22 @@ def verify_cost(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def upper_bound(model: Any, prompt: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    """A prompt that holds its own continuation: the first greedy run's output, then the prompt again."""
+    """Every proposal right: a request repeated, its earlier output in the suffix proposer's text of
+    recent requests. (A prompt that merely contains the continuation does not make a model with
+    random weights repeat it: its output depends on the whole context.)"""
     params = SamplingParams(max_tokens=args.tokens, temperature=0, stop_token_ids=[])
     continuation, _ = decode_rate(generate_stream(model, [prompt], params))
-    echo = prompt + continuation + prompt
     rates: dict[str, list[float]] = {"off": [], "suffix": []}
     stats = {}
     for _ in range(2):
         for name in rates:
             spec = mode(name, args.draft)
-            tokens, seconds = decode_rate(generate_stream(model, [echo], params, speculation=spec))
+            if spec is not None:
+                spec.proposer.start(-1, prompt + continuation)
+                spec.proposer.finish(-1)  # the earlier request
+            tokens, seconds = decode_rate(generate_stream(model, [prompt], params, speculation=spec))
+            if tokens != continuation:
+                raise SystemExit("upper bound: the tokens differ from the run without speculation")
             rates[name].append((len(tokens) - 1) / seconds)
             if spec is not None:
                 stats = {
@@ -214,7 +220,7 @@ def upper_bound(model: Any, prompt: list[int], args: argparse.Namespace) -> dict
                     "tokens_per_forward": spec.stats.tokens_per_forward,
                 }
     Console().print(
-        f"upper bound ({args.tokens} tokens present in the prompt): off {rates['off']} tok/s, "
+        f"upper bound (the request repeated, {args.tokens} tokens): off {rates['off']} tok/s, "
         f"suffix {rates['suffix']} tok/s, {stats}"
     )
     return {"tok_s": rates, "speculation": stats}
