@@ -13,7 +13,15 @@ from scipy import stats
 
 from conftest import random_model, tiny_config
 from gptoss import ops
-from gptoss.inference import Engine, ModelRunner, SamplingParams, SequenceRequest, Session, generate
+from gptoss.inference import (
+    Engine,
+    ModelRunner,
+    PrefixCache,
+    SamplingParams,
+    SequenceRequest,
+    Session,
+    generate,
+)
 from gptoss.inference.optimize import prepare_for_inference
 from gptoss.inference.speculative import (
     NGramProposer,
@@ -268,6 +276,31 @@ def test_sampled_tokens_follow_the_models_distribution_whatever_is_proposed():
     ranks = sorted(expected)
     assert stats.chisquare([observed[r] for r in ranks], [expected[r] for r in ranks]).pvalue > 1e-3
     assert abs(accepted - expected_accepted) < 4 * variance**0.5
+
+
+@native
+def test_prefix_cache_and_speculation_together_give_the_same_tokens():
+    """Verified tokens reach the prefix cache as decoded ones do: a request that continues an
+    earlier one's output restores the states that one stored and goes on exactly."""
+    model = MODELS["mxfp4"]
+    params = SamplingParams(max_tokens=24, temperature=0)
+
+    def flow(spec):
+        runner = ModelRunner(model, 1, 96, prefix_cache=PrefixCache(1 << 24))
+        engine = Engine(runner, default_stop_ids=[1], token_bytes=letters, speculation=spec)
+        prompt, outputs = [30, 31, 32, 33, 34] * 4, []
+        for _ in range(2):
+            engine.add(SequenceRequest(prompt, params))
+            tokens = []
+            while engine.has_work:
+                tokens += [event.token for _, event in engine.step()]
+            outputs.append(tokens)
+            prompt = prompt + tokens[:-1] + [9]  # the next continues all of its output that was fed
+        return outputs, runner.prefix_cache.stats.hit_tokens
+
+    (plain, plain_hit), (fast, hit) = flow(None), flow(speculation("suffix", adaptive=False))
+    assert fast == plain
+    assert hit == plain_hit == 20 + 23  # the first prompt and its 23 fed (verified) tokens
 
 
 @native

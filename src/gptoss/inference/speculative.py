@@ -314,10 +314,10 @@ class Speculation:
     proposer: Proposer = field(default_factory=SuffixProposer)
     max_draft: int = DEFAULT_MAX_DRAFT
     adaptive: bool = True
-    stats: SpeculationStats = field(default_factory=SpeculationStats)
-    # seconds per pass of n fed tokens (n = 1: plain decode), exponentially averaged
-    _seconds: dict[int, float] = field(default_factory=dict)
-    _acceptance: dict[int, _Acceptance] = field(default_factory=dict)
+    stats: SpeculationStats = field(default_factory=SpeculationStats, init=False)
+    # seconds per step that fed n tokens (n = 1: plain decode), exponentially averaged
+    _seconds: dict[int, float] = field(default_factory=dict, init=False)
+    _acceptance: dict[int, _Acceptance] = field(default_factory=dict, init=False)
 
     PROBE_EVERY = 16  # a sequence that stopped speculating tries one proposal this often
     DECAY = 0.8  # weight of the past in acceptance and timing averages
