@@ -85,6 +85,42 @@ def test_suffix_proposer_reads_its_own_text_and_finished_requests():
     assert p.propose(4, 10) == [7, 8, 9, 5, 6]
 
 
+class Fixed:
+    """A proposer that always proposes the same tokens."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def start(self, seq, tokens):
+        pass
+
+    def extend(self, seq, tokens):
+        pass
+
+    def propose(self, seq, limit):
+        return self.tokens[:limit]
+
+    def finish(self, seq):
+        pass
+
+
+def test_the_draft_length_follows_acceptance_and_measured_cost():
+    spec = Speculation(Fixed(list(range(7))), max_draft=7)
+    for fed, seconds in {1: 1.0, 2: 1.2, 3: 1.3, 4: 1.4, 5: 2.8, 6: 2.9, 7: 3.0, 8: 3.1}.items():
+        spec.timed(fed, seconds)
+    for _ in range(10):  # everything accepted: up to 3 proposals, one pass of 4 (the 2nd pass costs 2x)
+        spec.verified(0, 3, 3, 4)
+    assert len(spec.draft(0, 7)) == 3
+    assert spec.draft(0, 2) == [0, 1]  # never more than the sequence may still emit
+    for _ in range(10):  # nothing accepted: plain decoding...
+        spec.verified(0, 1, 0, 1)
+    lengths = [len(spec.draft(0, 7)) for _ in range(Speculation.PROBE_EVERY + 1)]
+    assert lengths == [0] * Speculation.PROBE_EVERY + [1]  # ...with a probe now and then
+    assert Speculation(Fixed([1, 2, 3]), max_draft=2, adaptive=False).draft(0, 7) == [1, 2]
+    with pytest.raises(ValueError, match="max_draft"):
+        Speculation(Fixed([]), max_draft=0)
+
+
 # ---------------------------------------------------------------------- models
 def dense_bf16(window: int = 5):
     """Dense-tensor experts (grouped GEMM), bf16, native linears: the bundled model's layout."""
