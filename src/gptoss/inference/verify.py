@@ -1,4 +1,5 @@
-"""Verify pass: several tokens of one sequence in one forward pass, each computed as decoding would.
+"""Verify pass: several tokens of one sequence in one forward pass (up to `EXACT_ROWS` of them),
+each computed as decoding would compute it.
 
 A chunk of a prompt gives each position's logits too, but through other kernels than one-token
 decoding (GEMMs whose rounding depends on the number of rows, a concatenated ring for the sliding
