@@ -291,8 +291,9 @@ class ModelRunner:
 
     def verify(self, seq: int, tokens: Sequence[int]) -> Tensor:
         """Feed `tokens` (its last sampled token, then proposed ones) to decoding sequence `seq`, a
-        forward pass per `EXACT_ROWS` of them; row j of the result (len(tokens), V) is the logits that `decode` would give after
-        tokens[:j+1] — the same numbers, bit for bit, on the native CPU path. `settle` must follow."""
+        forward pass per `EXACT_ROWS` of them; row j of the result (len(tokens), V) is the logits
+        that `decode` would give after tokens[:j+1] — the same numbers, bit for bit, on the native
+        CPU path. `settle` must follow."""
         if seq not in self.running or seq in self.joined:
             raise ValueError(f"sequence {seq} is not decoding with a token to feed")
         logits, self._verifying = verify(self.model, self.cache, self.row_of[seq], list(tokens))
