@@ -13,6 +13,7 @@ from scipy import stats
 
 from conftest import random_model, tiny_config
 from gptoss import ops
+from gptoss.cli import main
 from gptoss.inference import (
     Engine,
     ModelRunner,
@@ -359,3 +360,15 @@ def test_an_engine_without_a_verifying_runner_refuses_speculation():
 
     with pytest.raises(ValueError, match="cannot verify"):
         Engine(Scripted(), speculation=speculation("ngram"))
+
+
+@native
+def test_cli_generate_with_speculation_prints_the_same_answer(capsys):
+    request = "Write a Python function `count_vowels(text)` to return the number of vowels in text."
+    common = ["generate", request, "--temperature", "0", "--max-tokens", "120"]
+    assert main(common) == 0
+    plain = capsys.readouterr().out
+    assert main([*common, "--speculative", "suffix", "--draft-tokens", "3"]) == 0
+    assert capsys.readouterr().out == plain
+    with pytest.raises(SystemExit, match="--draft-tokens must lie in 1..64"):
+        main([*common, "--speculative", "ngram", "--draft-tokens", "0"])
