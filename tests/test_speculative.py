@@ -22,6 +22,7 @@ from gptoss.inference import (
     SequenceRequest,
     Session,
     generate,
+    generate_stream,
 )
 from gptoss.inference.optimize import prepare_for_inference
 from gptoss.inference.speculative import (
@@ -156,10 +157,24 @@ def started(model, prompt, capacity):
     return runner
 
 
+@pytest.fixture(params=["best", "avx512", "avx2"])
+def isa(request):
+    """Each instruction set's kernels this CPU can run (the best one, then older ones)."""
+    if not ops.native_available():
+        yield None
+        return
+    used = ops.set_isa(request.param)
+    if request.param != "best" and used != request.param:
+        ops.set_isa("best")
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    yield used
+    ops.set_isa("best")
+
+
 @native
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("length", [1, 3, 9, 12, 30])
-def test_verify_gives_decodings_logits_bit_for_bit_and_takes_back_rejected_tokens(name, length):
+def test_verify_gives_decodings_logits_bit_for_bit_and_takes_back_rejected_tokens(name, length, isa):
     model = MODELS[name]
     g = torch.Generator().manual_seed(length)
     prompt = torch.randint(2, 300, (length,), generator=g).tolist()
@@ -230,6 +245,23 @@ def test_greedy_output_is_the_same_with_speculation(
     spec = speculation(proposer, max_draft=draft, adaptive=adaptive)
     assert run(model, prompt, params, spec) == plain
     assert spec.stats.emitted + spec.stats.decode_passes <= len(plain) + 1
+
+
+@native
+def test_a_batch_that_shrinks_to_one_sequence_speculates_with_the_same_tokens():
+    model = MODELS["dense"]
+    prompts = [[3, 4, 5, 6] * 5, [7, 8, 9] * 6, [10, 11] * 4]
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (4, 30, 9)]
+    spec = speculation("suffix", adaptive=False)
+    assert generate_all(model, prompts, params, spec) == generate_all(model, prompts, params, None)
+    assert spec.stats.verify_passes > 0
+
+
+def generate_all(model, prompts, params, spec):
+    return [
+        (e.index, e.token, e.finish_reason)
+        for e in generate_stream(model, prompts, params, token_bytes=letters, speculation=spec)
+    ]
 
 
 @native
