@@ -404,3 +404,16 @@ def test_cli_generate_with_speculation_prints_the_same_answer(capsys):
     assert capsys.readouterr().out == plain
     with pytest.raises(SystemExit, match="--draft-tokens must lie in 1..64"):
         main([*common, "--speculative", "ngram", "--draft-tokens", "0"])
+
+
+def test_the_suffix_corpus_keeps_recent_requests_within_its_budget():
+    p = SuffixProposer(corpus_tokens=50)
+    for i in range(12):  # 12 requests of 20 tokens: the corpus keeps the newest few
+        p.start(i, [100 + i] * 2 + list(range(18)))
+        p.finish(i)
+    p.start(99, [111, 111, 0, 1])
+    assert p.propose(99, 3) == [2, 3, 4]  # the newest request is there
+    p.start(98, [100, 100, 0])  # the first is gone ("0" alone is too short a match)
+    assert p.propose(98, 3) == []
+    p.start(97, [101, 101, 0])  # and so is the second
+    assert p.propose(97, 3) == []

@@ -171,15 +171,6 @@ class SuffixAutomaton:
             return self.next[state][token], matched + 1
         return 0, 0
 
-    def last_ends(self) -> list[int]:
-        """Where each state's latest occurrence ends (a state's occurrences are those of the states
-        whose suffix link leads to it, and its own first one)."""
-        ends = list(self.first_end)
-        for state in sorted(range(1, len(ends)), key=self.length.__getitem__, reverse=True):
-            link = self.link[state]
-            ends[link] = max(ends[link], ends[state])
-        return ends
-
     def repeat(self) -> tuple[int, int]:
         """The longest suffix of the text that also occurs earlier: (its length, where that earlier
         occurrence ends); (0, 0) if none."""
@@ -194,16 +185,16 @@ class SuffixAutomaton:
 class SuffixProposer:
     """Suffix decoding: the longest suffix of the sequence that occurred before, in the sequence
     itself or in the last `corpus_tokens` tokens of finished sequences (prompts and outputs), and
-    what followed it there. A match shorter than `min_match` proposes nothing."""
+    what followed it there (a shorter suffix's continuation when the longest one's ended a text).
+    A match shorter than `min_match` proposes nothing."""
 
     def __init__(self, min_match: int = 2, corpus_tokens: int = 1 << 16) -> None:
         self.min_match = min_match
         self.corpus_tokens = corpus_tokens
         self._own: dict[int, SuffixAutomaton] = {}
         self._cursor: dict[int, tuple[int, int]] = {}  # matching state in the corpus automaton
-        self._recent: deque[list[int]] = deque()  # finished texts the corpus is built from
+        self._recent: deque[list[int]] = deque()  # finished texts the corpus holds, oldest first
         self._corpus = SuffixAutomaton()
-        self._corpus_last: list[int] = [0]  # the corpus states' latest ends
 
     def start(self, seq: int, tokens: Sequence[int]) -> None:
         self._own[seq] = SuffixAutomaton()
@@ -226,14 +217,12 @@ class SuffixProposer:
         state, matched = self._cursor[seq]
         corpus = self._corpus
         while matched > length and matched >= self.min_match:
-            # what followed its first occurrence, or its latest if the first ended a text, or else
-            # what followed a shorter suffix
-            for start in (corpus.first_end[state], self._corpus_last[state]):
-                tokens = corpus.text[start : start + limit]
-                tokens = tokens[: tokens.index(-1)] if -1 in tokens else tokens
-                if tokens:
-                    return tokens
-            state = corpus.link[state]
+            start = corpus.first_end[state]
+            tokens = corpus.text[start : start + limit]
+            tokens = tokens[: tokens.index(-1)] if -1 in tokens else tokens
+            if tokens:
+                return tokens
+            state = corpus.link[state]  # that occurrence ended a text: a shorter suffix's
             matched = corpus.length[state]
         if length >= self.min_match:
             return own.text[end : end + limit]
@@ -244,20 +233,26 @@ class SuffixProposer:
         self._cursor.pop(seq, None)
         if own is None or not own.text:
             return
-        self._recent.append(own.text)
+        # Appended after a separator (-1, no token), which keeps matches inside one text. The
+        # automaton only grows, so running sequences' cursors stay valid. It is rebuilt from the
+        # newest texts once it holds twice its budget: a rebuild every `corpus_tokens` finished
+        # tokens, never one per request (this runs on the engine's thread, between steps).
+        text = own.text[-self.corpus_tokens :]
+        self._recent.append(text)
+        for token in (*text, -1):
+            self._corpus.append(token)
+        if len(self._corpus.text) <= 2 * self.corpus_tokens:
+            return
         held = sum(map(len, self._recent))
         while held > self.corpus_tokens and len(self._recent) > 1:
             held -= len(self._recent.popleft())
-        # Rebuilt, not appended to: a sequence's last tokens would otherwise run into the next one's
-        # first as if they followed each other; a separator (-1, no token) keeps matches inside one.
         self._corpus = SuffixAutomaton()
-        for text in self._recent:
-            for token in (*text[-self.corpus_tokens :], -1):
+        for kept in self._recent:
+            for token in (*kept, -1):
                 self._corpus.append(token)
-        self._corpus_last = self._corpus.last_ends()
-        for other in self._own:  # the running sequences' cursors pointed into the old automaton
+        for other, automaton in self._own.items():  # their cursors pointed into the old automaton
             state, matched = 0, 0
-            for token in self._own[other].text[-64:]:
+            for token in automaton.text[-256:]:
                 state, matched = self._corpus.step(state, matched, token)
             self._cursor[other] = (state, matched)
 
