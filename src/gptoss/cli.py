@@ -17,6 +17,8 @@ from gptoss.eval.cli import add_eval_command
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from gptoss.inference.speculative import Speculation
+
 # Commands import what they use when they run (torch, the engine, the trainer, the server): the
 # parser itself, and `gptoss --help`, stay fast. Options built from the trainers' config classes are
 # added only to the command being parsed.
@@ -166,13 +168,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.raw:
         prompt = get_tokenizer().encode(args.prompt, allowed_special="all")
         decoder = TextDecoder()
-        for event in generate_stream(model, [prompt], params):
+        for event in generate_stream(model, [prompt], params, speculation=_speculation(args)):
             out.out(decoder.feed(event.token), end="")
         out.out(decoder.flush())
         return 0
     prompt = harmony_prompt(args.prompt, args.reasoning_effort, args.system)
     parser = StreamParser()
-    events = generate_stream(model, [prompt], replace(params, stop_token_ids=HARMONY_STOP_TOKENS))
+    params = replace(params, stop_token_ids=HARMONY_STOP_TOKENS)
+    events = generate_stream(model, [prompt], params, speculation=_speculation(args))
     for event in (e for token_event in events for e in parser.feed(token_event.token)):
         if isinstance(event, TextDelta):
             out.out(event.text, end="")
@@ -241,7 +244,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model = _load_for_inference(args)
     context = min(args.context, model.config.max_position_embeddings)
     chat = ChatSession(
-        model, args.reasoning_effort, args.system, capacity=context, params=_sampling_params(args)
+        model,
+        args.reasoning_effort,
+        args.system,
+        capacity=context,
+        params=_sampling_params(args),
+        speculation=_speculation(args),
     )
     console = Console(highlight=False)
     interactive = console.is_terminal
@@ -320,6 +328,33 @@ def _add_inference_arguments(parser: argparse.ArgumentParser, max_tokens: int) -
     parser.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's own")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--int8", action="store_true", help="int8 weights for attention and output head")
+    _add_speculative_argument(parser)
+    parser.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=None,
+        help="most proposed tokens one pass verifies (default 7; fewer when they do not pay)",
+    )
+
+
+def _add_speculative_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--speculative",
+        choices=["off", "ngram", "suffix"],  # (gptoss.inference.speculative.PROPOSERS)
+        default="off",
+        help="speculative decoding: propose tokens from the prompt and earlier output (ngram: prompt "
+        "lookup; suffix: suffix decoding, also over recent requests) and verify several per pass; "
+        "the output is the same (default: off)",
+    )
+
+
+def _speculation(args: argparse.Namespace) -> Speculation | None:
+    from gptoss.inference.speculative import DEFAULT_MAX_DRAFT, speculation
+
+    draft = DEFAULT_MAX_DRAFT if args.draft_tokens is None else args.draft_tokens
+    if not 1 <= draft <= 64:
+        raise SystemExit(f"--draft-tokens must lie in 1..64, got {draft}")
+    return speculation(args.speculative, max_draft=draft)
 
 
 # ---------------------------------------------------------------------- serve (gptoss.server)
@@ -360,6 +395,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         responses_db=args.responses_db,
         responses_ttl=args.responses_ttl,
         responses_max_bytes=args.responses_max_mb * 2**20,
+        speculative=args.speculative,
     )
     return 0
 
@@ -397,6 +433,7 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--dtype", choices=_DTYPES, default=None, help="default: the checkpoint's own")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     serve.add_argument("--int8", action="store_true", help="weight-only int8 attention and output head")
+    _add_speculative_argument(serve)
     serve.set_defaults(func=cmd_serve)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from gptoss.inference.engine import Engine, SequenceFailure, SequenceRequest, TokenEvent
 from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK, Runner
+from gptoss.inference.speculative import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,13 @@ class AsyncEngine:
         max_queue: int = DEFAULT_MAX_QUEUE,
         prefill_budget: int = DEFAULT_PREFILL_CHUNK,
         on_decode: Callable[[int], None] | None = None,
+        speculation: Speculation | None = None,
     ) -> None:
         self.runner = runner
         self.max_queue = max_queue
-        self.engine = Engine(runner, prefill_budget=prefill_budget, on_decode=on_decode)
+        self.engine = Engine(
+            runner, prefill_budget=prefill_budget, on_decode=on_decode, speculation=speculation
+        )
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._incoming: list[tuple[SequenceRequest, TokenStream]] = []

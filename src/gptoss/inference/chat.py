@@ -25,6 +25,7 @@ from gptoss.harmony import (
 )
 from gptoss.inference.engine import Mark, Session
 from gptoss.inference.sampling import SamplingParams
+from gptoss.inference.speculative import Speculation
 from gptoss.model import GptOss
 from gptoss.tokenizer import Tokenizer, get_harmony_encoding, get_tokenizer
 
@@ -78,8 +79,9 @@ class ChatSession:
         instructions: str | None = None,
         capacity: int | None = None,
         params: SamplingParams | None = None,
+        speculation: Speculation | None = None,
     ) -> None:
-        self.session = Session(model, capacity)
+        self.session = Session(model, capacity, speculation=speculation)
         self.reasoning_effort = reasoning_effort
         self.instructions = instructions
         self.params = replace(params or SamplingParams(max_tokens=4096), stop_token_ids=HARMONY_STOP_TOKENS)

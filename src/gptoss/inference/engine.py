@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,8 @@ from torch import Tensor
 
 from gptoss.inference.cache import ContextFullError, KVCache
 from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK, BatchLogits, ModelRunner, RowMark, Runner
-from gptoss.inference.sampling import SampleError, Sampler, SamplingParams, TokenConstraint
+from gptoss.inference.sampling import Choice, SampleError, Sampler, SamplingParams, TokenConstraint
+from gptoss.inference.speculative import Speculation, Verifier
 from gptoss.inference.stops import StopStrings
 from gptoss.model import GptOss
 from gptoss.vocab import fit_tokens
@@ -101,8 +103,15 @@ class Engine:
         default_stop_ids: Sequence[int] = (),
         token_bytes: TokenBytes | None = None,
         on_decode: Callable[[int], None] | None = None,
+        speculation: Speculation | None = None,
     ) -> None:
+        if speculation is not None and not isinstance(runner, Verifier):
+            name = type(runner).__name__
+            raise ValueError(f"{name} cannot verify proposed tokens: speculation needs a ModelRunner")
         self.runner = runner
+        # Speculation serves a batch of one sequence: a batch of several already reads each weight
+        # once for all of them, and a verify pass of its own per sequence would read it again.
+        self.speculation = speculation
         self.prefill_budget = prefill_budget  # prompt tokens prefilled per step, at most
         self.default_stop_ids = frozenset(default_stop_ids)
         self._token_bytes = token_bytes
@@ -220,8 +229,21 @@ class Engine:
             self.waiting.popleft()
             self.running.append(seq)
             self.sampler.join(seq.request.params, seq.request.prompt, seq.request.constraint)
+            if self.speculation is not None:
+                self.speculation.proposer.start(seq.id, seq.request.prompt)
 
     def _decode(self, out: list[tuple[int, Output]]) -> None:
+        batch = self.running
+        alone = len(batch) == 1 and bool(batch[0].generated) and self.speculation is not None
+        started = time.perf_counter()  # a lone sequence's steps are timed whole, sampling included
+        if alone and self._speculate(batch[0], out, started):
+            return
+        self._decode_batch(out)
+        if alone and self.speculation is not None:
+            self.speculation.timed(1, time.perf_counter() - started)
+            self.speculation.stats.decode_passes += 1
+
+    def _decode_batch(self, out: list[tuple[int, Output]]) -> None:
         batch = self.running
         try:
             logits = self.runner.decode({s.id: s.generated[-1] if s.generated else None for s in batch})
@@ -260,8 +282,66 @@ class Engine:
                 seq.request.index, choice.token, choice.logprob, choice.top_logprobs, reason, stop, cached
             )
             out.append((seq.id, event))
+            if self.speculation is not None:
+                self.speculation.proposer.extend(seq.id, [choice.token])
             if reason is not None:
                 self._end(seq)
+
+    def _speculate(self, seq: _Seq, out: list[tuple[int, Output]], started: float) -> bool:
+        """One step of the batch's only sequence through a verify pass of its last token and the
+        proposed ones; False (nothing done) when no proposal is worth verifying now.
+
+        Each position is sampled exactly as plain decoding samples it (the row's processors and its
+        generator, in order), and a proposed token is kept when the sample equals it: greedy output
+        and seeded samples are the tokens plain decoding gives."""
+        assert self.speculation is not None and isinstance(self.runner, Verifier)
+        remaining = seq.request.params.max_tokens - len(seq.generated)  # tokens it may still emit
+        limit = min(remaining, self.runner.verify_room(seq.id)) - 1
+        drafts = self.speculation.draft(seq.id, limit)
+        if not drafts:
+            return False
+        fed = [seq.generated[-1], *drafts]
+        try:
+            logits = self.runner.verify(seq.id, fed)
+        except Exception as exc:  # as a failed decode pass: the sequence is lost
+            log.exception("verify pass failed")
+            out.append((seq.id, SequenceFailure(seq.request.index, f"generation failed: {_describe(exc)}")))
+            self._end(seq, release=True)
+            return True
+        if self.on_decode is not None:
+            self.on_decode(1)
+        emitted, accepted, reason, failure = 0, 0, None, None
+        for j in range(len(fed)):
+            choice = self.sampler.sample(logits[j : j + 1])[0]
+            if isinstance(choice, SampleError):
+                failure = choice.message
+                break
+            self.sampler.observe([choice.token])
+            seq.generated.append(choice.token)
+            emitted += 1
+            try:
+                reason, stop = self._finish_reason(seq)
+            except Exception as exc:
+                failure = f"stop check failed: {_describe(exc)}"
+                break
+            out.append((seq.id, self._event(seq, choice, reason, stop)))
+            if reason is not None or j == len(drafts) or choice.token != drafts[j]:
+                break
+            accepted += 1
+        self.runner.settle(seq.id, emitted)  # the cache keeps the fed tokens that were emitted
+        self.speculation.verified(seq.id, len(drafts), accepted, emitted)
+        self.speculation.timed(len(fed), time.perf_counter() - started)
+        self.speculation.proposer.extend(seq.id, seq.generated[len(seq.generated) - emitted :])
+        if failure is not None:
+            out.append((seq.id, SequenceFailure(seq.request.index, failure)))
+            self._end(seq, release=True)
+        elif reason is not None:
+            self._end(seq)
+        return True
+
+    @staticmethod
+    def _event(seq: _Seq, choice: Choice, reason: FinishReason | None, stop: int | str | None) -> TokenEvent:
+        return TokenEvent(seq.request.index, choice.token, choice.logprob, choice.top_logprobs, reason, stop)
 
     def _finish_reason(self, seq: _Seq) -> tuple[FinishReason | None, int | str | None]:
         """Whether the newest token ends `seq`: a stop token, a stop string, or no more room."""
@@ -284,6 +364,8 @@ class Engine:
             r = self.running.index(seq)
             del self.running[r]
             self.sampler.keep([i for i in range(len(self.sampler)) if i != r])
+        if self.speculation is not None:
+            self.speculation.forget(seq.id)
         if seq.request.keep and not release:
             if not prefilling:
                 self.runner.park(seq.id)
@@ -293,6 +375,9 @@ class Engine:
 
     def reset(self) -> None:
         self.runner.reset()
+        if self.speculation is not None:
+            for seq in self.running:
+                self.speculation.forget(seq.id)
         self.waiting.clear()
         self.running.clear()
         self.parked.clear()
@@ -328,12 +413,15 @@ def generate_stream(
     *,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     token_bytes: TokenBytes | None = None,
+    speculation: Speculation | None = None,
 ) -> Iterator[TokenEvent]:
     """Generate continuations of token-id `prompts` together, yielding each token as it is sampled.
 
     `params` applies to every prompt, or gives one `SamplingParams` per prompt. Each sequence ends
     on its own stop (see `SamplingParams`); its last event carries `finish_reason`. Stop strings
     are matched on the text of `token_bytes` (default: the o200k_harmony tokenizer's bytes).
+    `speculation` (`gptoss.inference.speculative.speculation("suffix")`) verifies proposed tokens
+    while one sequence decodes alone; the tokens are the same.
     """
     params = params or SamplingParams()
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
@@ -353,6 +441,7 @@ def generate_stream(
         prefill_budget=sum(map(len, runner_prompts)),
         default_stop_ids=[model.config.eos_token_id],
         token_bytes=token_bytes,
+        speculation=speculation,
     )
     for i, (prompt, p) in enumerate(zip(runner_prompts, params, strict=True)):
         engine.add(SequenceRequest(prompt, p, i))
@@ -387,6 +476,7 @@ def generate(
     *,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     token_bytes: TokenBytes | None = None,
+    speculation: Speculation | None = None,
     **sampling: Any,
 ) -> list[list[int]]:
     """The new tokens of each prompt (stop tokens included). Temperature 0 is greedy.
@@ -396,7 +486,7 @@ def generate(
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, **sampling)
     outputs: list[list[int]] = [[] for _ in prompts]
     for event in generate_stream(
-        model, prompts, params, prefill_chunk=prefill_chunk, token_bytes=token_bytes
+        model, prompts, params, prefill_chunk=prefill_chunk, token_bytes=token_bytes, speculation=speculation
     ):
         outputs[event.index].append(event.token)
     return outputs
@@ -421,12 +511,19 @@ class Session:
     """
 
     def __init__(
-        self, model: GptOss, capacity: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+        self,
+        model: GptOss,
+        capacity: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        speculation: Speculation | None = None,
     ) -> None:
         self.model = model
         self.runner = ModelRunner(model, 1, capacity or model.config.max_position_embeddings, prefill_chunk)
         self.engine = Engine(
-            self.runner, prefill_budget=self.runner.context, default_stop_ids=[model.config.eos_token_id]
+            self.runner,
+            prefill_budget=self.runner.context,
+            default_stop_ids=[model.config.eos_token_id],
+            speculation=speculation,
         )
         self.tokens: list[int] = []  # in the cache, in order
         self.pending: list[int] = []  # queued, not yet in the cache

@@ -7,7 +7,8 @@ module takes over the old one's parameters, buffers, children and settings, so p
 
 A `NativeBlock` runs a decode step as `gptoss.ops.decode` resolves it, from the block's weights
 (gathered here, where the module types are known) and the engine's `KVCache` (typed access: its
-dtype, its `shared_slot`, its `update`). Anything else (prefill, autograd, LoRA-wrapped projections,
+dtype, its `shared_slot`, its `update`), or a verify pass's `QueryRows` view of one of its rows.
+Anything else (prefill, autograd, LoRA-wrapped projections,
 dense MLPs, experts not in MXFP4, another cache) takes the general path, `Block.forward`.
 
 A plan holds the addresses of the weights it read. It is rebuilt when a module, parameter or buffer
@@ -28,6 +29,7 @@ from torch.nn.modules.module import (
 
 from gptoss import ops
 from gptoss.inference.cache import KVCache
+from gptoss.inference.verify import QueryRows
 from gptoss.model import Attention, Block, RMSNorm, Router
 from gptoss.model import KVCache as CacheProtocol
 from gptoss.ops import decode
@@ -155,7 +157,7 @@ class NativeBlock(Block):
         plan = self._decode_plan(x, cos, cache)
         if plan is None:
             return super().forward(x, cos, sin, cache)
-        assert isinstance(cache, KVCache)  # (checked by _decode_plan)
+        assert isinstance(cache, KVCache | QueryRows)  # (checked by _decode_plan)
         layer = self.self_attn.layer_idx
 
         def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -166,7 +168,7 @@ class NativeBlock(Block):
     def _decode_plan(self, x: Tensor, cos: Tensor, cache: CacheProtocol | None) -> decode.DecodePlan | None:
         """The plan when this call is a decode step the native path takes, else None."""
         if (
-            not isinstance(cache, KVCache)
+            not isinstance(cache, KVCache | QueryRows)  # a decode step, or a verify pass's rows
             or x.dim() != 3
             or x.shape[1] != 1
             or x.shape[0] > ops.MAX_ROWS

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from gptoss.inference.cache import KVCache
 from gptoss.inference.prefix_cache import Node, PrefixCache
+from gptoss.inference.verify import RingSave, max_fed, verify
 from gptoss.model import GptOss
 from gptoss.vocab import fit_tokens, token_rows
 
@@ -209,6 +210,8 @@ class ModelRunner:
         self.joined: set[int] = set()  # joined since the last decode: no token to feed yet
         self.prefix_cache = prefix_cache
         self.tracked: dict[int, _Tracked] = {}  # sequences that store states in the prefix cache
+        self._verifying: RingSave | None = None  # the last verify pass, until it is settled
+        self._verified_tokens: list[int] = []
         # Every `generate` call makes a runner: its size is worth a line only when debugging (the
         # server states its own at start).
         log.debug(
@@ -278,6 +281,34 @@ class ModelRunner:
         logits = self.model.lm_head(torch.cat(hidden))  # (R, V): one pass over the head for all
         self.joined.clear()
         return BatchLogits(self.running, logits)
+
+    # ------------------------------------------------------------------ speculative decoding
+    def verify_room(self, seq: int) -> int:
+        """The most tokens `verify` may feed decoding sequence `seq` now (0 if it cannot verify)."""
+        if seq not in self.running or seq in self.joined:
+            return 0
+        return max_fed(self.cache, self.row_of[seq])
+
+    def verify(self, seq: int, tokens: Sequence[int]) -> Tensor:
+        """Feed `tokens` (its last sampled token, then proposed ones) to decoding sequence `seq`, a
+        forward pass per `EXACT_ROWS` of them; row j of the result (len(tokens), V) is the logits
+        that `decode` would give after tokens[:j+1] — the same numbers, bit for bit, on the native
+        CPU path. `settle` must follow."""
+        if seq not in self.running or seq in self.joined:
+            raise ValueError(f"sequence {seq} is not decoding with a token to feed")
+        logits, self._verifying = verify(self.model, self.cache, self.row_of[seq], list(tokens))
+        self._verified_tokens = list(tokens)
+        return logits
+
+    def settle(self, seq: int, kept: int) -> None:
+        """Keep the first `kept` tokens of `seq`'s last `verify` in its cache, take back the rest."""
+        save: RingSave | None = self._verifying
+        if save is None or self.row_of.get(seq) != save.row:
+            raise RuntimeError(f"sequence {seq} has no verify pass to settle")
+        save.restore(self.cache, kept)
+        self._verifying = None
+        if seq in self.tracked:
+            self.tracked[seq].tokens += self._verified_tokens[:kept]
 
     def release(self, seq: int) -> None:
         self._store(seq, None)

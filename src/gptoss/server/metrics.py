@@ -63,6 +63,7 @@ class Metrics:
             lambda: engine.runner.max_batch
         )
         r.register(_PrefixCacheCollector(engine.runner))
+        r.register(_SpeculationCollector(engine))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -95,6 +96,46 @@ class _PrefixCacheCollector:
         )
         yield GaugeMetricFamily(
             "gptoss_prefix_cache_entries", "Points a prompt can resume from", cache.entries
+        )
+
+
+class _SpeculationCollector:
+    """Speculative decoding's counters, read at scrape time (none when it is off)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        speculation = self.engine.engine.speculation
+        if speculation is None:
+            return
+        stats = speculation.stats
+        yield CounterMetricFamily(
+            "gptoss_speculative_verify_passes",
+            "Forward passes that verified proposed tokens",
+            stats.verify_passes,
+        )
+        yield CounterMetricFamily(
+            "gptoss_speculative_decode_passes",
+            "One-token passes of lone streams (nothing worth verifying)",
+            stats.decode_passes,
+        )
+        yield CounterMetricFamily(
+            "gptoss_speculative_proposed_tokens", "Proposed tokens verified", stats.proposed
+        )
+        yield CounterMetricFamily(
+            "gptoss_speculative_accepted_tokens", "Proposed tokens the model agreed with", stats.accepted
+        )
+        yield CounterMetricFamily(
+            "gptoss_speculative_emitted_tokens", "Tokens produced by verify passes", stats.emitted
+        )
+        yield GaugeMetricFamily(
+            "gptoss_speculative_acceptance", "Accepted / proposed tokens so far", stats.acceptance
+        )
+        yield GaugeMetricFamily(
+            "gptoss_speculative_tokens_per_forward",
+            "Tokens per forward pass of lone streams (1 without speculation)",
+            stats.tokens_per_forward,
         )
 
 

@@ -28,6 +28,7 @@ from gptoss.inference import (
 from gptoss.inference.async_engine import DEFAULT_MAX_QUEUE
 from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK
 from gptoss.inference.scoring import PromptScores, score_tokens
+from gptoss.inference.speculative import speculation
 from gptoss.server.errors import APIError, error_body
 from gptoss.server.metrics import Metrics
 from gptoss.server.store import DEFAULT_MAX_BYTES, DEFAULT_TTL_SECONDS, ResponseStore
@@ -50,6 +51,7 @@ class ServerSettings:
     responses_db: str | Path | None = None  # None: <gptoss cache>/responses.sqlite3
     responses_ttl: float = DEFAULT_TTL_SECONDS
     responses_max_bytes: int = DEFAULT_MAX_BYTES
+    speculative: str = "off"  # proposer for speculative decoding of lone streams: off, ngram, suffix
 
 
 class Service:
@@ -58,7 +60,9 @@ class Service:
     def __init__(self, runner: Runner, settings: ServerSettings) -> None:
         self.settings = settings
         self.runner = runner
-        self.engine = AsyncEngine(runner, settings.max_queue, settings.prefill_budget)
+        self.engine = AsyncEngine(
+            runner, settings.max_queue, settings.prefill_budget, speculation=speculation(settings.speculative)
+        )
         self.metrics = Metrics(self.engine)
         self.engine.on_decode = self.metrics.batch_size.observe
         self.store = ResponseStore(

@@ -189,7 +189,8 @@ AVX512 void int8w_f32_avx512(const void *x, int64_t n, const weights *w, int64_t
  * benchmarks/NOTES.md, "int8 against bf16 rows". */
 AVX512_INLINE void int8w_i16_sums(const int N, const int R, const uint8_t *x, const weights *w, int64_t r,
                                   __m512 (*s)[MAX_ROWS]) {
-    const int U = N <= 2 ? 2 : 1; /* two chains of multiply-adds hide their latency */
+    /* two chains of multiply-adds hide their latency; 1 to 4 rows alike (see STREAMS) */
+    const int U = N <= 4 ? 2 : 1;
     int64_t in = w->in, groups = in / BLOCK;
     const int8_t *wr = (const int8_t *)w->w + r * in;
     __m512 acc[2][MAX_ROWS][2];

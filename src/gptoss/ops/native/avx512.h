@@ -7,8 +7,11 @@
  * at a time (R = 2), so that every activation load feeds two products. With fewer (decode) they
  * are bound by memory and take one row at a time: a single sequential stream per thread is what
  * the hardware prefetchers follow best (two interleaved rows read at half the speed from DRAM).
- * U independent accumulator streams per (row, weight row) hide the FMA latency where rows are few. */
-#define STREAMS(N) ((N) == 1 ? 4 : (N) <= 4 ? 2 : 1)
+ * U independent accumulator streams per (row, weight row) hide the FMA latency where rows are few;
+ * 1 to 4 rows take the same 4, so that a row's sums are made in the same order whether it is
+ * alone or one of up to 4 (a speculative verify pass feeds its tokens as such rows and must get
+ * one-token decoding's numbers, bit for bit). */
+#define STREAMS(N) ((N) <= 4 ? 4 : 1)
 
 /* Weight rows [r0, r1), in pairs when N > 4; BODY(N, R, r) handles rows r .. r+R-1. */
 #define ROW_PAIRS(N, BODY)                                                                     \
