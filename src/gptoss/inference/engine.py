@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from gptoss.inference.cache import ContextFullError, KVCache
+from gptoss.inference.cache import CacheFullError, ContextFullError, KVCache
 from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK, BatchLogits, ModelRunner, RowMark, Runner
 from gptoss.inference.sampling import SampleError, Sampler, SamplingParams, TokenConstraint
 from gptoss.inference.stops import StopStrings
@@ -200,6 +200,8 @@ class Engine:
             seq = self.waiting[0]
             try:
                 if seq.cached is None:  # restored tokens cost no prefill, so no budget either
+                    if not self.runner.admits(len(seq.pending)):
+                        return  # it waits until running sequences give memory back
                     seq.cached = self.runner.reuse(seq.id, seq.pending)
                     seq.pending = seq.pending[seq.cached :]
                 n = min(budget, len(seq.pending))
@@ -222,7 +224,17 @@ class Engine:
             self.sampler.join(seq.request.params, seq.request.prompt, seq.request.constraint)
 
     def _decode(self, out: list[tuple[int, Output]]) -> None:
+        fed = [s.id for s in self.running if s.generated]
+        starved = set(self.runner.starved(fed)) if fed else set()
+        for seq in [s for s in self.running if s.id in starved]:
+            message = (
+                "the KV cache is full: no memory is left for this sequence to grow; retry with fewer tokens"
+            )
+            out.append((seq.id, SequenceFailure(seq.request.index, message)))
+            self._end(seq, release=True)
         batch = self.running
+        if not batch:
+            return
         try:
             logits = self.runner.decode({s.id: s.generated[-1] if s.generated else None for s in batch})
         except Exception as exc:  # the model failed: every sequence of the pass is lost
@@ -316,7 +328,10 @@ def _device_of(runner: Runner) -> torch.device:
 
 
 def _describe(exc: BaseException) -> str:
-    """What a client may see of an internal failure: its kind (the details go to the log)."""
+    """What a client may see of an internal failure: its kind (the details go to the log), or the
+    message of a limit the client can act on."""
+    if isinstance(exc, (CacheFullError, ContextFullError)):
+        return str(exc)
     return type(exc).__name__
 
 

@@ -7,7 +7,7 @@ module takes over the old one's parameters, buffers, children and settings, so p
 
 A `NativeBlock` runs a decode step as `gptoss.ops.decode` resolves it, from the block's weights
 (gathered here, where the module types are known) and the engine's `KVCache` (typed access: its
-dtype, its `shared_slot`, its `update`). Anything else (prefill, autograd, LoRA-wrapped projections,
+dtype, its `decode_view`, its `update`). Anything else (prefill, autograd, LoRA-wrapped projections,
 dense MLPs, experts not in MXFP4, another cache) takes the general path, `Block.forward`.
 
 A plan holds the addresses of the weights it read. It is rebuilt when a module, parameter or buffer
@@ -161,7 +161,7 @@ class NativeBlock(Block):
         def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             return cache.update(layer, k, v)
 
-        return decode.step(plan, x, cos, sin, cache.shared_slot(layer), update)
+        return decode.step(plan, x, cos, sin, cache.decode_view(layer), update)
 
     def _decode_plan(self, x: Tensor, cos: Tensor, cache: CacheProtocol | None) -> decode.DecodePlan | None:
         """The plan when this call is a decode step the native path takes, else None."""
