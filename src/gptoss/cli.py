@@ -342,6 +342,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         int8=args.int8,
         max_batch=args.max_batch,
         context=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
         prefix_cache_gib=args.prefix_cache_gib,
         max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes,
@@ -364,8 +365,22 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
         "(default: $GPTOSS_API_KEY, comma-separated)",
     )
     serve.add_argument("--served-model-name", default=None, help="model id for clients (default: dir name)")
-    serve.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
-    serve.add_argument("--max-model-len", type=int, default=8192, help="tokens per sequence, prompt included")
+    serve.add_argument(
+        "--max-batch", type=int, default=32, help="sequences decoded together, at most (default 32)"
+    )
+    serve.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="tokens per sequence, prompt included (default: the model's context)",
+    )
+    serve.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        help="memory for the KV cache, taken as sequences grow; when it is full new requests wait "
+        "(default: half of the memory available after loading)",
+    )
     serve.add_argument("--max-queue", type=int, default=256, help="sequences waiting before a 429")
     serve.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="largest request body")
     serve.add_argument("--responses-db", default=None, help="SQLite file for stored responses")

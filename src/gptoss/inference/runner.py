@@ -219,6 +219,7 @@ class ModelRunner:
         self.prefill_chunk = prefill_chunk
         device = model_device(model)
         budget = default_budget_bytes(device) if kv_budget_bytes is None else kv_budget_bytes
+        self.kv_budget_bytes = budget
         self.cache = KVCache(config, max_batch, self.context, model_dtype(model), device, block_size, budget)
         self.row_of: dict[int, int] = {}  # every sequence holding a row
         self.running: list[int] = []  # the decode batch: sequence of rows 0..R-1
