@@ -15,7 +15,8 @@ class ContiguousCache:
         self.sliding = [t == SLIDING for t in config.layer_types]
         heads, dim = config.num_key_value_heads, config.head_dim
         self.keys = [
-            torch.zeros(batch_size, heads, self.ring if s else capacity, dim, dtype=dtype) for s in self.sliding
+            torch.zeros(batch_size, heads, self.ring if s else capacity, dim, dtype=dtype)
+            for s in self.sliding
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.lengths = [0] * batch_size

@@ -233,9 +233,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )
     console = Console(highlight=False)
     interactive = console.is_terminal
-    kv = chat.session.cache.nbytes / 2**20
+    kv = model.config.kv_cache_bytes(context, chat.session.cache.dtype.itemsize) / 2**20
     console.print(
-        f"[dim]{model.config.name}: context {context:,} tokens (KV cache {kv:,.0f} MiB). {CHAT_HELP}[/dim]"
+        f"[dim]{model.config.name}: context {context:,} tokens (KV cache up to {kv:,.0f} MiB, taken as "
+        f"the conversation grows). {CHAT_HELP}[/dim]"
     )
     last_reasoning = ""
     while True:
