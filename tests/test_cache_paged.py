@@ -4,6 +4,8 @@ sequence that cannot grow."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -12,10 +14,12 @@ from hypothesis import strategies as st
 from conftest import random_model, tiny_config
 from contiguous_cache import ContiguousCache
 from gptoss import ops
-from gptoss.inference import KVCache, SamplingParams
+from gptoss.inference import KVCache, SamplingParams, native
 from gptoss.inference.engine import Engine, SequenceFailure, SequenceRequest, TokenEvent
 from gptoss.inference.optimize import prepare_for_inference
 from gptoss.inference.runner import ModelRunner, forward_hidden
+from gptoss.model import Block
+from gptoss.ops import decode
 from gptoss.quant.mxfp4 import quantize_experts
 
 ROWS = 4
@@ -33,9 +37,19 @@ def _native_model():
     return prepare_for_inference(quantize_experts(random_model(config, seed=22)).to(torch.bfloat16))
 
 
+def _general_path(model):
+    """The same prepared model with its blocks on Block.forward: decode steps then go through
+    NativeAttention, which attends over the cache's blocks where they lie (`KVCache.store`)."""
+    model = copy.deepcopy(model)
+    for i, block in enumerate(model.model.layers):
+        model.model.layers[i] = native.rebuilt(block, Block)
+    return model
+
+
 MODELS = {"fp32": _fp32_model()}
 if ops.native_available():
     MODELS["native bf16"] = _native_model()
+    MODELS["native attention"] = _general_path(MODELS["native bf16"])
 
 JOIN = st.tuples(st.just("join"), st.integers(1, 9), st.integers(1, 5), st.integers(0, 299))
 LEAVE = st.tuples(st.just("leave"), st.integers(0, ROWS - 1))
@@ -90,6 +104,35 @@ def test_paged_logits_equal_the_contiguous_cache_bit_for_bit(name, ops_):
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a, b)
     assert paged.pool.used == sum(paged.blocks_for(n) for n in paged.lengths)
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="native kernels not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_over_many_rows_equals_the_kernel_over_a_gathered_copy(dtype):
+    """More rows than the fused decode step takes (12): the attention over the blocks where they
+    lie gives the bits of the same kernel over contiguous copies of them."""
+    config = tiny_config(sliding_window=4)
+    cache = KVCache(config, 12, CAPACITY, dtype, block_size=BLOCK)
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    for row in range(12):  # rows of 1..12 tokens
+        cache.begin(slice(row, row + 1), row + 1)
+        for layer in range(config.num_hidden_layers):
+            cache.update(layer, *torch.randn(2, 1, kv_heads, row + 1, dim, generator=gen).to(dtype))
+        cache.end()
+    cache.begin(slice(0, 12), 1)
+    sinks = torch.randn(heads, generator=gen)
+    for layer in range(config.num_hidden_layers):
+        q = torch.randn(12, heads, 1, dim, generator=gen).to(dtype)
+        view = cache.decode_view(layer)
+        k, v = torch.randn(2, 12, kv_heads, 1, dim, generator=gen).to(dtype)
+        cache.store(layer, k, v)
+        ours = decode.paged_attention(q, view, sinks)
+        gathered_k, gathered_v, mask = cache.update(layer, k, v)  # (writes the same values again)
+        theirs = torch.empty_like(ours)
+        ops._native_attention(q, gathered_k, gathered_v, mask, sinks.float().data_ptr(), theirs)
+        assert torch.equal(ours, theirs)
+    cache.end()
 
 
 # ---------------------------------------------------------------------- memory

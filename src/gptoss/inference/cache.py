@@ -116,6 +116,7 @@ class DecodeView:
     keys: Tensor
     values: Tensor
     block_size: int
+    kv_heads: int
     slots: Tensor
     attended: int
     mask: Tensor
@@ -150,6 +151,7 @@ class KVCache:
         self.sliding = [t == SLIDING for t in config.layer_types]
         self.full_index = {layer: i for i, layer in enumerate(n for n, s in enumerate(self.sliding) if not s)}
         heads, dim = config.num_key_value_heads, config.head_dim
+        self.kv_heads = heads
         shape = (len(self.full_index), 2, heads, block_size, dim)
         block_bytes = torch.finfo(dtype).bits // 8 * torch.Size(shape).numel()
         # (A model of sliding layers only takes no blocks, whatever the budget.)
@@ -331,7 +333,9 @@ class KVCache:
         if self.sliding[layer_idx]:
             k, v = self._ring_tables[layer_idx]
             rows = slice(step.rows[0], step.rows[-1] + 1)
-            return DecodeView(k[rows], v[rows], self.ring, step.ring_slots, self.ring, step.sliding_mask)
+            return DecodeView(
+                k[rows], v[rows], self.ring, self.kv_heads, step.ring_slots, self.ring, step.sliding_mask
+            )
         if step.tables is None:
             width = self.blocks_for(step.full_len)
             pad, blocks = self.pool.pad.data_ptr(), self.pool.blocks
@@ -347,10 +351,24 @@ class KVCache:
             step.tables[j, 0],
             step.tables[j, 1],
             self.block_size,
+            self.kv_heads,
             step.positions,
             step.full_len,
             step.full_mask,
         )
+
+    def store(self, layer_idx: int, k: Tensor, v: Tensor) -> None:
+        """Write a one-token pass's new keys and values (R, KVH, 1, D) of layer `layer_idx` where its
+        `decode_view` says, for a kernel that then reads them there (`update` without the gather)."""
+        step = self._step
+        if step is None or step.positions.shape[1] != 1:
+            raise RuntimeError("KVCache.store takes the keys of a one-token pass, inside begin()/end()")
+        if not self.sliding[layer_idx]:
+            self._write_blocks(self.full_index[layer_idx], step, k, v)
+            return
+        ring_k, ring_v = self.rings[layer_idx]
+        _write(_rows_of(ring_k, step.rows), step.ring_slots, step.ring_start, k)
+        _write(_rows_of(ring_v, step.rows), step.ring_slots, step.ring_start, v)
 
     def end(self) -> None:
         """Finish the pass: the rows now hold their new tokens."""

@@ -36,6 +36,7 @@ class CacheView(Protocol):
     keys: Tensor  # (B, blocks) int64 byte addresses of each row's key blocks (KVH, block_size, D)
     values: Tensor  # the same for values
     block_size: int
+    kv_heads: int
     slots: Tensor  # (B,) int64: the position each row's new token goes to
     attended: int  # positions the queries attend over
     mask: Tensor  # (B, 1, 1, attended) bool
@@ -246,4 +247,20 @@ def _attention(
     )
     out = torch.empty(B, heads * dim, dtype=rows.dtype)  # (B, heads, 1, dim) as o_proj reads it
     _native_attention(q.view(B, heads, 1, dim), keys, values, mask, plan.sinks, out)
+    return out
+
+
+def paged_attention(q: Tensor, view: CacheView, sinks: Tensor) -> Tensor:
+    """`ops.sink_attention` of one query token a row, q (B, H, 1, D) in the cache's dtype, over the
+    blocks of a cache's decode `view` (whose new keys and values are already written), natively and
+    for any number of rows: (B, H, 1, D). The same kernel as over a contiguous cache, so the same bits."""
+    B, H, _, D = q.shape
+    qa, s32 = q.detach().contiguous(), sinks.detach().float().contiguous()
+    out = torch.empty(B, H, 1, D, dtype=q.dtype)
+    code = DTYPE_CODES[q.dtype]
+    _native.paged_attention(
+        qa.data_ptr(), code, B, H, D, view.keys.data_ptr(), view.values.data_ptr(), view.keys.shape[1],
+        view.block_size, code, view.kv_heads, view.attended, view.mask.data_ptr(), view.mask.shape[0],
+        s32.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
     return out
