@@ -92,6 +92,7 @@ def run_batch(model: Any, batch: int, steps: int, prompt_len: int) -> dict[str, 
             engine.step()
             times.append(time.perf_counter() - start)
     held = sum(runner.cache.lengths[: len(engine.running)])
+    kv_used = runner.cache.pool.used * runner.cache.pool.block_bytes / 2**30
     layers = config.num_hidden_layers
     per_step = [sum(routed.counts[i : i + layers]) for i in range(0, len(routed.counts), layers)]
     kv = config.kv_cache_bytes_per_token(2) // layers * (layers - config.num_sliding_layers) * held
@@ -107,7 +108,7 @@ def run_batch(model: Any, batch: int, steps: int, prompt_len: int) -> dict[str, 
         "tok_s": batch / median,
         "experts_per_layer": sum(per_step) / len(per_step) / layers,
         "step_gb": step_bytes / 1e9,
-        "kv_cache_gib_used": runner.cache.pool.used * runner.cache.pool.block_bytes / 2**30,
+        "kv_cache_gib_used": kv_used,
     }
 
 
