@@ -247,8 +247,9 @@ class ModelRunner:
         limit = cache.pool.max_blocks
         if limit is not None and cache.blocks_for(tokens) > limit:
             raise CacheFullError(
-                f"a prompt of {tokens} tokens needs more KV-cache memory than the server has "
-                f"({limit * cache.block_size} tokens); send a shorter one"
+                f"a prompt of {tokens} tokens needs more KV-cache memory than its budget holds "
+                f"({limit * cache.block_size} tokens); send a shorter one (or give the cache more "
+                "memory: kv_budget_bytes, gptoss serve --kv-cache-gib)"
             )
         if cache.can_take(need):
             return True
