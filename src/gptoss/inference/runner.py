@@ -261,7 +261,11 @@ class ModelRunner:
 
     def starved(self, seqs: Sequence[int]) -> list[int]:
         cache = self.cache
-        growing = [s for s in seqs if cache.lengths[self.row_of[s]] % cache.block_size == 0]
+        growing = [
+            s
+            for s in seqs
+            if cache.blocks_for(cache.lengths[self.row_of[s]] + 1) > len(cache.tables[self.row_of[s]])
+        ]
         free = cache.pool.free
         out: list[int] = []
         # The newest sequences give way: their memory goes to the others.
