@@ -251,9 +251,10 @@ class ModelRunner:
                 f"({limit * cache.block_size} tokens); send a shorter one (or give the cache more "
                 "memory: kv_budget_bytes, gptoss serve --kv-cache-gib)"
             )
-        if cache.can_take(need):
+        alone = not self.running and not self.joined  # nobody will give memory back
+        if cache.can_take(need) or (alone and cache.can_take(cache.blocks_for(tokens))):
             return True
-        if not self.running and not self.joined:
+        if alone:
             raise CacheFullError(
                 f"the KV cache has no room for a prompt of {tokens} tokens beside the sequences it keeps"
             )
