@@ -9,7 +9,8 @@ a subprocess, so the numbers are those of the production path: HTTP, SSE, schedu
 of C clients sends --rounds streaming requests back to back; tokens are the server's own usage
 counts. Reported per concurrency: aggregate tokens/s, time to first token (TTFT), inter-token
 latency (ITL, between stream chunks) and request latency percentiles, and the throughput ratio
-against one stream.
+against one stream; for a server it started, its resident memory at idle (after start, before the
+first request) and the peak of each level (sampled every 0.2 s).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -100,6 +103,28 @@ async def run_level(url: str, concurrency: int, args: argparse.Namespace) -> dic
     }
 
 
+class PeakRSS:
+    """The largest resident set size of process `pid` while active, sampled in a thread."""
+
+    def __init__(self, pid: int, every: float = 0.2) -> None:
+        self.process, self.every, self.peak = psutil.Process(pid), every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -108,10 +133,8 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace, db: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    context = args.max_tokens + 512  # room for the prompt (under 200 tokens) and the completion
     command = [sys.executable, "-m", "gptoss.cli", "serve", args.model, "--port", str(port)]
-    command += ["--max-batch", str(max(args.concurrency)), "--max-model-len", str(context)]
-    command += ["--responses-db", str(db)]
+    command += ["--max-batch", str(max(args.concurrency)), "--responses-db", str(db), *args.server_arg]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -141,6 +164,9 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     parser.add_argument("--json", type=Path, default=Path("serve.json"))
+    parser.add_argument(
+        "--server-arg", action="append", default=[], help="an option for gptoss serve (repeat for several)"
+    )
     args = parser.parse_args()
 
     console = Console()
@@ -152,11 +178,24 @@ def main() -> None:
             console.print(f"starting gptoss serve {args.model} ...")
             server, url = start_server(args, Path(tmp) / "responses.sqlite3")
             args.model = Path(args.model).name
+        memory: dict[str, float] = {}
         try:
+            if server is not None:
+                time.sleep(2)  # (the server has just answered its first /health)
+                memory["rss_idle_gib"] = psutil.Process(server.pid).memory_info().rss / 2**30
+                console.print(f"server resident at idle: {memory['rss_idle_gib']:.2f} GiB")
             levels = []
             for c in args.concurrency:
-                levels.append(asyncio.run(run_level(url, c, args)))
-                console.print(f"{c:3d} streams: {levels[-1]['tokens_per_s']:8.1f} tok/s")
+                with PeakRSS(server.pid if server else os.getpid()) as rss:
+                    levels.append(asyncio.run(run_level(url, c, args)))
+                if server is not None:
+                    levels[-1]["rss_peak_gib"] = rss.peak / 2**30
+                console.print(
+                    f"{c:3d} streams: {levels[-1]['tokens_per_s']:8.1f} tok/s"
+                    + (f", server peak {rss.peak / 2**30:.2f} GiB" if server else "")
+                )
+            if server is not None:
+                memory["rss_after_gib"] = psutil.Process(server.pid).memory_info().rss / 2**30
         finally:
             if server is not None:
                 server.terminate()
@@ -171,7 +210,14 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "rounds": args.rounds,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "load_average": os.getloadavg(),
+        },
+        "server_args": args.server_arg,
+        "memory": memory,
         "levels": levels,
     }
     args.json.write_text(json.dumps(report, indent=2))

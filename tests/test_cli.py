@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import random_model, tiny_config
 from gptoss import get_config, save_model
 from gptoss.quant.mxfp4 import quantize_experts
@@ -79,3 +81,17 @@ def test_serve_rejects_a_negative_prefix_cache_before_loading(capsys):
 
     assert main(["serve", "gptoss-nano", "--prefix-cache-gib", "-1"]) == 2
     assert "--prefix-cache-gib must be 0 (off) or more, got -1.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--kv-cache-gib", "0"], "--kv-cache-gib must be more than 0, got 0.0"),
+        (["--max-model-len", "0"], "--max-model-len must be at least 1, got 0"),
+    ],
+)
+def test_serve_rejects_a_kv_budget_or_context_it_cannot_use_before_loading(capsys, option, message):
+    from gptoss.cli import main
+
+    assert main(["serve", "gptoss-nano", *option]) == 2
+    assert message in capsys.readouterr().err

@@ -135,47 +135,58 @@ def test_greedy_equals_transformers_generate(tmp_path):
         assert out[0, len(prompt) :].tolist() == tokens
 
 
-def test_cache_memory_follows_the_config_and_sliding_layers_keep_only_the_window():
+def test_cache_memory_follows_the_tokens_held_and_sliding_layers_keep_only_the_window():
+    """A row costs its rings until it holds tokens; a full context costs what the config says."""
     config = get_config("gpt-oss-20b")
-    cache = KVCache(config, 2, capacity=config.max_position_embeddings, dtype=torch.bfloat16, device="meta")
-    assert cache.nbytes == 2 * config.kv_cache_bytes(config.max_position_embeddings, 2)
-    naive = 2 * config.kv_cache_bytes_per_token(2) * config.max_position_embeddings
-    assert 0.49 < cache.nbytes / naive < 0.51
-    sliding = [k for k, s in zip(cache.keys, cache.sliding, strict=True) if s]
-    assert {tuple(k.shape) for k in sliding} == {(2, 8, 128, 64)}
+    context = config.max_position_embeddings
+    cache = KVCache(config, 2, capacity=context, dtype=torch.bfloat16, device="meta")
+    ring_row = config.num_sliding_layers * 2 * config.kv_dim * 2 * config.sliding_window
+    assert cache.nbytes == 2 * ring_row
+    assert {tuple(k.shape) for pair in cache.rings.values() for k in pair} == {(2, 8, 128, 64)}
+    cache.write_full(0, 0, torch.empty(12, 2, 8, context, 64, dtype=torch.bfloat16, device="meta"))
+    assert cache.nbytes == config.kv_cache_bytes(context, 2) + ring_row
+    naive = config.kv_cache_bytes_per_token(2) * context
+    assert 0.49 < (cache.nbytes - ring_row) / naive < 0.51
+    cache.clear_row(0)
+    assert cache.nbytes == 2 * ring_row
 
 
-def test_shared_slot_names_what_update_writes_and_returns_for_one_token_steps():
-    """A one-token pass of every row at one length: the slot `update` writes and the keys it returns;
-    any other pass (several tokens, rows at different lengths, part of the rows) gets None."""
+def test_decode_view_names_what_update_writes_and_returns_for_one_token_steps():
+    """A one-token pass over any rows at any lengths: the blocks, slots and mask that `update` writes
+    and attends over; a pass of several tokens gets None."""
     config = tiny_config(sliding_window=3)
     kinds = list(config.layer_types)
     full, sliding = kinds.index(FULL), kinds.index(SLIDING)
-    cache = KVCache(config, 2, capacity=12)
+    cache = KVCache(config, 3, capacity=16, block_size=4)
     heads, dim = config.num_key_value_heads, config.head_dim
     cache.begin(slice(0, 2), 5)
-    assert cache.shared_slot(full) is None
+    assert cache.decode_view(full) is None
     cache.end()
-    for length in (5, 6, 7):  # around the sliding layers' ring
-        cache.begin(slice(0, 2), 1)
+    cache.begin(slice(2, 3), 2)
+    cache.end()
+    for rows in ([0, 1, 2], [0, 1, 2], [1, 2], [0, 1, 2], [2], [0, 1, 2]):  # lengths apart, blocks crossed
+        cache.begin(slice(rows[0], rows[-1] + 1), 1)
+        lengths = [cache.lengths[r] for r in rows]
         for layer in (full, sliding):
-            keys, values, slot, attended, mask = cache.shared_slot(layer)
-            new = torch.randn(2, heads, 1, dim)
+            view = cache.decode_view(layer)
+            new = torch.randn(len(rows), heads, 1, dim)
             got_k, got_v, got_mask = cache.update(layer, new, new + 1)
-            assert keys is cache.keys[layer] and values is cache.values[layer]
-            assert torch.equal(keys[:, :, slot], new[:, :, 0])
-            assert torch.equal(values[:, :, slot], new[:, :, 0] + 1)
-            assert got_k.data_ptr() == keys.data_ptr() and got_k.shape[2] == attended
-            assert torch.equal(got_mask, mask)
-        assert cache.shared_slot(full)[2] == length
-        assert cache.shared_slot(sliding)[2] == length % cache.ring
+            assert got_k.shape[2] == view.attended and torch.equal(got_mask, view.mask)
+            for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+                slot = int(view.slots[i])
+                if layer == full:
+                    assert slot == length
+                    block = cache.pool.blocks[cache.tables[row][slot // 4]]
+                    assert int(view.keys[i, slot // 4]) == block[cache.full_index[full], 0].data_ptr()
+                    assert int(view.values[i, slot // 4]) == block[cache.full_index[full], 1].data_ptr()
+                    assert torch.equal(block[cache.full_index[full], 0, :, slot % 4], new[i, :, 0])
+                else:
+                    assert slot == length % cache.ring
+                    ring_k, ring_v = cache.rings[sliding]
+                    assert int(view.keys[i, 0]) == ring_k[row].data_ptr()
+                    assert int(view.values[i, 0]) == ring_v[row].data_ptr()
+                    assert torch.equal(ring_v[row, :, slot], new[i, :, 0] + 1)
         cache.end()
-    cache.begin(slice(1, 2), 1)  # one row of two
-    assert cache.shared_slot(full) is None
-    cache.end()
-    cache.begin(slice(0, 2), 1)  # now at lengths 8 and 9
-    assert cache.shared_slot(sliding) is None
-    cache.end()
 
 
 def test_long_prompt_past_the_original_context_prefills_in_bounded_chunks():

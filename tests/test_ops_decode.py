@@ -40,9 +40,9 @@ def general_path(model):
 
 def decode_hidden(model, prompts, steps, cache_type=KVCache):
     """Prefill each prompt into its own cache row, then `steps` batched decode steps; the hidden
-    states of every decode step (R, 1, H), in order."""
+    states of every decode step (R, 1, H), in order. Blocks of 3 positions: steps cross them."""
     capacity = max(map(len, prompts)) + steps
-    cache = cache_type(model.config, len(prompts), capacity=capacity, dtype=torch.bfloat16)
+    cache = cache_type(model.config, len(prompts), capacity=capacity, dtype=torch.bfloat16, block_size=3)
     out = []
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
@@ -71,17 +71,17 @@ def test_decode_step_equals_the_general_path_bit_for_bit(int8, lengths):
         assert torch.equal(a, b)
 
 
-class CacheWithoutSharedSlot(KVCache):
+class CacheWithoutDecodeView(KVCache):
     """A cache whose one-token passes all go through `update` (as the model's KVCache protocol asks)."""
 
-    def shared_slot(self, layer_idx):
+    def decode_view(self, layer_idx):
         return None
 
 
-def test_a_cache_without_shared_slot_gets_its_writes_through_update():
+def test_a_cache_without_decode_view_gets_its_writes_through_update():
     model = prepare_for_inference(released_layout())
     prompts = [[4, 8, 15, 16, 23]]
-    ours = decode_hidden(model, prompts, steps=6, cache_type=CacheWithoutSharedSlot)
+    ours = decode_hidden(model, prompts, steps=6, cache_type=CacheWithoutDecodeView)
     assert took_the_decode_step(model)
     theirs = decode_hidden(general_path(model), prompts, steps=6)
     for a, b in zip(ours, theirs, strict=True):

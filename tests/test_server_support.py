@@ -79,6 +79,12 @@ class ScriptedRunner:
     def fit_prompt(self, tokens: Sequence[int]) -> list[int]:
         return list(tokens)
 
+    def admits(self, tokens: int) -> bool:
+        return True  # scripted logits hold no memory
+
+    def starved(self, seqs: Sequence[int]) -> list[int]:
+        return []
+
     def reuse(self, seq: int, prompt: Sequence[int]) -> int:
         return 0  # no prefix cache: every prompt is prefilled whole
 

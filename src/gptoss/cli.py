@@ -253,9 +253,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )
     console = Console(highlight=False)
     interactive = console.is_terminal
-    kv = chat.session.cache.nbytes / 2**20
+    kv = model.config.kv_cache_bytes(context, chat.session.cache.dtype.itemsize) / 2**20
     console.print(
-        f"[dim]{model.config.name}: context {context:,} tokens (KV cache {kv:,.0f} MiB). {CHAT_HELP}[/dim]"
+        f"[dim]{model.config.name}: context {context:,} tokens (KV cache up to {kv:,.0f} MiB, taken as "
+        f"the conversation grows). {CHAT_HELP}[/dim]"
     )
     last_reasoning = ""
     while True:
@@ -389,6 +390,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         int8=args.int8,
         max_batch=args.max_batch,
         context=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
         prefix_cache_gib=args.prefix_cache_gib,
         max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes,
@@ -412,8 +414,22 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
         "(default: $GPTOSS_API_KEY, comma-separated)",
     )
     serve.add_argument("--served-model-name", default=None, help="model id for clients (default: dir name)")
-    serve.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
-    serve.add_argument("--max-model-len", type=int, default=8192, help="tokens per sequence, prompt included")
+    serve.add_argument(
+        "--max-batch", type=int, default=32, help="sequences decoded together, at most (default 32)"
+    )
+    serve.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="tokens per sequence, prompt included (default: the model's context)",
+    )
+    serve.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        help="memory for the KV cache, taken as sequences grow; when it is full new requests wait "
+        "(default: half of the memory available after loading)",
+    )
     serve.add_argument("--max-queue", type=int, default=256, help="sequences waiting before a 429")
     serve.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="largest request body")
     serve.add_argument("--responses-db", default=None, help="SQLite file for stored responses")

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from gptoss.inference.cache import ContextFullError, KVCache
+from gptoss.inference.cache import CacheFullError, ContextFullError, KVCache
 from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK, BatchLogits, ModelRunner, RowMark, Runner
 from gptoss.inference.sampling import Choice, SampleError, Sampler, SamplingParams, TokenConstraint
 from gptoss.inference.speculative import Speculation, Verifier
@@ -209,6 +209,8 @@ class Engine:
             seq = self.waiting[0]
             try:
                 if seq.cached is None:  # restored tokens cost no prefill, so no budget either
+                    if not self.runner.admits(len(seq.pending)):
+                        return  # it waits until running sequences give memory back
                     seq.cached = self.runner.reuse(seq.id, seq.pending)
                     seq.pending = seq.pending[seq.cached :]
                 n = min(budget, len(seq.pending))
@@ -233,7 +235,17 @@ class Engine:
                 self.speculation.proposer.start(seq.id, seq.request.prompt)
 
     def _decode(self, out: list[tuple[int, Output]]) -> None:
+        fed = [s.id for s in self.running if s.generated]
+        starved = set(self.runner.starved(fed)) if fed else set()
+        for seq in [s for s in self.running if s.id in starved]:
+            message = (
+                "the KV cache is full: no memory is left for this sequence to grow; retry with fewer tokens"
+            )
+            out.append((seq.id, SequenceFailure(seq.request.index, message)))
+            self._end(seq, release=True)
         batch = self.running
+        if not batch:
+            return
         alone = len(batch) == 1 and bool(batch[0].generated) and self.speculation is not None
         started = time.perf_counter()  # a lone sequence's steps are timed whole, sampling included
         if alone and self._speculate(batch[0], out, started):
@@ -401,7 +413,10 @@ def _device_of(runner: Runner) -> torch.device:
 
 
 def _describe(exc: BaseException) -> str:
-    """What a client may see of an internal failure: its kind (the details go to the log)."""
+    """What a client may see of an internal failure: its kind (the details go to the log), or the
+    message of a limit the client can act on."""
+    if isinstance(exc, (CacheFullError, ContextFullError)):
+        return str(exc)
     return type(exc).__name__
 
 

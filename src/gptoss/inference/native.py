@@ -7,7 +7,7 @@ module takes over the old one's parameters, buffers, children and settings, so p
 
 A `NativeBlock` runs a decode step as `gptoss.ops.decode` resolves it, from the block's weights
 (gathered here, where the module types are known) and the engine's `KVCache` (typed access: its
-dtype, its `shared_slot`, its `update`), or a verify pass's `QueryRows` view of one of its rows.
+dtype, its `decode_view`, its `update`), or a verify pass's `QueryRows` view of one of its rows.
 Anything else (prefill, autograd, LoRA-wrapped projections,
 dense MLPs, experts not in MXFP4, another cache) takes the general path, `Block.forward`.
 
@@ -74,6 +74,37 @@ class NativeAttention(Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         return ops.sink_attention(q, k, v, mask, self.sinks)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheProtocol | None = None) -> Tensor:
+        """`Attention.forward`; a decode step over a paged `KVCache` (any number of rows) stores
+        its keys and values in the cache's blocks and attends over them where they lie, instead of
+        over a gathered copy (`update`)."""
+        B, T, _ = x.shape
+        if not (
+            isinstance(cache, KVCache)
+            and T == 1
+            and ops.native_available()
+            and x.device.type == "cpu"
+            and x.dtype in ops.DTYPE_CODES
+            and cache.dtype == x.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.sinks.requires_grad))
+        ):
+            return super().forward(x, cos, sin, cache)
+        view = cache.decode_view(self.layer_idx)
+        if view is None:
+            return super().forward(x, cos, sin, cache)
+        q, k, v = self.project(x)
+        q, k = self.rotate(
+            q.view(B, T, self.num_heads, self.head_dim),
+            k.view(B, T, self.num_kv_heads, self.head_dim),
+            cos,
+            sin,
+        )
+        cache.store(
+            self.layer_idx, k.transpose(1, 2), v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        )
+        out = decode.paged_attention(q.transpose(1, 2), view, self.sinks)  # (B, H, 1, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class NativeRouter(Router):
@@ -163,7 +194,7 @@ class NativeBlock(Block):
         def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             return cache.update(layer, k, v)
 
-        return decode.step(plan, x, cos, sin, cache.shared_slot(layer), update)
+        return decode.step(plan, x, cos, sin, cache.decode_view(layer), update)
 
     def _decode_plan(self, x: Tensor, cos: Tensor, cache: CacheProtocol | None) -> decode.DecodePlan | None:
         """The plan when this call is a decode step the native path takes, else None."""

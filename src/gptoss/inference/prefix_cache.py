@@ -19,14 +19,13 @@ budget evicts least-recently-used leaves; a node that a live sequence continues 
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from gptoss.inference.cache import KVCache
+from gptoss.inference.cache import KVCache, available_bytes
 
 
 @dataclass(eq=False)
@@ -124,22 +123,16 @@ class PrefixCache:
 
     def restore(self, hit: Hit, cache: KVCache, row: int) -> None:
         """Make cache row `row` hold exactly what the hit's sequence held at `hit.length`."""
+        cache.clear_row(row)
         if hit.node is None:
-            cache.clear_row(row)
             return
-        full = [i for i, s in enumerate(cache.sliding) if not s]
-        sliding = [i for i, s in enumerate(cache.sliding) if s]
         upto = hit.length
-        for node in _path(hit.node):  # from the hit's node back to the root's child
-            n = upto - node.start
-            for j, layer in enumerate(full):
-                cache.keys[layer][row, :, node.start : upto] = node.kv[j, 0, :, :n]
-                cache.values[layer][row, :, node.start : upto] = node.kv[j, 1, :, :n]
+        # From the hit's node back to the root's child: the first write takes every block the row
+        # needs (or raises CacheFullError before writing anything).
+        for node in _path(hit.node):
+            cache.write_full(row, node.start, node.kv[:, :, :, : upto - node.start])
             upto = node.start
-        rings = hit.node.snapshots[hit.length].rings
-        for j, layer in enumerate(sliding):
-            cache.keys[layer][row] = rings[j, 0]
-            cache.values[layer][row] = rings[j, 1]
+        cache.write_rings(row, hit.node.snapshots[hit.length].rings)
         cache.lengths[row] = hit.length
         cache.broken.discard(row)
 
@@ -168,22 +161,10 @@ class PrefixCache:
             self.nbytes -= node.nbytes
         new = slice(node.end, length)
         if new.start < new.stop:
-            kv = torch.stack(
-                [
-                    torch.stack([k[row, :, new], v[row, :, new]])
-                    for k, v, s in zip(cache.keys, cache.values, cache.sliding, strict=True)
-                    if not s
-                ]
-            )
+            kv = cache.read_full(row, new.start, new.stop)
             node.kv = kv if node.kv is None else torch.cat([node.kv, kv], dim=3)
             node.tokens += tokens[new]
-        rings = torch.stack(
-            [
-                torch.stack([k[row], v[row]])
-                for k, v, s in zip(cache.keys, cache.values, cache.sliding, strict=True)
-                if s
-            ]
-        )
+        rings = cache.read_rings(row)
         node.snapshots[length] = Snapshot(rings, None if hidden is None else hidden.clone())
         self.entries += 1
         node.used = next(self._clock)
@@ -219,20 +200,15 @@ class PrefixCache:
         return out
 
 
-# The default budget: a share of the memory left free once the model and its KV cache are in
-# place, capped so that a large machine does not hand most of its memory to old conversations.
+# The default budget: a share of the memory available once the model is in place, capped so that
+# a large machine does not hand most of its memory to old conversations.
 DEFAULT_SHARE = 0.25
 DEFAULT_CAP_BYTES = 8 * 2**30
 
 
 def default_budget_bytes(device: torch.device | str) -> int:
-    """A quarter of the memory free now on `device` (call it after loading), at most 8 GiB."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(min(free * DEFAULT_SHARE, DEFAULT_CAP_BYTES))
+    """A quarter of the memory available now on `device` (call it after loading), at most 8 GiB."""
+    return int(min(available_bytes(device) * DEFAULT_SHARE, DEFAULT_CAP_BYTES))
 
 
 def _path(node: Node) -> list[Node]:

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from gptoss.inference.cache import KVCache
+from gptoss.inference.cache import DEFAULT_BLOCK_SIZE, CacheFullError, KVCache, default_budget_bytes
 from gptoss.inference.prefix_cache import Node, PrefixCache
 from gptoss.inference.verify import RingSave, max_fed, verify
 from gptoss.model import GptOss
@@ -50,6 +50,16 @@ class Runner(Protocol):
 
     def fit_prompt(self, tokens: Sequence[int]) -> list[int]:
         """`tokens` as the model reads them (a trimmed vocabulary spells ids it lacks in bytes)."""
+        ...
+
+    def admits(self, tokens: int) -> bool:
+        """Whether a new sequence of `tokens` prompt tokens may start now (else it waits for memory
+        that running sequences will give back). Raises `CacheFullError` for one that never can."""
+        ...
+
+    def starved(self, seqs: Sequence[int]) -> list[int]:
+        """Those of `seqs` (decoding sequences about to take a token) for which memory runs out:
+        they must end before the next `decode`, which the others then take."""
         ...
 
     def reuse(self, seq: int, prompt: Sequence[int]) -> int:
@@ -172,14 +182,17 @@ class RowMark:
     """A point in a parked sequence to rewind to (see `ModelRunner.mark`)."""
 
     length: int
-    rings: list[tuple[Tensor, Tensor]]
+    rings: Tensor  # the sliding layers' rings there (`KVCache.read_rings`)
     hidden: Tensor | None
 
 
 class ModelRunner:
     """A `Runner` on a real `GptOss` model and one `KVCache` of `max_batch` rows.
 
-    Memory is `max_batch · config.kv_cache_bytes(context)`, allocated up front. Besides the
+    The cache's full layers take blocks as sequences grow, within `kv_budget_bytes` (None: a share
+    of the memory free now, see `cache.default_budget_bytes`): a new sequence starts only when its
+    prompt fits beside what the running ones hold (`admits`), and one that finds no room to grow
+    mid-generation is named by `starved`, so that it alone ends. Besides the
     `Runner` protocol it can `park` a finished sequence (its row, keys and values stay, and a later
     `prefill` continues it) and `mark`/`rewind` a parked one: multi-turn sessions use that.
 
@@ -195,6 +208,8 @@ class ModelRunner:
         context: int,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefix_cache: PrefixCache | None = None,
+        kv_budget_bytes: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
         config = model.config
         self.model = model.eval()
@@ -203,7 +218,10 @@ class ModelRunner:
         self.context = min(context, config.max_position_embeddings)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self.cache = KVCache(config, max_batch, self.context, model_dtype(model), model_device(model))
+        device = model_device(model)
+        budget = default_budget_bytes(device) if kv_budget_bytes is None else kv_budget_bytes
+        self.kv_budget_bytes = budget
+        self.cache = KVCache(config, max_batch, self.context, model_dtype(model), device, block_size, budget)
         self.row_of: dict[int, int] = {}  # every sequence holding a row
         self.running: list[int] = []  # the decode batch: sequence of rows 0..R-1
         self.hidden: dict[int, Tensor] = {}  # last hidden state of sequences not in the batch
@@ -215,7 +233,7 @@ class ModelRunner:
         # Every `generate` call makes a runner: its size is worth a line only when debugging (the
         # server states its own at start).
         log.debug(
-            "KV cache: %d sequences × %d tokens, %.2f GiB", max_batch, self.context, self.cache.nbytes / 2**30
+            "KV cache: %d sequences × %d tokens, budget %.2f GiB", max_batch, self.context, budget / 2**30
         )
 
     def fit_prompt(self, tokens: Sequence[int]) -> list[int]:
@@ -224,6 +242,42 @@ class ModelRunner:
     def length(self, seq: int) -> int:
         """Tokens of `seq` in the cache."""
         return self.cache.lengths[self.row_of[seq]]
+
+    def admits(self, tokens: int) -> bool:
+        cache = self.cache
+        # Room for the prompt and, for every sequence that decodes, the block it may take next.
+        need = cache.blocks_for(tokens) + len(self.running) + 1
+        limit = cache.pool.max_blocks
+        if limit is not None and cache.blocks_for(tokens) > limit:
+            raise CacheFullError(
+                f"a prompt of {tokens} tokens needs more KV-cache memory than its budget holds "
+                f"({limit * cache.block_size} tokens); send a shorter one (or give the cache more "
+                "memory: kv_budget_bytes, gptoss serve --kv-cache-gib)"
+            )
+        alone = not self.running and not self.joined  # nobody will give memory back
+        if cache.can_take(need) or (alone and cache.can_take(cache.blocks_for(tokens))):
+            return True
+        if alone:
+            raise CacheFullError(
+                f"the KV cache has no room for a prompt of {tokens} tokens beside the sequences it keeps"
+            )
+        return False
+
+    def starved(self, seqs: Sequence[int]) -> list[int]:
+        cache = self.cache
+        growing = [
+            s
+            for s in seqs
+            if cache.blocks_for(cache.lengths[self.row_of[s]] + 1) > len(cache.tables[self.row_of[s]])
+        ]
+        free = cache.pool.free
+        out: list[int] = []
+        # The newest sequences give way: their memory goes to the others.
+        while free is not None and len(growing) > free:
+            seq = growing.pop()
+            out.append(seq)
+            free += len(cache.tables[self.row_of[seq]])
+        return out
 
     def reuse(self, seq: int, prompt: Sequence[int]) -> int:
         if seq in self.row_of:
@@ -338,30 +392,22 @@ class ModelRunner:
     def mark(self, seq: int) -> RowMark:
         """Remember where parked `seq` is; `rewind` returns to it, dropping what followed.
 
-        Full-attention slots past the mark are simply overwritten later, but sliding layers reuse
+        Full-attention positions past the mark are dropped on rewind, but sliding layers reuse
         their ring slots, so the mark keeps a copy of the rings (window × KV width per layer: small).
         """
         row = self.row_of[seq]
-        rings = [
-            (k[row].clone(), v[row].clone())
-            for k, v, sliding in zip(self.cache.keys, self.cache.values, self.cache.sliding, strict=True)
-            if sliding
-        ]
         hidden = self.hidden.get(seq)
-        return RowMark(self.cache.lengths[row], rings, None if hidden is None else hidden.clone())
+        return RowMark(
+            self.cache.lengths[row], self.cache.read_rings(row), None if hidden is None else hidden.clone()
+        )
 
     def rewind(self, seq: int, mark: RowMark) -> None:
         self._untrack(seq)  # its row no longer follows the tokens it stored
         row = self.row_of[seq]
         if mark.length > self.cache.lengths[row]:
             raise ValueError("this mark lies ahead of the sequence (was it taken before a reset?)")
-        rings = iter(mark.rings)
-        for i, sliding in enumerate(self.cache.sliding):
-            if sliding:
-                k, v = next(rings)
-                self.cache.keys[i][row].copy_(k)
-                self.cache.values[i][row].copy_(v)
-        self.cache.lengths[row] = mark.length
+        self.cache.write_rings(row, mark.rings)
+        self.cache.truncate(row, mark.length)
         self.hidden.pop(seq, None)
         if mark.hidden is not None:
             self.hidden[seq] = mark.hidden
@@ -406,8 +452,7 @@ class ModelRunner:
         """Put `seq` in `row`; whoever held that row takes `seq`'s old one."""
         holder = next((s for s, r in self.row_of.items() if r == row), None)
         if holder is None:
-            self.cache.copy_row(self.row_of[seq], row)
-            self.cache.clear_row(self.row_of[seq])
+            self.cache.move_row(self.row_of[seq], row)
             self.row_of[seq] = row
         elif holder != seq:
             self._swap(seq, holder)

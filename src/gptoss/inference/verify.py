@@ -15,9 +15,9 @@ depend on the row count), and attention gives each row the keys decoding would h
 - sliding layers: the ring as it stands after that row's token was written, slot for slot (one
   small copy of the ring per row), so that the softmax sums its terms in decoding's order.
 
-Rejected tokens are then taken back (`RingSave.restore`): full layers need nothing (slots past a
-sequence's length are masked until overwritten), sliding layers get back the ring slots the pass
-overwrote, saved before it.
+Rejected tokens are then taken back (`RingSave.restore`): full layers give back the blocks past the
+kept tokens (positions past a sequence's length are masked until overwritten), sliding layers get
+back the ring slots the pass overwrote, saved before it.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from gptoss.model import GptOss
 class QueryRows:
     """`KVCache` row `row` as a verify pass of `n` tokens at positions start..start+n-1 reads and
     writes it: the model's cache protocol (`update`), and what a native decode step asks of a cache
-    (`dtype`, `shared_slot`)."""
+    (`dtype`, `decode_view`). The row's blocks for those positions must be reserved."""
 
     def __init__(self, cache: KVCache, row: int, start: int, n: int) -> None:
         self.cache, self.row, self.start, self.n = cache, row, start, n
         self.dtype = cache.dtype
-        device = cache.keys[0].device
+        device = cache.pool.device
         self.positions = start + torch.arange(n, device=device)  # (n,)
         query = self.positions[:, None, None, None]  # (n, 1, 1, 1)
         self.full_mask = torch.arange(start + n, device=device) <= query  # (n, 1, 1, start + n)
@@ -51,19 +51,20 @@ class QueryRows:
         self.sliding_mask = (key_positions >= 0) & (query - key_positions < cache.window)
         self.ring_slots = self.positions % cache.ring
 
-    def shared_slot(self, layer_idx: int) -> None:
-        return None  # (the rows are one sequence's: the cache's one-slot-for-every-row step does not apply)
+    def decode_view(self, layer_idx: int) -> None:
+        return None  # (the rows are one sequence's: a decode step's view of every row does not apply)
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Store the rows' keys and values (n, KVH, 1, D); return what each row attends over."""
-        keys, values = self.cache.keys[layer_idx][self.row], self.cache.values[layer_idx][self.row]
         new_k, new_v = k[:, :, 0].transpose(0, 1), v[:, :, 0].transpose(0, 1)  # (KVH, n, D)
         if not self.cache.sliding[layer_idx]:
-            keys[:, self.start : self.start + self.n] = new_k
-            values[:, self.start : self.start + self.n] = new_v
             end = self.start + self.n
-            shape = (self.n, -1, end, -1)
-            return keys[None, :, :end].expand(shape), values[None, :, :end].expand(shape), self.full_mask
+            self.cache.write_layer(layer_idx, self.row, self.start, new_k, new_v)
+            keys, values = self.cache.read_layer(layer_idx, self.row, end)
+            shape = (self.n, -1, -1, -1)
+            return keys[None].expand(shape), values[None].expand(shape), self.full_mask
+        ring_k, ring_v = self.cache.rings[layer_idx]
+        keys, values = ring_k[self.row], ring_v[self.row]
         rings_k = keys.expand(self.n, -1, -1, -1).clone()  # (n, KVH, ring, D)
         rings_v = values.expand(self.n, -1, -1, -1).clone()
         for j, slot in enumerate(self.ring_slots.tolist()):
@@ -85,29 +86,31 @@ class RingSave:
 
     @classmethod
     def take(cls, cache: KVCache, row: int, start: int, fed: int) -> RingSave:
-        slots = (start + torch.arange(fed, device=cache.keys[0].device)) % cache.ring
+        slots = (start + torch.arange(fed, device=cache.pool.device)) % cache.ring
         saved = [
-            (k[row][:, slots].clone(), v[row][:, slots].clone()) if sliding else None
-            for k, v, sliding in zip(cache.keys, cache.values, cache.sliding, strict=True)
+            (cache.rings[i][0][row][:, slots].clone(), cache.rings[i][1][row][:, slots].clone())
+            if sliding
+            else None
+            for i, sliding in enumerate(cache.sliding)
         ]
         return cls(row, start, fed, saved)
 
     def restore(self, cache: KVCache, kept: int) -> None:
-        """Keep the pass's first `kept` tokens: the row's length and rings as if only those were fed.
-        (A pass feeds at most a ring's worth of tokens, so no slot was written twice.)"""
+        """Keep the pass's first `kept` tokens: the row's length, blocks and rings as if only those
+        were fed. (A pass feeds at most a ring's worth of tokens, so no slot was written twice.)"""
         if kept < self.fed:
-            slots = (self.start + torch.arange(kept, self.fed, device=cache.keys[0].device)) % cache.ring
-            for k, v, saved in zip(cache.keys, cache.values, self.saved, strict=True):
+            slots = (self.start + torch.arange(kept, self.fed, device=cache.pool.device)) % cache.ring
+            for i, saved in enumerate(self.saved):
                 if saved is not None:
-                    k[self.row][:, slots] = saved[0][:, kept:]
-                    v[self.row][:, slots] = saved[1][:, kept:]
-        cache.lengths[self.row] = self.start + kept
+                    cache.rings[i][0][self.row][:, slots] = saved[0][:, kept:]
+                    cache.rings[i][1][self.row][:, slots] = saved[1][:, kept:]
+        cache.truncate(self.row, self.start + kept)
 
 
 def max_fed(cache: KVCache, row: int) -> int:
     """The most tokens one verify pass of `row` may feed: a ring's worth (so that rejected slots can
-    be restored) and what the row has room for."""
-    return min(cache.ring, cache.capacity - cache.lengths[row])
+    be restored) and what the row has room for (its capacity and the cache's memory budget)."""
+    return min(cache.ring, cache.room(row))
 
 
 @torch.inference_mode()
@@ -119,8 +122,9 @@ def verify(model: GptOss, cache: KVCache, row: int, tokens: list[int]) -> tuple[
         raise ContextFullError(f"a verify pass of {fed} tokens does not fit row {row} at length {start}")
     if row in cache.broken:
         raise RuntimeError("a row of this pass was left by an interrupted forward pass; clear it first")
+    cache.reserve(row, start + fed)
     save = RingSave.take(cache, row, start, fed)
-    device = cache.keys[0].device
+    device = cache.pool.device
     logits = []
     try:
         for first in range(0, fed, EXACT_ROWS):

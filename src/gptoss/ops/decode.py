@@ -7,8 +7,8 @@ token for each of up to `MAX_ROWS` sequences, over a KV cache, outside autograd)
 same path, so it is resolved once: a block's weights, as the kernels read them (`BlockWeights`), are
 gathered into a `DecodePlan`; a step is then seven native calls and a handful of operators (the
 router's top-k and softmax, the residual adds), the rotary embedding, the cache write and the
-attention being one call when every row of the cache takes its token at one length (the cache's
-`shared_slot`), else nine and the cache's own writes (its `update`).
+attention being one call that reads and writes the cache's blocks through their addresses (the
+cache's `decode_view`), else nine and the cache's own writes (its `update`).
 
 The kernels, their inputs and their order are those of the general path (`Block.forward` through
 `ops.linears`, `ops.rotary_`, `ops.sink_attention`, `ops.mxfp4_moe`), so the results are the same
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -28,8 +29,19 @@ from gptoss.ops import DTYPE_CODES, DenseWeights, _native, _native_attention
 
 _DENSE_KIND = {False: 1, True: 2}  # int8 or not → the native module's BF16W / INT8W
 
-# (keys, values, slot, attended slots, mask) of a layer whose one-token pass the kernel writes itself
-SharedSlot = tuple[Tensor, Tensor, int, int, Tensor]
+
+class CacheView(Protocol):
+    """Where a one-token pass's layer reads and writes (`gptoss.inference.cache.DecodeView`)."""
+
+    keys: Tensor  # (B, blocks) int64 byte addresses of each row's key blocks (KVH, block_size, D)
+    values: Tensor  # the same for values
+    block_size: int
+    kv_heads: int
+    slots: Tensor  # (B,) int64: the position each row's new token goes to
+    attended: int  # positions the queries attend over
+    mask: Tensor  # (B, 1, 1, attended) bool
+
+
 # the cache's update of one layer: new keys and values (B, KVH, 1, D) → keys, values, mask to attend
 CacheUpdate = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
@@ -188,23 +200,23 @@ def _rms_norm(norm: tuple[int, int, float], x: Tensor, code: int) -> Tensor:
 
 
 def step(
-    plan: DecodePlan, x: Tensor, cos: Tensor, sin: Tensor, shared: SharedSlot | None, update: CacheUpdate
+    plan: DecodePlan, x: Tensor, cos: Tensor, sin: Tensor, view: CacheView | None, update: CacheUpdate
 ) -> Tensor:
     """The block's output for one new token per row, x (B, 1, H) in bf16 or fp32 (the cache's
-    dtype), cos and sin (B, 1, D/2) fp32: with the cache's `shared` slot when it offers one, else
-    through its `update`."""
+    dtype), cos and sin (B, 1, D/2) fp32: through the cache's decode `view` (a `DecodeView`) when it
+    offers one, else through its `update`."""
     plan.refresh()
     B, H = x.shape[0], x.shape[2]
     code = DTYPE_CODES[x.dtype]
     rows = x.detach().reshape(B, H).contiguous()
     c, s = cos.contiguous(), sin.contiguous()
-    if shared is not None and plan.attention is not None:  # the usual step: one call to the experts
-        keys, values, slot, attended, mask = shared
+    if view is not None and plan.attention is not None:  # the usual step: one call to the experts
         h, logits = torch.empty_like(rows), torch.empty(B, plan.router.items[0][2], dtype=x.dtype)
         residual = torch.empty_like(rows)
         _native.attention_step(
-            plan.attention, rows.data_ptr(), code, B, c.data_ptr(), s.data_ptr(), keys.data_ptr(),
-            values.data_ptr(), keys.shape[2], slot, attended, mask.data_ptr(), mask.shape[0],
+            plan.attention, rows.data_ptr(), code, B, c.data_ptr(), s.data_ptr(), view.keys.data_ptr(),
+            view.values.data_ptr(), view.keys.shape[1], view.block_size, view.slots.data_ptr(),
+            view.attended, view.mask.data_ptr(), view.mask.shape[0],
             residual.data_ptr(), h.data_ptr(), logits.data_ptr(),
         )  # fmt: skip
     else:
@@ -235,4 +247,20 @@ def _attention(
     )
     out = torch.empty(B, heads * dim, dtype=rows.dtype)  # (B, heads, 1, dim) as o_proj reads it
     _native_attention(q.view(B, heads, 1, dim), keys, values, mask, plan.sinks, out)
+    return out
+
+
+def paged_attention(q: Tensor, view: CacheView, sinks: Tensor) -> Tensor:
+    """`ops.sink_attention` of one query token a row, q (B, H, 1, D) in the cache's dtype, over the
+    blocks of a cache's decode `view` (whose new keys and values are already written), natively and
+    for any number of rows: (B, H, 1, D). The same kernel as over a contiguous cache, so the same bits."""
+    B, H, _, D = q.shape
+    qa, s32 = q.detach().contiguous(), sinks.detach().float().contiguous()
+    out = torch.empty(B, H, 1, D, dtype=q.dtype)
+    code = DTYPE_CODES[q.dtype]
+    _native.paged_attention(
+        qa.data_ptr(), code, B, H, D, view.keys.data_ptr(), view.values.data_ptr(), view.keys.shape[1],
+        view.block_size, code, view.kv_heads, view.attended, view.mask.data_ptr(), view.mask.shape[0],
+        s32.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
     return out

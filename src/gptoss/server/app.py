@@ -36,8 +36,7 @@ from gptoss.server.store import owner_of
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "GPTOSS_API_KEY"
-DEFAULT_CONTEXT = 8192  # tokens per sequence (prompt + completion)
-DEFAULT_MAX_BATCH = 32  # sequences that decode together
+DEFAULT_MAX_BATCH = 32  # sequences that decode together (memory is the KV budget's business)
 # The chat page and its files load without a key: the page asks for it and sends it with each call.
 PUBLIC_PATHS = frozenset({"/health", "/"})
 PUBLIC_PREFIXES = (page.ASSETS_PATH + "/",)
@@ -173,23 +172,41 @@ def serve(
     dtype: torch.dtype | None = None,
     int8: bool = False,
     max_batch: int = DEFAULT_MAX_BATCH,
-    context: int = DEFAULT_CONTEXT,
+    context: int | None = None,
+    kv_cache_gib: float | None = None,
     prefix_cache_gib: float | None = None,
     **settings: Any,
 ) -> None:
     """Load `model` (a checkpoint directory or preset name) and serve it until interrupted.
 
-    `api_keys` default to $GPTOSS_API_KEY (several keys separated by commas); `prefix_cache_gib` is
-    the prefix cache's memory (None: a quarter of what is free after loading, at most 8 GiB; 0: no
-    prefix cache); other keyword
-    arguments are `ServerSettings` fields.
+    `api_keys` default to $GPTOSS_API_KEY (several keys separated by commas); `context` is the
+    tokens one sequence may hold (None: the model's context); `kv_cache_gib` bounds the KV cache
+    (None: half of what is available after loading); `prefix_cache_gib` is the prefix cache's memory
+    (None: a quarter of what is available after loading, at most 8 GiB; 0: no prefix cache); other
+    keyword arguments are `ServerSettings` fields.
     """
     if prefix_cache_gib is not None and prefix_cache_gib < 0:
         raise ValueError(f"--prefix-cache-gib must be 0 (off) or more, got {prefix_cache_gib}")
+    if kv_cache_gib is not None and kv_cache_gib <= 0:
+        raise ValueError(f"--kv-cache-gib must be more than 0, got {kv_cache_gib}")
+    if context is not None and context < 1:
+        raise ValueError(f"--max-model-len must be at least 1, got {context}")
     loaded = prepare_for_inference(load_model(model, device=device, dtype=dtype), int8=int8)
-    runner = ModelRunner(loaded, max_batch=max_batch, context=context)
+    kv_budget = None if kv_cache_gib is None else int(kv_cache_gib * 2**30)
+    runner = ModelRunner(
+        loaded,
+        max_batch=max_batch,
+        context=context or loaded.config.max_position_embeddings,
+        kv_budget_bytes=kv_budget,
+    )
     log.info(
-        "KV cache: %d sequences × %d tokens, %.2f GiB", max_batch, runner.context, runner.cache.nbytes / 2**30
+        "KV cache: up to %d sequences × %d tokens, %.2f GiB budget (%d tokens), taken in blocks of %d as "
+        "sequences grow",
+        max_batch,
+        runner.context,
+        runner.kv_budget_bytes / 2**30,
+        runner.kv_budget_bytes // max(runner.cache.pool.block_bytes, 1) * runner.cache.block_size,
+        runner.cache.block_size,
     )
     budget = default_budget_bytes(device) if prefix_cache_gib is None else int(prefix_cache_gib * 2**30)
     if budget > 0:

@@ -197,6 +197,38 @@ static PyObject *py_sink_attention(PyObject *self, PyObject *args) {
     a.batch = batch, a.heads = heads, a.kv_heads = kv_heads, a.tokens = tokens, a.keys = keys, a.dim = dim;
     a.q = (const void *)qp, a.k = (const void *)kp, a.v = (const void *)vp;
     a.kv_batch_stride = kv_batch_stride, a.kv_head_stride = kv_head_stride;
+    a.k_pages = a.v_pages = NULL, a.pages = a.page = 0;
+    a.mask = (const uint8_t *)mp, a.mask_batch = mask_batch, a.sinks = (const float *)sp;
+    a.out = (void *)op;
+    int status;
+    Py_BEGIN_ALLOW_THREADS;
+    status = sink_attention(&a);
+    Py_END_ALLOW_THREADS;
+    if (status) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* paged_attention(q, q_dt, batch, heads, dim, k_pages, v_pages, pages, page, kv_dt, kv_heads, keys,
+ *                 mask, mask_batch, sinks, out): sink_attention of one query token a row over a
+ * cache in blocks of `page` positions, row b's block i at byte addresses k_pages[b·pages + i] and
+ * v_pages[...] (int64 (batch, pages)), each (kv_heads, page, dim) in kv_dt. */
+static PyObject *py_paged_attention(PyObject *self, PyObject *args) {
+    attention a;
+    unsigned long long qp, kpp, vpp, mp, sp, op;
+    long long batch, heads, dim, pages, page, kv_heads, keys, mask_batch;
+    if (!PyArg_ParseTuple(args, "KiLLLKKLLiLLKLKK", &qp, &a.q_dt, &batch, &heads, &dim, &kpp, &vpp, &pages,
+                          &page, &a.kv_dt, &kv_heads, &keys, &mp, &mask_batch, &sp, &op))
+        return NULL;
+    if (!check_sizes(batch * heads, dim, keys) || !check_dtypes(a.q_dt, a.kv_dt, F32)) return NULL;
+    if (kv_heads < 1 || heads % kv_heads)
+        return PyErr_Format(PyExc_ValueError, "%lld query heads cannot share %lld key/value heads",
+                            heads, kv_heads);
+    if (page < 1 || pages < 1 || keys > pages * page || (mask_batch != 1 && mask_batch != batch))
+        return PyErr_Format(PyExc_ValueError, "bad paged attention: keys %lld of %lld blocks of %lld, mask "
+                            "batch %lld of %lld", keys, pages, page, mask_batch, batch);
+    a.batch = batch, a.heads = heads, a.kv_heads = kv_heads, a.tokens = 1, a.keys = keys, a.dim = dim;
+    a.q = (const void *)qp, a.k = a.v = NULL, a.kv_batch_stride = a.kv_head_stride = 0;
+    a.k_pages = (const int64_t *)kpp, a.v_pages = (const int64_t *)vpp, a.pages = pages, a.page = page;
     a.mask = (const uint8_t *)mp, a.mask_batch = mask_batch, a.sinks = (const float *)sp;
     a.out = (void *)op;
     int status;
@@ -261,30 +293,37 @@ static PyObject *py_attention_plan(PyObject *self, PyObject *args) {
     return capsule;
 }
 
-/* attention_step(plan, x, dt, batch, cos, sin, cache_k, cache_v, slots, slot, keys, mask, mask_batch,
- *                rows, h, logits): x (batch, width) in dt, one token a row; cos, sin fp32 (dim/2,) of
- * its position; caches (batch, kv_heads, slots, dim) in dt, the new k and v written into `slot`, the
- * queries attending their first `keys` slots under mask (mask_batch, 1, 1, keys). Out, in dt: rows =
- * x + o(attention), h = RMSNorm2(rows), logits = router(h). */
+/* attention_step(plan, x, dt, batch, cos, sin, k_pages, v_pages, pages, page, slots, keys, mask,
+ *                mask_batch, rows, h, logits): x (batch, width) in dt, one token a row; cos, sin fp32
+ * (batch, dim/2) of each row's position; the layer's cache in blocks of `page` positions, row b's
+ * block i at byte addresses k_pages[b·pages + i], v_pages[...] (int64 (batch, pages)), each block
+ * (kv_heads, page, dim) in dt; row b's new k and v written at position slots[b] (int64 (batch,)),
+ * the queries attending their first `keys` positions under mask (mask_batch, 1, 1, keys). Out, in
+ * dt: rows = x + o(attention), h = RMSNorm2(rows), logits = router(h). */
 static PyObject *py_attention_step(PyObject *self, PyObject *args) {
     PyObject *capsule;
-    unsigned long long xp, cp, sp, ckp, cvp, mp, rowsp, hp, logitsp;
-    long long batch, slots, slot, keys, mask_batch;
+    unsigned long long xp, cp, sp, kpp, vpp, slotsp, mp, rowsp, hp, logitsp;
+    long long batch, pages, page, keys, mask_batch;
     int dt;
-    if (!PyArg_ParseTuple(args, "OKiLKKKKLLLKLKKK", &capsule, &xp, &dt, &batch, &cp, &sp, &ckp, &cvp, &slots,
-                          &slot, &keys, &mp, &mask_batch, &rowsp, &hp, &logitsp))
+    if (!PyArg_ParseTuple(args, "OKiLKKKKLLKLKLKKK", &capsule, &xp, &dt, &batch, &cp, &sp, &kpp, &vpp, &pages,
+                          &page, &slotsp, &keys, &mp, &mask_batch, &rowsp, &hp, &logitsp))
         return NULL;
     const attention_plan *p = PyCapsule_GetPointer(capsule, PLAN_CAPSULE);
     if (!p || !check_sizes(batch, 1, keys) || !check_dtypes(dt, dt, dt)) return NULL;
-    if (slot < 0 || slot >= slots || keys > slots || (mask_batch != 1 && mask_batch != batch))
+    const int64_t *slots = (const int64_t *)slotsp;
+    if (page < 1 || pages < 1 || keys > pages * page || (mask_batch != 1 && mask_batch != batch))
         return PyErr_Format(PyExc_ValueError,
-                            "bad decode step: slot %lld, keys %lld of %lld slots, mask batch %lld of %lld",
-                            slot, keys, slots, mask_batch, batch);
+                            "bad decode step: keys %lld of %lld blocks of %lld, mask batch %lld of %lld",
+                            keys, pages, page, mask_batch, batch);
+    for (int64_t b = 0; b < batch; b++)
+        if (slots[b] < 0 || slots[b] >= keys)
+            return PyErr_Format(PyExc_ValueError, "bad decode step: row %lld writes position %lld of %lld",
+                                (long long)b, (long long)slots[b], keys);
     int status;
     Py_BEGIN_ALLOW_THREADS;
-    status = attention_step(p, (const void *)xp, dt, batch, (const float *)cp, (const float *)sp, (void *)ckp,
-                            (void *)cvp, slots, slot, keys, (const uint8_t *)mp, mask_batch, (void *)rowsp,
-                            (void *)hp, (void *)logitsp);
+    status = attention_step(p, (const void *)xp, dt, batch, (const float *)cp, (const float *)sp,
+                            (const int64_t *)kpp, (const int64_t *)vpp, pages, page, slots, keys,
+                            (const uint8_t *)mp, mask_batch, (void *)rowsp, (void *)hp, (void *)logitsp);
     Py_END_ALLOW_THREADS;
     if (status) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -320,6 +359,7 @@ static PyMethodDef METHODS[] = {
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows, fp32 inside"},
     {"rotary", py_rotary, METH_VARARGS, "NeoX rotary embedding of (tokens, heads, dim) rows, in place"},
     {"sink_attention", py_sink_attention, METH_VARARGS, "attention with per-head sinks over a KV cache"},
+    {"paged_attention", py_paged_attention, METH_VARARGS, "sink attention of one token a row over cache blocks"},
     {"set_isa", py_set_isa, METH_VARARGS, "choose 'best', 'amx', 'avx512bf16', 'avx512', 'avx2' or 'c'"},
     {"isa", py_isa, METH_NOARGS, "the instruction set in use"},
     {"num_threads", py_num_threads, METH_VARARGS, "get (or set) the kernels' thread count"},

@@ -36,20 +36,27 @@ void rms_norm(const void *x, int dt, int64_t rows, int64_t dim, const void *w, i
 /* The three steps of one query row, portable and AVX-512 (dim a multiple of 16): the scores of
  * query q (fp32) against the keys the mask allows (the others -inf); the softmax beside the head's
  * sink, its probabilities rounded to bf16 when the values are bf16 (the reference multiplies in
- * their dtype); and acc = Σ p[s] · v[s], accumulated in fp32. */
+ * their dtype); and acc = Σ p[s] · v[s], accumulated in fp32. A head's keys and values come in
+ * pages of `page` positions, page i at pages[i] (rows of dim): a contiguous cache is one page, a
+ * paged one its blocks. Keys are visited in position order whatever the paging, so the sums are
+ * the same numbers either way. */
 typedef struct {
-    void (*scores)(const float *q, const void *k, int kv_dt, int64_t keys, int64_t dim,
-                   const uint8_t *mask, float root, float *scores);
+    void (*scores)(const float *q, const char *const *pages, int64_t page, int kv_dt, int64_t keys,
+                   int64_t dim, const uint8_t *mask, float root, float *scores);
     void (*softmax)(float *p, int64_t keys, float sink, int round_bf16);
-    void (*weighted)(const float *p, const void *v, int kv_dt, int64_t keys, int64_t dim, float *acc);
+    void (*weighted)(const float *p, const char *const *pages, int64_t page, int kv_dt, int64_t keys,
+                     int64_t dim, float *acc);
 } attention_steps;
 
-static void key_scores_c(const float *q, const void *k, int kv_dt, int64_t keys, int64_t dim,
-                         const uint8_t *mask, float root, float *scores) {
-    for (int64_t s = 0; s < keys; s++) {
-        float dot = 0.0f;
-        for (int64_t d = 0; d < dim && mask[s]; d++) dot += q[d] * load_val(k, kv_dt, s * dim + d);
-        scores[s] = mask[s] ? dot / root : -INFINITY;
+static void key_scores_c(const float *q, const char *const *pages, int64_t page, int kv_dt, int64_t keys,
+                         int64_t dim, const uint8_t *mask, float root, float *scores) {
+    for (int64_t first = 0, i = 0; first < keys; first += page, i++) {
+        int64_t n = keys - first < page ? keys - first : page;
+        for (int64_t s = 0; s < n; s++) {
+            float dot = 0.0f;
+            for (int64_t d = 0; d < dim && mask[first + s]; d++) dot += q[d] * load_val(pages[i], kv_dt, s * dim + d);
+            scores[first + s] = mask[first + s] ? dot / root : -INFINITY;
+        }
     }
 }
 
@@ -64,10 +71,14 @@ static void softmax_c(float *p, int64_t keys, float sink, int round_bf16) {
     }
 }
 
-static void weighted_values_c(const float *p, const void *v, int kv_dt, int64_t keys, int64_t dim,
-                              float *acc) {
-    for (int64_t s = 0; s < keys; s++)
-        for (int64_t d = 0; d < dim && p[s] != 0.0f; d++) acc[d] += p[s] * load_val(v, kv_dt, s * dim + d);
+static void weighted_values_c(const float *p, const char *const *pages, int64_t page, int kv_dt, int64_t keys,
+                              int64_t dim, float *acc) {
+    for (int64_t first = 0, i = 0; first < keys; first += page, i++) {
+        int64_t n = keys - first < page ? keys - first : page;
+        for (int64_t s = 0; s < n; s++)
+            for (int64_t d = 0; d < dim && p[first + s] != 0.0f; d++)
+                acc[d] += p[first + s] * load_val(pages[i], kv_dt, s * dim + d);
+    }
 }
 
 AVX512_INLINE __m512 load16_f32(const void *p, int dt, int64_t i) {
@@ -78,26 +89,31 @@ AVX512_INLINE __m512 load16_f32(const void *p, int dt, int64_t i) {
 }
 
 /* D: the head size, a compile-time 64 (every gpt-oss member) or 0 for `dim` at run time. */
-AVX512_INLINE void key_scores_avx512_d(const int D, const float *q, const void *k, int kv_dt,
-                                       int64_t keys, int64_t dim, const uint8_t *mask, float root,
-                                       float *scores) {
+AVX512_INLINE void key_scores_avx512_d(const int D, const float *q, const char *const *pages, int64_t page,
+                                       int kv_dt, int64_t keys, int64_t dim, const uint8_t *mask,
+                                       float root, float *scores) {
     if (D) dim = D;
-    for (int64_t s = 0; s < keys; s++) {
-        if (!mask[s]) {
-            scores[s] = -INFINITY;
-            continue;
+    for (int64_t first = 0, i = 0; first < keys; first += page, i++) {
+        int64_t n = keys - first < page ? keys - first : page;
+        const void *k = pages[i];
+        for (int64_t s = 0; s < n; s++) {
+            if (!mask[first + s]) {
+                scores[first + s] = -INFINITY;
+                continue;
+            }
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t d = 0; d < dim; d += 16)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16_f32(k, kv_dt, s * dim + d), acc);
+            scores[first + s] = _mm512_reduce_add_ps(acc) / root;
         }
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t d = 0; d < dim; d += 16)
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16_f32(k, kv_dt, s * dim + d), acc);
-        scores[s] = _mm512_reduce_add_ps(acc) / root;
     }
 }
 
-AVX512 static void key_scores_avx512(const float *q, const void *k, int kv_dt, int64_t keys, int64_t dim,
-                                     const uint8_t *mask, float root, float *scores) {
-    if (dim == 64) key_scores_avx512_d(64, q, k, kv_dt, keys, dim, mask, root, scores);
-    else key_scores_avx512_d(0, q, k, kv_dt, keys, dim, mask, root, scores);
+AVX512 static void key_scores_avx512(const float *q, const char *const *pages, int64_t page, int kv_dt,
+                                     int64_t keys, int64_t dim, const uint8_t *mask, float root,
+                                     float *scores) {
+    if (dim == 64) key_scores_avx512_d(64, q, pages, page, kv_dt, keys, dim, mask, root, scores);
+    else key_scores_avx512_d(0, q, pages, page, kv_dt, keys, dim, mask, root, scores);
 }
 
 AVX512 static void softmax_avx512(float *p, int64_t keys, float sink, int round_bf16) {
@@ -128,46 +144,72 @@ AVX512 static void softmax_avx512(float *p, int64_t keys, float sink, int round_
     }
 }
 
-AVX512_INLINE void weighted_values_avx512_d(const int D, const float *p, const void *v, int kv_dt,
-                                            int64_t keys, int64_t dim, float *acc) {
-    if (D) { /* the row's sums stay in registers */
+AVX512_INLINE void weighted_values_avx512_d(const int D, const float *p, const char *const *pages,
+                                            int64_t page, int kv_dt, int64_t keys, int64_t dim, float *acc) {
+    if (D) { /* the row's sums stay in registers, across pages */
         __m512 sums[16];
         for (int i = 0; i < D / 16; i++) sums[i] = _mm512_setzero_ps();
-        for (int64_t s = 0; s < keys; s++) {
-            if (p[s] == 0.0f) continue;
-            __m512 ps = _mm512_set1_ps(p[s]);
-            for (int i = 0; i < D / 16; i++) sums[i] = _mm512_fmadd_ps(ps, load16_f32(v, kv_dt, s * D + 16 * i), sums[i]);
+        for (int64_t first = 0, j = 0; first < keys; first += page, j++) {
+            int64_t n = keys - first < page ? keys - first : page;
+            const void *v = pages[j];
+            for (int64_t s = 0; s < n; s++) {
+                if (p[first + s] == 0.0f) continue;
+                __m512 ps = _mm512_set1_ps(p[first + s]);
+                for (int i = 0; i < D / 16; i++) sums[i] = _mm512_fmadd_ps(ps, load16_f32(v, kv_dt, s * D + 16 * i), sums[i]);
+            }
         }
         for (int i = 0; i < D / 16; i++) _mm512_storeu_ps(acc + 16 * i, _mm512_add_ps(_mm512_loadu_ps(acc + 16 * i), sums[i]));
         return;
     }
-    for (int64_t s = 0; s < keys; s++) {
-        if (p[s] == 0.0f) continue;
-        __m512 ps = _mm512_set1_ps(p[s]);
-        for (int64_t d = 0; d < dim; d += 16)
-            _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(ps, load16_f32(v, kv_dt, s * dim + d), _mm512_loadu_ps(acc + d)));
+    for (int64_t first = 0, j = 0; first < keys; first += page, j++) {
+        int64_t n = keys - first < page ? keys - first : page;
+        const void *v = pages[j];
+        for (int64_t s = 0; s < n; s++) {
+            if (p[first + s] == 0.0f) continue;
+            __m512 ps = _mm512_set1_ps(p[first + s]);
+            for (int64_t d = 0; d < dim; d += 16)
+                _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(ps, load16_f32(v, kv_dt, s * dim + d), _mm512_loadu_ps(acc + d)));
+        }
     }
 }
 
-AVX512 static void weighted_values_avx512(const float *p, const void *v, int kv_dt, int64_t keys,
-                                          int64_t dim, float *acc) {
-    if (dim == 64) weighted_values_avx512_d(64, p, v, kv_dt, keys, dim, acc);
-    else weighted_values_avx512_d(0, p, v, kv_dt, keys, dim, acc);
+AVX512 static void weighted_values_avx512(const float *p, const char *const *pages, int64_t page, int kv_dt,
+                                          int64_t keys, int64_t dim, float *acc) {
+    if (dim == 64) weighted_values_avx512_d(64, p, pages, page, kv_dt, keys, dim, acc);
+    else weighted_values_avx512_d(0, p, pages, page, kv_dt, keys, dim, acc);
 }
 
-/* One query row of sink_attention. work: room for keys + 2·dim floats. */
+/* Pages covering an attention's keys: the cache's blocks, or the whole contiguous cache as one. */
+static int64_t page_count(const attention *a) {
+    return a->k_pages ? (a->keys + a->page - 1) / a->page : 1;
+}
+
+/* One query row of sink_attention. work: room for keys + 2·dim floats, then 2 · page_count pointers. */
 static void attend_row(const attention *a, const attention_steps *steps, int64_t b, int64_t h, int64_t t,
                        float *work) {
-    int64_t D = a->dim, S = a->keys, kh = h / (a->heads / a->kv_heads);
+    int64_t D = a->dim, S = a->keys, kh = h / (a->heads / a->kv_heads), n = page_count(a);
     size_t q_size = a->q_dt == BF16 ? 2 : 4, kv_size = a->kv_dt == BF16 ? 2 : 4;
     float *scores = work, *q = work + S, *acc = work + S + D;
+    const char **kp = (const char **)(work + S + 2 * D), **vp = kp + n;
     load_row((const char *)a->q + ((b * a->heads + h) * a->tokens + t) * D * q_size, a->q_dt, D, q);
-    int64_t offset = (b * a->kv_batch_stride + kh * a->kv_head_stride) * kv_size;
+    int64_t page = S;
+    if (a->k_pages) {
+        page = a->page;
+        size_t head = kh * page * D * kv_size;
+        for (int64_t i = 0; i < n; i++) {
+            kp[i] = (const char *)(intptr_t)a->k_pages[b * a->pages + i] + head;
+            vp[i] = (const char *)(intptr_t)a->v_pages[b * a->pages + i] + head;
+        }
+    } else {
+        int64_t offset = (b * a->kv_batch_stride + kh * a->kv_head_stride) * kv_size;
+        kp[0] = (const char *)a->k + offset;
+        vp[0] = (const char *)a->v + offset;
+    }
     const uint8_t *mask = a->mask + ((a->mask_batch > 1 ? b : 0) * a->tokens + t) * S;
-    steps->scores(q, (const char *)a->k + offset, a->kv_dt, S, D, mask, sqrtf((float)D), scores);
+    steps->scores(q, kp, page, a->kv_dt, S, D, mask, sqrtf((float)D), scores);
     steps->softmax(scores, S, a->sinks[h], a->kv_dt == BF16);
     for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
-    steps->weighted(scores, (const char *)a->v + offset, a->kv_dt, S, D, acc);
+    steps->weighted(scores, vp, page, a->kv_dt, S, D, acc);
     char *out = (char *)a->out + ((b * a->heads + h) * a->tokens + t) * D * kv_size;
     for (int64_t d = 0; d < D; d++) store_val(out, a->kv_dt, d, acc[d]);
 }
@@ -180,12 +222,13 @@ int sink_attention(const attention *a) {
     static const attention_steps portable = {key_scores_c, softmax_c, weighted_values_c};
     static const attention_steps avx512 = {key_scores_avx512, softmax_avx512, weighted_values_avx512};
     const attention_steps *steps = active_isa >= ISA_AVX512 && a->dim % 16 == 0 && a->dim <= 256 ? &avx512 : &portable;
+    size_t work_size = sizeof(float) * (a->keys + 2 * a->dim) + 2 * sizeof(char *) * page_count(a);
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel if (rows * a->keys * a->dim > 1 << 15)
 #endif
     {
-        float *work = malloc(sizeof(float) * (a->keys + 2 * a->dim));
+        float *work = malloc(work_size);
         if (!work) failed = 1;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
@@ -236,13 +279,15 @@ static int project(const weights *w, const void *bias, int bias_dt, const void *
     return matmul_many(w, &e, 1, x, dt);
 }
 
-/* attention_step: x (batch, width) in dt, one token a row; cos, sin fp32 (dim/2,) of its position;
- * caches (batch, kv_heads, slots, dim) in dt, the new k and v written into `slot`, the queries
- * attending their first `keys` slots under mask (mask_batch, 1, 1, keys). Out, in dt: rows =
+/* attention_step: x (batch, width) in dt, one token a row; cos, sin fp32 (batch, dim/2) of each row's
+ * position; the layer's paged cache in dt (k_pages, v_pages (batch, pages) block addresses, each block
+ * (kv_heads, page, dim)), row b's new k and v written at position slots[b], the queries attending
+ * their first `keys` positions under mask (mask_batch, 1, 1, keys). Out, in dt: rows =
  * x + o(attention), h = RMSNorm2(rows), logits = router(h). 0, or -1 when memory ran out. */
 int attention_step(const attention_plan *p, const void *x, int dt, int64_t batch, const float *cos,
-                   const float *sin, void *cache_k, void *cache_v, int64_t slots, int64_t slot, int64_t keys,
-                   const uint8_t *mask, int64_t mask_batch, void *rows, void *h, void *logits) {
+                   const float *sin, const int64_t *k_pages, const int64_t *v_pages, int64_t pages,
+                   int64_t page, const int64_t *slots, int64_t keys, const uint8_t *mask, int64_t mask_batch,
+                   void *rows, void *h, void *logits) {
     size_t size = dt == BF16 ? 2 : 4;
     int64_t W = p->width, H = p->heads, KV = p->kv_heads, D = p->dim;
     int64_t width[5] = {W, H * D, KV * D, KV * D, H * D}; /* normed x, q, k, v, attention out */
@@ -253,11 +298,10 @@ int attention_step(const attention_plan *p, const void *x, int dt, int64_t batch
     buf[0] = scratch;
     for (int i = 1; i < 6; i++) buf[i] = buf[i - 1] + size * batch * width[i - 1];
     char *normed = buf[0], *q = buf[1], *k = buf[2], *v = buf[3], *out = buf[4], *o = buf[5];
-    void *ck = cache_k, *cv = cache_v;
     attention a = {.batch = batch, .heads = H, .kv_heads = KV, .tokens = 1, .keys = keys, .dim = D,
-                   .q = q, .q_dt = dt, .k = ck, .v = cv, .kv_batch_stride = KV * slots * D,
-                   .kv_head_stride = slots * D, .kv_dt = dt, .mask = mask,
-                   .mask_batch = mask_batch, .sinks = p->sinks, .out = out};
+                   .q = q, .q_dt = dt, .k_pages = k_pages, .v_pages = v_pages, .pages = pages,
+                   .page = page, .kv_dt = dt, .mask = mask, .mask_batch = mask_batch, .sinks = p->sinks,
+                   .out = out};
     epilogue e[3];
     for (int i = 0; i < 3; i++)
         e[i] = (epilogue){.n = batch, .bias = p->bias[i], .bias_dt = p->bias_dt[i], .mode = STORE,
@@ -268,13 +312,15 @@ int attention_step(const attention_plan *p, const void *x, int dt, int64_t batch
     if (!status) { /* (the cache is written only once q, k and v are there) */
         rotary(q, dt, batch, H, D, cos, sin);
         rotary(k, dt, batch, KV, D, cos, sin);
-        for (int64_t b = 0; b < batch; b++)
+        for (int64_t b = 0; b < batch; b++) {
+            int64_t block = b * pages + slots[b] / page;
+            char *ck = (char *)(intptr_t)k_pages[block], *cv = (char *)(intptr_t)v_pages[block];
             for (int64_t j = 0; j < KV; j++) {
-                size_t from = (b * KV + j) * D * size;
-                size_t to = (b * a.kv_batch_stride + j * a.kv_head_stride + slot * D) * size;
-                memcpy((char *)ck + to, k + from, D * size);
-                memcpy((char *)cv + to, v + from, D * size);
+                size_t from = (b * KV + j) * D * size, to = (j * page + slots[b] % page) * D * size;
+                memcpy(ck + to, k + from, D * size);
+                memcpy(cv + to, v + from, D * size);
             }
+        }
         status = sink_attention(&a);
     }
     if (!status) status = project(&p->o, p->bias[3], p->bias_dt[3], out, dt, batch, o);

@@ -279,6 +279,11 @@ typedef struct {
     int q_dt;
     const void *k, *v; /* (batch, kv_heads, keys, dim): rows of dim contiguous, kv_dt */
     int64_t kv_batch_stride, kv_head_stride; /* in elements */
+    /* Or a paged cache (k_pages not NULL; k, v and the strides unused): row b's keys at positions
+     * [i·page, (i+1)·page) lie in the block at byte address k_pages[b·pages + i], laid out
+     * (kv_heads, page, dim); the values likewise in v_pages. */
+    const int64_t *k_pages, *v_pages;
+    int64_t pages, page;
     int kv_dt;
     const uint8_t *mask; /* (mask_batch, 1, tokens, keys) bool: 1 where the query may see the key */
     int64_t mask_batch;
@@ -305,7 +310,8 @@ typedef struct {
     const float *sinks; /* (heads,) fp32 */
 } attention_plan;
 int attention_step(const attention_plan *p, const void *x, int dt, int64_t batch, const float *cos,
-                   const float *sin, void *cache_k, void *cache_v, int64_t slots, int64_t slot, int64_t keys,
-                   const uint8_t *mask, int64_t mask_batch, void *rows, void *h, void *logits);
+                   const float *sin, const int64_t *k_pages, const int64_t *v_pages, int64_t pages,
+                   int64_t page, const int64_t *slots, int64_t keys, const uint8_t *mask, int64_t mask_batch,
+                   void *rows, void *h, void *logits);
 
 #endif
