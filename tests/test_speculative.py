@@ -257,6 +257,34 @@ def test_a_batch_that_shrinks_to_one_sequence_speculates_with_the_same_tokens():
     assert spec.stats.verify_passes > 0
 
 
+@native
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("held", [18, 30])
+def test_speculation_within_a_kv_budget_gives_the_same_tokens(name, held):
+    """Verify passes take blocks only as far as the budget allows (and give back rejected tokens'):
+    with room for the whole answer (30 tokens) or not (18), the speculative run is the plain one,
+    token for token, and ends where it ends, with the same error when the cache is full."""
+    model = MODELS[name]
+    prompt, params = [7, 8, 9, 10, 11] * 6, SamplingParams(max_tokens=30, temperature=0)
+
+    def outcome(spec):
+        probe = ModelRunner(model, 1, 64, block_size=4)
+        budget = probe.cache.blocks_for(len(prompt) + held) * probe.cache.pool.block_bytes
+        runner = ModelRunner(model, 1, 64, kv_budget_bytes=budget, block_size=4)
+        engine = Engine(runner, speculation=spec)
+        engine.add(SequenceRequest(prompt, params))
+        events = []
+        while engine.has_work:
+            events += [event for _, event in engine.step()]
+        return [getattr(e, "message", None) or (e.token, e.finish_reason) for e in events]
+
+    spec = speculation("suffix", adaptive=False)
+    plain = outcome(None)
+    assert outcome(spec) == plain
+    assert spec.stats.verify_passes > 0
+    assert ("KV cache is full" in str(plain[-1])) == (held < params.max_tokens)
+
+
 def generate_all(model, prompts, params, spec):
     return [
         (e.index, e.token, e.finish_reason)
