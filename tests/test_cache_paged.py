@@ -14,13 +14,14 @@ from hypothesis import strategies as st
 from conftest import random_model, tiny_config
 from contiguous_cache import ContiguousCache
 from gptoss import ops
-from gptoss.inference import KVCache, SamplingParams, native
+from gptoss.inference import KVCache, SamplingParams
 from gptoss.inference.engine import Engine, SequenceFailure, SequenceRequest, TokenEvent
 from gptoss.inference.optimize import prepare_for_inference
 from gptoss.inference.runner import ModelRunner, forward_hidden
 from gptoss.model import Block
 from gptoss.ops import decode
 from gptoss.quant.mxfp4 import quantize_experts
+from gptoss.swap import rebuilt
 
 ROWS = 4
 BLOCK = 3  # small blocks, so that every sequence crosses several
@@ -42,7 +43,7 @@ def _general_path(model):
     NativeAttention, which attends over the cache's blocks where they lie (`KVCache.store`)."""
     model = copy.deepcopy(model)
     for i, block in enumerate(model.model.layers):
-        model.model.layers[i] = native.rebuilt(block, Block)
+        model.model.layers[i] = rebuilt(block, Block)
     return model
 
 

@@ -9,11 +9,12 @@ import torch
 
 from conftest import random_model, tiny_config
 from gptoss import ops
-from gptoss.inference import KVCache, native
+from gptoss.inference import KVCache
 from gptoss.inference.optimize import prepare_for_inference
 from gptoss.inference.runner import forward_hidden
 from gptoss.model import Block
 from gptoss.quant.mxfp4 import quantize_experts
+from gptoss.swap import rebuilt
 
 # Without the native module every block takes the general path (there is nothing to compare);
 # CI sets GPTOSS_REQUIRE_NATIVE, where test_ops.py fails on a missing build.
@@ -34,7 +35,7 @@ def general_path(model):
     """The same prepared model with its blocks back on Block.forward (native sub-modules kept)."""
     model = copy.deepcopy(model)
     for i, block in enumerate(model.model.layers):
-        model.model.layers[i] = native.rebuilt(block, Block)
+        model.model.layers[i] = rebuilt(block, Block)
     return model
 
 

@@ -30,29 +30,12 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from gptoss.model import Attention, Experts, GptOss, MoE, grouped_matmul, sink_attention
+from gptoss.swap import rebuilt
 
 
 def local(tensor: Tensor) -> Tensor:
     """This rank's part of a DTensor (a plain tensor is its own part); differentiable."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def adopt(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    """A `cls` holding `module`'s parameters, buffers, children and public attributes (the same
-    objects): the same module, its state_dict unchanged, behind another forward."""
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    for name, value in vars(module).items():
-        if not name.startswith("_"):
-            setattr(new, name, value)
-    persistent = set(module.state_dict(keep_vars=True))
-    for name, param in module.named_parameters(recurse=False):
-        new.register_parameter(name, param)
-    for name, buffer in module.named_buffers(recurse=False):
-        new.register_buffer(name, buffer, persistent=name in persistent)
-    for name, child in module.named_children():
-        new.add_module(name, child)
-    return new
 
 
 def check_divides(what: str, count: int, degree: int, option: str) -> None:
@@ -81,7 +64,7 @@ def shard_experts(experts: Experts, mesh: DeviceMesh) -> ShardedExperts:
     for name, param in list(experts.named_parameters(recurse=False)):
         sharded = distribute_tensor(param.data, mesh, [Shard(0)], src_data_rank=None)
         experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-    return adopt(experts, ShardedExperts)
+    return rebuilt(experts, ShardedExperts)
 
 
 def keep_experts(experts: nn.Module, start: int, stop: int) -> None:
@@ -137,7 +120,7 @@ def apply_expert_parallel(model: GptOss, ep_mesh: DeviceMesh) -> None:
     for block in model.model.layers:
         if isinstance(block.mlp, MoE):
             block.mlp.experts = shard_experts(block.mlp.experts, ep_mesh)
-            block.mlp = adopt(block.mlp, ExpertParallelMoE)
+            block.mlp = rebuilt(block.mlp, ExpertParallelMoE)
             block.mlp.ep_mesh, block.mlp.num_experts = ep_mesh, model.config.num_local_experts
 
 
@@ -176,7 +159,7 @@ def apply_replicated_expert_parallel(model: GptOss, mesh: DeviceMesh) -> None:
     for block in model.model.layers:
         if isinstance(block.mlp, MoE):
             keep_experts(block.mlp.experts, first, first + count)
-            block.mlp = adopt(block.mlp, ReplicatedTokensMoE)
+            block.mlp = rebuilt(block.mlp, ReplicatedTokensMoE)
             block.mlp.ep_mesh, block.mlp.first, block.mlp.count = mesh, first, count
 
 
@@ -202,7 +185,7 @@ def apply_tensor_parallel(model: GptOss, tp_mesh: DeviceMesh) -> None:
         parallelize_module(attn, tp_mesh, plan)
         sinks = distribute_tensor(attn.sinks.data, tp_mesh, [Shard(0)], src_data_rank=None)
         attn.register_parameter("sinks", nn.Parameter(sinks, requires_grad=attn.sinks.requires_grad))
-        sharded = adopt(attn, HeadParallelAttention)
+        sharded = rebuilt(attn, HeadParallelAttention)
         sharded.num_heads, sharded.num_kv_heads = attn.num_heads // degree, attn.num_kv_heads // degree
         block.self_attn = sharded
 

@@ -35,6 +35,7 @@ from gptoss.model import KVCache as CacheProtocol
 from gptoss.ops import decode
 from gptoss.quant.int8 import Int8Linear
 from gptoss.quant.mxfp4 import MXFP4Experts
+from gptoss.swap import rebuilt
 
 
 class NativeLinear(nn.Linear):
@@ -228,26 +229,6 @@ _NATIVE_CLASSES: dict[type, type] = {
     Router: NativeRouter,
     Block: NativeBlock,
 }
-
-
-def rebuilt(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    """A `cls` holding `module`'s parameters, buffers and children (the same objects) and its
-    settings (its public attributes): the same module, behind another forward."""
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    for name, value in vars(module).items():
-        if not name.startswith("_"):
-            setattr(new, name, value)
-    persistent = set(module.state_dict(keep_vars=True))
-    if isinstance(module, nn.Linear) and module.bias is None:  # (named_parameters skips None)
-        new.register_parameter("bias", None)
-    for name, param in module.named_parameters(recurse=False):
-        new.register_parameter(name, param)
-    for name, buffer in module.named_buffers(recurse=False):
-        new.register_buffer(name, buffer, persistent=name in persistent)
-    for name, child in module.named_children():
-        new.add_module(name, child)
-    return new
 
 
 def use_native_kernels(model: nn.Module) -> nn.Module:
