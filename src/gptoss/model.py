@@ -162,11 +162,14 @@ def sink_attention(
     kv_heads, S = k.shape[1], k.shape[2]
     group = H // kv_heads
     qg = q.view(B, kv_heads, group, T, D)  # query heads sharing one KV head sit together
-    scores = torch.einsum("bkgtd,bksd->bkgts", qg.float(), k.float()) / math.sqrt(D)
+    # Contiguous keys and values: a cache may hand over a strided view (a slice of a longer buffer,
+    # or blocks gathered with padding), and fp32 BLAS rounds differently for different strides; the
+    # numbers must not depend on where a cache keeps them.
+    scores = torch.einsum("bkgtd,bksd->bkgts", qg.float(), k.float().contiguous()) / math.sqrt(D)
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     sink = sinks.float().view(1, kv_heads, group, 1, 1).expand(B, -1, -1, T, 1)
     probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :S]
-    out = torch.einsum("bkgts,bksd->bkgtd", probs.to(probs_dtype or v.dtype).to(v.dtype), v)
+    out = torch.einsum("bkgts,bksd->bkgtd", probs.to(probs_dtype or v.dtype).to(v.dtype), v.contiguous())
     return out.reshape(B, H, T, D)
 
 
