@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -235,6 +235,10 @@ def run(model, prompt, params, spec: Speculation | None):
     draft=st.integers(1, 7),
     adaptive=st.booleans(),
 )
+@example(  # a case where a dense-expert verify pass moved a logprob by 2.6e-5 (tokens the same)
+    name="dense", motif=[142, 223, 153, 270, 195, 178], repeats=5, tail=[142, 223, 153, 270, 195, 178],
+    max_tokens=28, stop=[], proposer="ngram", draft=1, adaptive=False,
+)  # fmt: skip
 def test_greedy_output_is_the_same_with_speculation(
     name, motif, repeats, tail, max_tokens, stop, proposer, draft, adaptive
 ):
@@ -243,7 +247,15 @@ def test_greedy_output_is_the_same_with_speculation(
     params = SamplingParams(max_tokens=max_tokens, temperature=0, stop=stop, logprobs=0)
     plain = run(model, prompt, params, None)
     spec = speculation(proposer, max_draft=draft, adaptive=adaptive)
-    assert run(model, prompt, params, spec) == plain
+    speculative = run(model, prompt, params, spec)
+    if name == "mxfp4":  # the native decode plans: every logit is decoding's, bit for bit
+        assert speculative == plain
+    else:
+        # Dense-tensor experts run through PyTorch's grouped GEMM, not the native kernels: a verify
+        # pass's logit has been seen to move in its last bits (2.6e-5 in a logprob) with every
+        # token the same, so the tokens are compared exactly and the logprobs to a tolerance.
+        assert [e[:3] for e in speculative] == [e[:3] for e in plain]
+        assert [e[3] for e in speculative] == pytest.approx([e[3] for e in plain], abs=1e-4)
     assert spec.stats.emitted + spec.stats.decode_passes <= len(plain) + 1
 
 
