@@ -1,0 +1,188 @@
+"""Prefill and decode at long contexts beside the machine's compute and bandwidth rooflines.
+
+    python benchmarks/long_context.py --model PATH --lengths 128 1024       # one process, alternating
+    python benchmarks/long_context.py --model PATH --lengths 128 8192 --json runs.json   # appends
+
+One process loads the model (`load_model`, `prepare_for_inference`) and, for each round, prefills a
+random prompt of every length in turn (short and long alternate, so a drift of the shared machine
+hits both) and decodes `--new-tokens` greedy tokens after it through `generate_stream`, the public
+path. Beside them, in the same process:
+
+- the compute roofline: PyTorch's bf16 GEMM (`F.linear`) on the model's shapes (q, k, v, o, the
+  experts' gate_up and down as dense bf16 matrices) with `--gemm-rows` activation rows, best of
+  several, measured before the first prompt and after the last; a prompt of L tokens needs
+  `prefill_flops(L)` (every position's projections and experts, its attention over the positions
+  before it, the output head once), so the roofline is the faster GEMM rate over that;
+- the bandwidth roofline of decoding after L tokens: the read rate of the model's own expert bytes
+  (`decode.resident_bandwidth`) over the bytes one decoded token reads (weights, and the KV cache
+  of its context), measured before and after every generation.
+
+`--json FILE` appends this run to FILE (a list of runs), so that a long benchmark can be split into
+several short processes and read together: `--table FILE` prints every run in FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from decode import _machine, _prompts, _rss_gib, decode_bytes_per_token, resident_bandwidth
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from gptoss import ModelConfig, ops
+
+
+def prefill_flops(config: ModelConfig, length: int) -> int:
+    """FLOPs of prefilling `length` tokens from an empty cache: `flops_per_token` of every position
+    over the positions up to it, less the output head of all but the last (prefill needs one
+    token's logits)."""
+    head = 2 * config.embedding_rows * config.hidden_size
+    return sum(config.flops_per_token(p) for p in range(1, length + 1)) - (length - 1) * head
+
+
+def gemm_shapes(config: ModelConfig) -> list[tuple[int, int, int]]:
+    """(out, in, uses per token) of one layer's products: q, k, v, o and each routed expert's."""
+    h, i = config.hidden_size, config.intermediate_size
+    experts = config.experts_per_token
+    return [
+        (config.q_dim, h, 1), (config.kv_dim, h, 2), (h, config.q_dim, 1),
+        (2 * i, h, experts), (h, i, experts),
+    ]  # fmt: skip
+
+
+def gemm_rate(config: ModelConfig, rows: int, repeats: int = 5) -> float:
+    """FLOP/s of PyTorch's bf16 GEMM over one layer's products for `rows` tokens (each shape's best
+    of `repeats`, weighted by how often a token uses it)."""
+    gen = torch.Generator().manual_seed(0)
+    flops, seconds = 0.0, 0.0
+    for out, inp, uses in gemm_shapes(config):
+        x = torch.randn(rows, inp, generator=gen).to(torch.bfloat16)
+        w = (torch.randn(out, inp, generator=gen) * 0.02).to(torch.bfloat16)
+        F.linear(x, w)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            F.linear(x, w)
+            best = min(best, time.perf_counter() - start)
+        flops += uses * 2 * rows * out * inp
+        seconds += uses * best
+    return flops / seconds
+
+
+def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from gptoss import load_model
+    from gptoss.inference import SamplingParams, generate_stream
+    from gptoss.inference.optimize import prepare_for_inference
+
+    if args.threads:
+        ops.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model = prepare_for_inference(load_model(args.model, dtype=torch.bfloat16))
+    config = model.config
+    report: dict[str, Any] = {
+        "machine": _machine(),
+        "model": str(args.model),
+        "threads": torch.get_num_threads(),
+        "isa": ops._native.isa() if ops.native_available() else None,
+        "load_s": time.perf_counter() - start,
+        "lengths": args.lengths,
+        "new_tokens": args.new_tokens,
+    }
+    for _ in generate_stream(model, _prompts(config, 1, 8), SamplingParams(max_tokens=4, temperature=0)):
+        pass  # first calls allocate and warm caches
+    report["gemm_before_gflop_s"] = gemm_rate(config, args.gemm_rows) / 1e9
+    console.print(
+        f"bf16 GEMM, model shapes, {args.gemm_rows} rows: {report['gemm_before_gflop_s']:.0f} GFLOP/s"
+    )
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, stop_token_ids=[])
+    generations = []
+    bandwidth = resident_bandwidth(model)
+    steps = [(r, length) for r in range(args.rounds) for length in args.lengths]
+    for r, length in tqdm(steps, desc="prompts", unit="prompt"):
+        prompt = _prompts(config, 1, length)[0]
+        start = time.perf_counter()
+        times = [time.perf_counter() for _ in generate_stream(model, [prompt], params)]
+        after = resident_bandwidth(model)
+        read = max(bandwidth, after)
+        generations.append({
+            "round": r,
+            "length": length,
+            "prefill_s": times[0] - start,
+            "prefill_tok_s": length / (times[0] - start),
+            "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]),
+            "bandwidth_gb_s": read / 1e9,
+            "decode_roofline_tok_s": read / decode_bytes_per_token(config, length + args.new_tokens),
+            "prefill_gflop": prefill_flops(config, length) / 1e9,
+        })  # fmt: skip
+        bandwidth = after
+    report["gemm_after_gflop_s"] = gemm_rate(config, args.gemm_rows) / 1e9
+    gemm = max(report["gemm_before_gflop_s"], report["gemm_after_gflop_s"])
+    for g in generations:
+        g["prefill_roofline_tok_s"] = g["length"] / (g["prefill_gflop"] / gemm)
+        g["prefill_of_roofline"] = g["prefill_tok_s"] / g["prefill_roofline_tok_s"]
+    report["generations"] = generations
+    report["peak_rss_gib"] = _rss_gib("VmHWM")
+    return report
+
+
+def print_table(console: Console, runs: list[dict[str, Any]]) -> None:
+    table = Table(title="long context: prefill and decode beside the rooflines (batch 1, greedy)")
+    for column in (
+        "run", "prompt", "prefill tok/s", "GEMM GFLOP/s (before, after)", "prefill roofline tok/s",
+        "of roofline", "decode tok/s", "decode / after shortest", "GB/s", "decode roofline", "of roofline",
+    ):  # fmt: skip
+        table.add_column(column, justify="right")
+    for i, report in enumerate(runs):
+        gens = report["generations"]
+        short = [j for j, g in enumerate(gens) if g["length"] == min(report["lengths"])]
+        for j, g in enumerate(gens):
+            # decode after this prompt over decode after the nearest shortest prompt of the same run
+            near = gens[min(short, key=lambda k: abs(k - j))]["decode_tok_s"]
+            table.add_row(
+                f"{i}.{g['round']}", f"{g['length']:,}", f"{g['prefill_tok_s']:.1f}",
+                f"{report['gemm_before_gflop_s']:.0f}, {report['gemm_after_gflop_s']:.0f}",
+                f"{g['prefill_roofline_tok_s']:.0f}", f"{g['prefill_of_roofline']:.0%}",
+                f"{g['decode_tok_s']:.2f}", f"{g['decode_tok_s'] / near:.0%}",
+                f"{g['bandwidth_gb_s']:.1f}", f"{g['decode_roofline_tok_s']:.2f}",
+                f"{g['decode_tok_s'] / g['decode_roofline_tok_s']:.0%}" if g["decode_roofline_tok_s"] else "-",
+            )  # fmt: skip
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, help="a checkpoint directory (e.g. a random 20b)")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[128, 1024, 8192])
+    parser.add_argument("--rounds", type=int, default=1, help="times every length is run, in turn")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--gemm-rows", type=int, default=512, help="activation rows of the GEMM roofline")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="append this run to FILE")
+    parser.add_argument("--table", type=Path, default=None, help="print the runs of FILE and exit")
+    args = parser.parse_args()
+    console = Console(width=200)
+    if args.table:
+        print_table(console, json.loads(args.table.read_text()))
+        return
+    if args.model is None:
+        parser.error("--model PATH is required (or --table FILE)")
+    report = run(args, console)
+    runs = [report]
+    if args.json:
+        runs = (json.loads(args.json.read_text()) if args.json.exists() else []) + runs
+        args.json.write_text(json.dumps(runs, indent=2))
+        console.print(f"wrote {args.json}")
+    print_table(console, [report])
+
+
+if __name__ == "__main__":
+    main()
