@@ -151,7 +151,7 @@ def print_table(console: Console, runs: list[dict[str, Any]]) -> None:
                 f"{g['prefill_roofline_tok_s']:.0f}", f"{g['prefill_of_roofline']:.0%}",
                 f"{g['decode_tok_s']:.2f}", f"{g['decode_tok_s'] / near:.0%}",
                 f"{g['bandwidth_gb_s']:.1f}", f"{g['decode_roofline_tok_s']:.2f}",
-                f"{g['decode_tok_s'] / g['decode_roofline_tok_s']:.0%}" if g["decode_roofline_tok_s"] else "-",
+                f"{g['decode_tok_s'] / bound:.0%}" if (bound := g["decode_roofline_tok_s"]) else "-",
             )  # fmt: skip
     console.print(table)
 

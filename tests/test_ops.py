@@ -666,6 +666,42 @@ def test_sink_attention_over_a_cache(isa, dtype, dim, tokens, keys):
     )
 
 
+def _window_mask(batch: int, tokens: int, keys: int, window: int | None, starts: list[int]) -> torch.Tensor:
+    """(batch, 1, tokens, keys): row b's queries at positions starts[b] + t, causal over the keys
+    at positions 0 .. keys-1, at most `window` back."""
+    query = torch.tensor(starts)[:, None, None, None] + torch.arange(tokens)[None, None, :, None]
+    distance = query - torch.arange(keys)
+    return (distance >= 0) & (distance < (window or keys + tokens))
+
+
+@native
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"), [(8, 2, 64), (8, 8, 32), (16, 2, 128), (6, 1, 64)]
+)  # groups of 4, 1, 8, 6 query heads a key/value head
+@pytest.mark.parametrize(("tokens", "keys", "window"), [(1, 300, None), (40, 71, None), (37, 203, 16)])
+def test_sink_attention_in_tiles(isa, heads, kv_heads, dim, tokens, keys, window):
+    """bf16 attention over several tiles of 32 keys (the AVX-512 BF16 kernel takes the query heads
+    of a key/value head together), tails, windows that skip whole tiles, batch rows at different
+    positions, against the reference; and every query row's numbers are the same bits when it is
+    computed alone, as decoding and a speculative verify pass need."""
+    from gptoss.model import sink_attention
+
+    g = torch.Generator().manual_seed(heads * dim + tokens)
+    batch = 2
+    q = (torch.randn(batch, heads, tokens, dim, generator=g) * 2).bfloat16()
+    k = torch.randn(batch, kv_heads, keys, dim, generator=g).bfloat16()
+    v = torch.randn(batch, kv_heads, keys, dim, generator=g).bfloat16()
+    mask = _window_mask(batch, tokens, keys, window, [keys - tokens, keys // 2])
+    sinks = torch.randn(heads, generator=g) * 3
+    out, ref = ops.sink_attention(q, k, v, mask, sinks), sink_attention(q, k, v, mask, sinks)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2**-6, rtol=2**-6)
+    for b, t in [(0, 0), (1, tokens - 1), (1, tokens // 2)]:
+        alone = ops.sink_attention(
+            q[b : b + 1, :, t : t + 1], k[b : b + 1], v[b : b + 1], mask[b : b + 1, :, t : t + 1], sinks
+        )
+        assert torch.equal(alone[0, :, 0], out[b, :, t])
+
+
 def test_prefill_attention_in_bf16_weights_fp32_values(monkeypatch):
     """Without bf16 dot products in the CPU, bf16 queries beyond the native kernel's rows weight
     fp32 copies of the values by the bf16-rounded probabilities: the reference's products and fp32

@@ -108,6 +108,16 @@ class NativeAttention(Attention):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
+def prompt_scores_in_memory(model: nn.Module) -> bool:
+    """Whether a prompt's attention through `model` holds its (T, S) scores in memory: unless its
+    attention layers are `NativeAttention` on a CPU whose native prompt attention serves them."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers or not isinstance(layers[0].self_attn, NativeAttention):
+        return True
+    weight = layers[0].self_attn.q_proj.weight
+    return not ops.prompt_attention_in_place(weight.device, weight.dtype)
+
+
 class NativeRouter(Router):
     def project(self, x: Tensor) -> Tensor:
         return ops.linear(x, self.weight, self.bias)

@@ -356,6 +356,13 @@ def _native_prompt_attention() -> bool:
     return _native is not None and _native.isa() in ("avx512", "avx512bf16", "amx")
 
 
+def prompt_attention_in_place(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `sink_attention` of prompt-sized queries in `dtype` on `device` runs natively (outside
+    autograd), holding a few rows of scores at a time rather than the (T, S) scores PyTorch's path
+    makes: what lets a prefill keep its chunks long at long contexts."""
+    return device.type == "cpu" and dtype in DTYPE_CODES and _native_prompt_attention()
+
+
 def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:
     """`gptoss.model.sink_attention`; natively for decode-sized queries (up to `MAX_ROWS` tokens),
     and with AVX-512 for longer ones too, straight from the cache's memory. Softmax in fp32,
