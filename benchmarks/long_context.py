@@ -17,6 +17,11 @@ path. Beside them, in the same process:
   (`decode.resident_bandwidth`) over the bytes one decoded token reads (weights, and the KV cache
   of its context), measured before and after every generation.
 
+`--ab OTHER.so` loads another build of the native module (benchmarks/ab_native.py) and lets it take
+turns with this tree's, prompt by prompt (each first in every other round), so that two builds
+are compared in one process, on one machine phase. `--profile` times every kind of operation of
+each prefill (the `gptoss.ops` calls, wrapped) and prints where its time went.
+
 `--json FILE` appends this run to FILE (a list of runs), so that a long benchmark can be split into
 several short processes and read together: `--table FILE` prints every run in FILE.
 """
@@ -24,8 +29,10 @@ several short processes and read together: `--table FILE` prints every run in FI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +83,76 @@ def gemm_rate(config: ModelConfig, rows: int, repeats: int = 5) -> float:
     return flops / seconds
 
 
-def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+class OpTimer:
+    """Seconds and FLOPs per kind of operation, from the `gptoss.ops` calls a forward pass makes
+    (wrapped while `with` lasts): q/k/v projections (`linears`), the o projection, router and head
+    (`linear`, told apart by their output width), attention, experts, norms, rotary and the cache's
+    `update` (where a prefill chunk's keys are stored and gathered)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.seconds: dict[str, float] = {}
+        self.flops: dict[str, float] = {}
+        self._saved: list[tuple[Any, str, Any]] = []
+        self._depth = 0
+
+    def _linear_kind(self, out: int) -> str:
+        c = self.config
+        return {c.hidden_size: "o_proj", c.num_local_experts: "router"}.get(out, "head")
+
+    def _flops(self, name: str, args: tuple) -> tuple[str, float]:
+        c = self.config
+        if name == "linears":
+            rows = args[0].numel() // args[0].shape[-1]
+            return "qkv_proj", sum(2.0 * rows * w.shape[0] * w.shape[1] for w, _, _ in args[1])
+        if name == "linear":
+            rows, w = args[0].numel() // args[0].shape[-1], args[1]
+            return self._linear_kind(w.shape[0]), 2.0 * rows * w.shape[0] * w.shape[1]
+        if name == "sink_attention":
+            q, mask = args[0], args[3]
+            pairs = mask.expand(q.shape[0], 1, q.shape[2], mask.shape[-1]).sum().item()
+            return "attention", 4.0 * q.shape[1] * q.shape[3] * pairs
+        if name == "mxfp4_moe":
+            tokens = args[1].numel()
+            return "experts", 2.0 * tokens * 3 * c.hidden_size * c.intermediate_size
+        return name, 0.0
+
+    def _wrap(self, owner: Any, name: str) -> None:
+        fn = getattr(owner, name)
+        self._saved.append((owner, name, fn))
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self._depth:  # inside another timed call (`linears` falls back to `linear`)
+                return fn(*args, **kwargs)
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+            seconds = time.perf_counter() - start
+            kind, flops = self._flops(name, args[1:] if name == "update" else args)
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
+            self.flops[kind] = self.flops.get(kind, 0.0) + flops
+            return result
+
+        setattr(owner, name, timed)
+
+    def __enter__(self) -> OpTimer:
+        from gptoss.inference.cache import KVCache
+
+        for name in ("linears", "linear", "sink_attention", "mxfp4_moe", "rms_norm", "rotary_"):
+            self._wrap(ops, name)
+        self._wrap(KVCache, "update")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, fn in reversed(self._saved):
+            setattr(owner, name, fn)
+
+
+def run(args: argparse.Namespace, console: Console, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The measurements; `save(report)` after every prompt (a run cut short keeps what it did)."""
     from gptoss import load_model
     from gptoss.inference import SamplingParams, generate_stream
     from gptoss.inference.optimize import prepare_for_inference
@@ -104,16 +180,34 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, stop_token_ids=[])
     generations = []
     bandwidth = resident_bandwidth(model)
-    steps = [(r, length) for r in range(args.rounds) for length in args.lengths]
-    for r, length in tqdm(steps, desc="prompts", unit="prompt"):
+    builds = {"this": ops._native}
+    if args.ab:
+        from ab_native import load_build
+
+        builds["other"] = load_build(args.ab, "other")
+    steps = [
+        (r, length, build)
+        for r in range(args.rounds)
+        for length in args.lengths
+        for build in (list(builds) if r % 2 == 0 else list(builds)[::-1])
+    ]
+    for r, length, build in tqdm(steps, desc="prompts", unit="prompt"):
+        ops._native = ops.decode._native = builds[build]
         prompt = _prompts(config, 1, length)[0]
+        timer = OpTimer(config) if args.profile else contextlib.nullcontext()
         start = time.perf_counter()
-        times = [time.perf_counter() for _ in generate_stream(model, [prompt], params)]
+        with timer:  # (prefill only: the first token comes out of it)
+            stream = generate_stream(model, [prompt], params)
+            times = [time.perf_counter()]
+            next(stream)
+            times[0] = time.perf_counter()
+        times += [time.perf_counter() for _ in stream]
         after = resident_bandwidth(model)
         read = max(bandwidth, after)
         generations.append({
             "round": r,
             "length": length,
+            "build": build,
             "prefill_s": times[0] - start,
             "prefill_tok_s": length / (times[0] - start),
             "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]),
@@ -121,12 +215,15 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             "decode_roofline_tok_s": read / decode_bytes_per_token(config, length + args.new_tokens),
             "prefill_gflop": prefill_flops(config, length) / 1e9,
         })  # fmt: skip
+        if args.profile:
+            generations[-1]["ops"] = {
+                k: {"s": timer.seconds[k], "flops": timer.flops[k]} for k in timer.seconds
+            }
         bandwidth = after
+        report["generations"] = generations
+        save(report)
+    ops._native = ops.decode._native = builds["this"]
     report["gemm_after_gflop_s"] = gemm_rate(config, args.gemm_rows) / 1e9
-    gemm = max(report["gemm_before_gflop_s"], report["gemm_after_gflop_s"])
-    for g in generations:
-        g["prefill_roofline_tok_s"] = g["length"] / (g["prefill_gflop"] / gemm)
-        g["prefill_of_roofline"] = g["prefill_tok_s"] / g["prefill_roofline_tok_s"]
     report["generations"] = generations
     report["peak_rss_gib"] = _rss_gib("VmHWM")
     return report
@@ -135,25 +232,46 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def print_table(console: Console, runs: list[dict[str, Any]]) -> None:
     table = Table(title="long context: prefill and decode beside the rooflines (batch 1, greedy)")
     for column in (
-        "run", "prompt", "prefill tok/s", "GEMM GFLOP/s (before, after)", "prefill roofline tok/s",
+        "run", "build", "prompt", "prefill tok/s", "GEMM GFLOP/s (before, after)", "prefill roofline tok/s",
         "of roofline", "decode tok/s", "decode / after shortest", "GB/s", "decode roofline", "of roofline",
     ):  # fmt: skip
         table.add_column(column, justify="right")
     for i, report in enumerate(runs):
         gens = report["generations"]
-        short = [j for j, g in enumerate(gens) if g["length"] == min(report["lengths"])]
+        # a run cut short has no GEMM rate after it
+        gemm = max(report["gemm_before_gflop_s"], report.get("gemm_after_gflop_s", 0.0))
         for j, g in enumerate(gens):
-            # decode after this prompt over decode after the nearest shortest prompt of the same run
+            # decode after this prompt over decode after the nearest shortest prompt of its build
+            build = g.get("build", "this")
+            short = [
+                k
+                for k, h in enumerate(gens)
+                if h["length"] == min(report["lengths"]) and h.get("build", "this") == build
+            ]
             near = gens[min(short, key=lambda k: abs(k - j))]["decode_tok_s"]
+            roofline = g["length"] / (g["prefill_gflop"] / gemm)
             table.add_row(
-                f"{i}.{g['round']}", f"{g['length']:,}", f"{g['prefill_tok_s']:.1f}",
-                f"{report['gemm_before_gflop_s']:.0f}, {report['gemm_after_gflop_s']:.0f}",
-                f"{g['prefill_roofline_tok_s']:.0f}", f"{g['prefill_of_roofline']:.0%}",
+                f"{i}.{g['round']}", g.get("build", "this"), f"{g['length']:,}", f"{g['prefill_tok_s']:.1f}",
+                f"{report['gemm_before_gflop_s']:.0f}, {report.get('gemm_after_gflop_s', 0):.0f}",
+                f"{roofline:.0f}", f"{g['prefill_tok_s'] / roofline:.0%}",
                 f"{g['decode_tok_s']:.2f}", f"{g['decode_tok_s'] / near:.0%}",
                 f"{g['bandwidth_gb_s']:.1f}", f"{g['decode_roofline_tok_s']:.2f}",
                 f"{g['decode_tok_s'] / bound:.0%}" if (bound := g["decode_roofline_tok_s"]) else "-",
             )  # fmt: skip
     console.print(table)
+    for i, report in enumerate(runs):
+        for g in report["generations"]:
+            if "ops" not in g:
+                continue
+            ops_table = Table(title=f"run {i}.{g['round']}: prefill of {g['length']:,} tokens by operation")
+            for column in ("operation", "s", "share", "GFLOP/s"):
+                ops_table.add_column(column, justify="right")
+            rows = sorted(g["ops"].items(), key=lambda kv: -kv[1]["s"])
+            other = g["prefill_s"] - sum(op["s"] for _, op in rows)
+            for name, op in [*rows, ("(between: Python, PyTorch)", {"s": other, "flops": 0})]:
+                rate = f"{op['flops'] / op['s'] / 1e9:.0f}" if op["flops"] and op["s"] > 0 else ""
+                ops_table.add_row(name, f"{op['s']:.2f}", f"{op['s'] / g['prefill_s']:.0%}", rate)
+            console.print(ops_table)
 
 
 def main() -> None:
@@ -166,6 +284,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--gemm-rows", type=int, default=512, help="activation rows of the GEMM roofline")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--ab", type=Path, default=None,
+        help="another build of the native module (_native*.so) taking turns with this tree's",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", action="store_true", help="time each kind of operation of every prefill (slower)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="append this run to FILE")
     parser.add_argument("--table", type=Path, default=None, help="print the runs of FILE and exit")
     args = parser.parse_args()
@@ -175,11 +300,15 @@ def main() -> None:
         return
     if args.model is None:
         parser.error("--model PATH is required (or --table FILE)")
-    report = run(args, console)
-    runs = [report]
+    earlier = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
+
+    def save(report: dict[str, Any]) -> None:
+        if args.json:
+            args.json.write_text(json.dumps([*earlier, report], indent=2))
+
+    report = run(args, console, save)
+    save(report)
     if args.json:
-        runs = (json.loads(args.json.read_text()) if args.json.exists() else []) + runs
-        args.json.write_text(json.dumps(runs, indent=2))
         console.print(f"wrote {args.json}")
     print_table(console, [report])
 
