@@ -269,6 +269,20 @@ INLINE void kv_rows(const char *const *pages, int64_t page, int64_t D, int64_t s
     }
 }
 
+/* The rows of the next tile, asked for into L2 while this one is multiplied: a decode step reads
+ * every key and value once, from DRAM, and a tile's rows lie in one or two blocks of the cache,
+ * whose 4 KiB pages the hardware prefetchers do not cross. One core, a 20b decode step's
+ * attention over 8k keys in 12 layers: 49 -> 74 GFLOP/s; into L1 or four tiles ahead measured
+ * no better (benchmarks/NOTES.md, issue 33). */
+INLINE void prefetch_tile(const char *const *pages, int64_t page, int64_t D, int64_t s0, int64_t last) {
+    const uint16_t *rows[KEY_TILE];
+    int64_t n = last - s0 < KEY_TILE ? last - s0 : KEY_TILE;
+    if (n <= 0) return;
+    kv_rows(pages, page, D, s0, n, rows);
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch((const char *)rows[j] + b, _MM_HINT_T1);
+}
+
 /* Keys at rows[0 .. n), n ≤ 16, as D/2 vectors: kt[j] holds dimensions 2j, 2j+1 of each key
  * (zeros past n). */
 AVX512BF16_INLINE void key_tile(const uint16_t *const *rows, int64_t D, int64_t n, __m512i *kt) {
@@ -408,6 +422,7 @@ AVX512BF16 static void attend_unit(const attention *a, int64_t b, int64_t kh, in
     float root = sqrtf((float)D);
     for (int64_t s0 = first; s0 < last; s0 += KEY_TILE) {
         int64_t m = last - s0 < KEY_TILE ? last - s0 : KEY_TILE;
+        prefetch_tile(w->kp, page, D, s0 + KEY_TILE, last);
         kv_rows(w->kp, page, D, s0, m, rows);
         key_tile(rows, D, m < 16 ? m : 16, w->kt);
         key_tile(rows + 16, D, m > 16 ? m - 16 : 0, w->kt + D / 2);
@@ -424,6 +439,7 @@ AVX512BF16 static void attend_unit(const attention *a, int64_t b, int64_t kh, in
     }
     for (int64_t s0 = first; s0 < last; s0 += KEY_TILE) {
         int64_t m = last - s0 < KEY_TILE ? last - s0 : KEY_TILE, pairs = (m + 1) / 2;
+        prefetch_tile(w->vpages, page, D, s0 + KEY_TILE, last);
         kv_rows(w->vpages, page, D, s0, m, rows);
         for (int64_t i = 0; i < pairs; i++) {
             const uint16_t *v0 = rows[2 * i], *v1 = 2 * i + 1 < m ? rows[2 * i + 1] : NULL;
