@@ -491,8 +491,9 @@ def moe_weights(experts: int, hidden: int, inter: int, generator: torch.Generato
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # (60, 2): ~24 tokens per expert, the AVX2 prompt kernel with its SwiGLU and accumulating epilogues,
-# and on AMX two 16-token chunks; (100, 2): ~40, three chunks (a pair and one alone)
-@pytest.mark.parametrize("n,k", [(1, 4), (3, 2), (11, 3), (20, 1), (60, 2), (100, 2)])
+# and on AMX two 16-token chunks; (100, 2): ~40, three chunks (a pair and one alone); with AVX-512
+# BF16 and no AMX, (100, 2) and (150, 2) (~60: 32 tokens and a tail of 28) take the prompt GEMM
+@pytest.mark.parametrize("n,k", [(1, 4), (3, 2), (11, 3), (20, 1), (60, 2), (100, 2), (150, 2)])
 # (128, 64), (256, 192): mxfp4_quads with bf16 activations, the SwiGLU written in its layout; on
 # AMX, 384 gate_up rows are calls of 256 and 128
 @pytest.mark.parametrize("hidden,inter", [(64, 32), (128, 64), (256, 192)])
@@ -543,9 +544,9 @@ def test_mxfp4_moe_prompt_with_extreme_scales(moe_isa):
     stacks[1][0, 5, 2] = 0  # gate_up scales: 2^-127
     stacks[1][1, 70, 1] = 1
     stacks[4][2, 9, 0] = 0  # down scales
-    x = (torch.randn(40, 128, generator=generator) * 0.5).bfloat16()
-    idx = torch.stack([torch.randperm(3, generator=generator)[:2] for _ in range(40)])
-    weight = torch.softmax(torch.randn(40, 2, generator=generator), dim=-1).bfloat16()
+    x = (torch.randn(100, 128, generator=generator) * 0.5).bfloat16()  # ~67 tokens an expert
+    idx = torch.stack([torch.randperm(3, generator=generator)[:2] for _ in range(100)])
+    weight = torch.softmax(torch.randn(100, 2, generator=generator), dim=-1).bfloat16()
     with torch.no_grad():
         y = ops.mxfp4_moe(x, idx, weight, *stacks, alpha=1.702, limit=7.0)
     assert moe_close(y, x, idx, weight, stacks)
@@ -572,7 +573,7 @@ def test_mxfp4_moe_tokens_spread_over_the_experts_compute_what_each_alone_does()
 
 
 @native
-@pytest.mark.parametrize("n", [1, 13])
+@pytest.mark.parametrize("n", [1, 13, 150])  # 150: ~100 tokens an expert, the prompt kernels
 def test_mxfp4_moe_sums_the_same_whatever_the_thread_count(n):
     """Down-projection rows are handed out in runs that depend on the thread count; each output
     must still add its experts in one order, so the results are equal bit for bit."""

@@ -232,32 +232,6 @@ static void attend_row(const attention *a, const attention_steps *steps, int64_t
 #define UNIT_SCORES (1 << 18) /* score floats a unit may hold (1 MiB): the tokens a unit takes */
 #define UNIT_ROWS 64
 
-/* 16 rows of 16 dwords transposed in place: r[c] becomes column c. */
-AVX512BF16_INLINE void transpose16(__m512i *r) {
-    __m512i t[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) { /* r[4i + m], lane L: column 4L + m of rows 4i .. 4i+3 */
-        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    for (int m = 0; m < 4; m++) {
-        __m512i u0 = _mm512_shuffle_i32x4(r[m], r[4 + m], _MM_SHUFFLE(1, 0, 1, 0));
-        __m512i u1 = _mm512_shuffle_i32x4(r[m], r[4 + m], _MM_SHUFFLE(3, 2, 3, 2));
-        __m512i v0 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], _MM_SHUFFLE(1, 0, 1, 0));
-        __m512i v1 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], _MM_SHUFFLE(3, 2, 3, 2));
-        t[m] = _mm512_shuffle_i32x4(u0, v0, _MM_SHUFFLE(2, 0, 2, 0));
-        t[4 + m] = _mm512_shuffle_i32x4(u0, v0, _MM_SHUFFLE(3, 1, 3, 1));
-        t[8 + m] = _mm512_shuffle_i32x4(u1, v1, _MM_SHUFFLE(2, 0, 2, 0));
-        t[12 + m] = _mm512_shuffle_i32x4(u1, v1, _MM_SHUFFLE(3, 1, 3, 1));
-    }
-    for (int i = 0; i < 16; i++) r[i] = t[i];
-}
-
 /* Where key positions [s0, s0 + n) of the unit's head lie: pages of `page` positions (rows of D
  * bf16), one division for the run. */
 INLINE void kv_rows(const char *const *pages, int64_t page, int64_t D, int64_t s0, int64_t n,

@@ -67,7 +67,9 @@ int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t k, cons
          * prefill kernel), 8 tokens on the same experts the prefill kernel (~1.4x the decode one). */
         kernel = choose_kernel(MXFP4, dt, busiest, s->inter % (2 * BLOCK) == 0 ? s->hidden : s->inter, &layout);
         if (active_isa == ISA_AMX && kernel == mxfp4_bf16_avx512 && busiest >= AMX_MIN_TOKENS) kernel = mxfp4_amx;
-        step = kernel == mxfp4_amx ? AMX_ROWS : TILE;
+        if (active_isa == ISA_AVX512BF16 && kernel == mxfp4_bf16_avx512 && busiest >= GEMM_MIN_TOKENS)
+            kernel = mxfp4_bf16_gemm;
+        step = kernel == mxfp4_amx || kernel == mxfp4_bf16_gemm ? AMX_ROWS : TILE;
         size = layout_size(layout);
         xs = line_aligned(size * pairs * H);
         hs = line_aligned(size * pairs * I);
