@@ -28,12 +28,13 @@
  * AVX2, all of them at once against a tile decoded a column chunk at a time: avx2_gemm). With
  * bf16 activations that is as fast as PyTorch's bf16 GEMM alone at a 128-token prompt's ~16 tokens
  * per expert, before any dequantization is paid for. Where the CPU has AMX tiles, a prompt's
- * experts decode their weights to bf16 tiles and multiply them on AMX (mxfp4_amx).
+ * experts decode their weights to bf16 tiles and multiply them on AMX (mxfp4_amx); with AVX-512 BF16
+ * and no AMX, an expert's many tokens share one decoding of its rows (mxfp4_bf16_gemm).
  *
  * The files, one concern each (ggml-cpu's shape): common.h (tables, the kernel-call description,
  * declarations), dispatch.c (which kernel serves a call, activation layouts, the threads' tiles),
  * generic.c (portable C, the reference), avx2.c, avx512.c, avx512bf16.c and amx.c (one instruction
- * set each; avx512.h their shared inline helpers), moe.c (the routed experts of a layer in one
+ * set each; avx512.h their shared inline helpers), prompt.c (a prompt's experts as a GEMM), moe.c (the routed experts of a layer in one
  * call), attention.c (RMSNorm, rotary, sink attention and a block's attention half of a decode step).
  */
 #define PY_SSIZE_T_CLEAN
