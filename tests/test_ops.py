@@ -755,7 +755,8 @@ def test_linears_equal_one_linear_each(isa, dtype, n):
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch,tokens", [(1, 1), (2, 3), (3, 20)])  # (3, 20): prefill, PyTorch path
+# (3, 20): a prompt's tokens; (2, 300): enough of them to go to the threads
+@pytest.mark.parametrize("batch,tokens", [(1, 1), (2, 3), (3, 20), (2, 300)])
 def test_rotary_equals_the_reference(isa, dtype, batch, tokens):
     from gptoss.model import apply_rotary
 

@@ -518,6 +518,9 @@ int sink_attention(const attention *a) {
 void rotary(void *x, int dt, int64_t tokens, int64_t heads, int64_t dim, const float *cos,
             const float *sin) {
     int64_t half = dim / 2;
+#ifdef _OPENMP
+#pragma omp parallel for if (tokens * heads * dim > 262144)
+#endif
     for (int64_t t = 0; t < tokens; t++)
         for (int64_t h = 0; h < heads; h++) {
             int64_t row = (t * heads + h) * dim;
