@@ -263,7 +263,10 @@ def print_table(console: Console, runs: list[dict[str, Any]]) -> None:
         for g in report["generations"]:
             if "ops" not in g:
                 continue
-            ops_table = Table(title=f"run {i}.{g['round']}: prefill of {g['length']:,} tokens by operation")
+            build = g.get("build", "this")
+            ops_table = Table(
+                title=f"run {i}.{g['round']} ({build}): prefill of {g['length']:,} tokens by operation"
+            )
             for column in ("operation", "s", "share", "GFLOP/s"):
                 ops_table.add_column(column, justify="right")
             rows = sorted(g["ops"].items(), key=lambda kv: -kv[1]["s"])
