@@ -203,6 +203,16 @@ def check_inference_degrees(tensor_parallel: int, expert_parallel: int) -> int:
     return world
 
 
+def rank_device(device: str) -> str:
+    """`device` for this rank: "cuda" without an index means the rank's own GPU (LOCAL_RANK)."""
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        if chosen.index is None:
+            chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(chosen)  # NCCL's collectives use the current device
+    return str(chosen)
+
+
 def parallelize_for_inference(model: GptOss, tensor_parallel: int = 1, expert_parallel: int = 1) -> GptOss:
     """Split `model` over the processes torchrun started: attention by head (`tensor_parallel`) and
     MoE experts by expert (`expert_parallel`), each 1 or the number of processes. In place.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
@@ -26,6 +26,9 @@ from gptoss.inference.prefix_cache import Node, PrefixCache
 from gptoss.inference.verify import RingSave, max_fed, verify
 from gptoss.model import GptOss
 from gptoss.vocab import fit_tokens, token_rows
+
+if TYPE_CHECKING:
+    from gptoss.inference.scoring import PromptScores
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +338,13 @@ class ModelRunner:
         logits = self.model.lm_head(torch.cat(hidden))  # (R, V): one pass over the head for all
         self.joined.clear()
         return BatchLogits(self.running, logits)
+
+    def score(self, tokens: Sequence[int], top: int = 0) -> PromptScores:
+        """Log-probabilities of prompt `tokens` (see `gptoss.inference.scoring`), in a cache of their
+        own: the sequences in this runner's rows are untouched."""
+        from gptoss.inference.scoring import score_tokens  # (scoring builds on this module's prefill)
+
+        return score_tokens(self.model, tokens, top, self.prefill_chunk)
 
     # ------------------------------------------------------------------ speculative decoding
     def verify_room(self, seq: int) -> int:
