@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ from conftest import random_model, tiny_config
 from gptoss import load_model
 from gptoss.cli import main
 from gptoss.distributed import parallelize_for_inference
-from gptoss.inference import generate
+from gptoss.inference import Engine, ModelRunner, SamplingParams, SequenceFailure, SequenceRequest, generate
+from gptoss.inference.mirror import MirroredRunner, control_group, follow
 from gptoss.quant.mxfp4 import quantize_experts
 from gptoss.train.checkpoints import latest_checkpoint
 from gptoss.train.parallelize import clip_grad_norm_, init_distributed, parallelize
@@ -106,6 +108,10 @@ def _worker(rank: int, world: int, port: int, layouts: list, out: str) -> None:
             results[name] = train_two_steps(model, info.data_rank, info.data_ranks, reduce=True)
             experts = model.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
             results[name]["experts_local"] = tuple(experts.to_local().shape) if ep > 1 else None
+        elif kind == "mirror":
+            model = inference_model(case)
+            parallelize_for_inference(model, tensor_parallel=tp, expert_parallel=ep)
+            results[name] = mirror_phases(model, rank)
         else:
             model = inference_model(case)
             parallelize_for_inference(model, tensor_parallel=tp, expert_parallel=ep)
@@ -161,6 +167,49 @@ def infer(model: torch.nn.Module) -> dict:
     return {"logits": model(ids), "tokens": tokens, "packed": packed}
 
 
+# ---------------------------------------------------------------------- one engine, mirrored
+IDLE, CONTROL_TIMEOUT = 3.0, 2.0  # seconds: idle longer than a collective may wait
+
+
+def mirror_phases(model: torch.nn.Module, rank: int) -> dict:
+    """Rank 0 drives an engine over a `MirroredRunner`, rank 1 follows. Rank 1's runner has one row
+    where rank 0's has two: a second sequence at once fails on rank 1 only."""
+    group = control_group(CONTROL_TIMEOUT)
+    runner = ModelRunner(model, max_batch=2 if rank == 0 else 1, context=64, kv_budget_bytes=2**24)
+    if rank != 0:
+        follow(runner, group)
+        return {"followed": True}
+    mirrored = MirroredRunner(runner, group, heartbeat=CONTROL_TIMEOUT / 4)
+    engine = Engine(mirrored)
+    params = SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=())
+
+    def run(prompts: list[list[int]]) -> list:
+        outputs: list = [[] for _ in prompts]
+        for i, prompt in enumerate(prompts):
+            engine.add(SequenceRequest(prompt, params, i))
+        while engine.has_work:
+            for _, event in engine.step():
+                outputs[event.index] = (
+                    event.message
+                    if isinstance(event, SequenceFailure)
+                    else [*outputs[event.index], event.token]
+                )
+        return outputs
+
+    out = {"alone": [run([p])[0] for p in PROMPTS]}
+    time.sleep(IDLE)  # only heartbeats reach rank 1 meanwhile
+    out["after_idle"] = run([PROMPTS[0]])[0]
+    out["one_rank_fails"] = run(PROMPTS)  # the second prompt finds no row on rank 1
+    try:  # a call that fails on every rank: rank 0's own error
+        mirrored.prefill(99, [], last=True)
+    except ValueError as exc:
+        out["every_rank_fails"] = str(exc)
+    mirrored.release(99)
+    out["after_failures"] = run([PROMPTS[1]])[0]
+    mirrored.close()
+    return out
+
+
 # ---------------------------------------------------------------------- the tests
 def test_two_ranks_expert_and_tensor_parallel_match_one_process(tmp_path):
     layouts = [
@@ -170,6 +219,7 @@ def test_two_ranks_expert_and_tensor_parallel_match_one_process(tmp_path):
         ("tp2", "train", "random", 1, 2),
         ("infer-tp2-ep2", "infer", "mxfp4", 2, 2),
         ("infer-ep2-dense", "infer", "random", 2, 1),
+        ("mirror-tp2-ep2", "mirror", "mxfp4", 2, 2),
     ]
     ranks = run_ranks(2, layouts, tmp_path)
     for name, kind, case, ep, _ in layouts:
@@ -185,6 +235,16 @@ def test_two_ranks_expert_and_tensor_parallel_match_one_process(tmp_path):
                 assert rank[name]["tokens"] == want["tokens"], name
     # MXFP4 experts stay packed: 2 of the 4 experts' uint8 blocks on each rank.
     assert ranks[1]["infer-tp2-ep2"]["packed"] == [("torch.uint8", (2, 128, 2, 16))]
+    # One engine on rank 0, its runner calls repeated on rank 1: each prompt's tokens as one
+    # process decodes it alone, also after an idle spell longer than the calls' group timeout and
+    # after failures (on rank 1 only, named to the sequence; on every rank, rank 0's own error).
+    with torch.no_grad():
+        want = [generate(inference_model("mxfp4"), [p], 12, 0.0, stop_token_ids=())[0] for p in PROMPTS]
+    got = ranks[0]["mirror-tp2-ep2"]
+    assert got["alone"] == want and got["after_idle"] == want[0] and got["after_failures"] == want[1]
+    assert got["one_rank_fails"] == [want[0], "prefill failed: RuntimeError"]
+    assert got["every_rank_fails"] == "sequence 99 has no prefilled token to continue from"
+    assert ranks[1]["mirror-tp2-ep2"] == {"followed": True}
 
 
 def test_four_ranks_expert_and_tensor_parallel_with_fsdp_match_one_process(tmp_path):
