@@ -193,7 +193,7 @@ def follow(runner: ModelRunner, group: dist.ProcessGroup) -> None:
             except RuntimeError as exc:  # (gloo's errors subclass it) the connection to rank 0 broke
                 if signals:  # we were told to stop too: rank 0 ended first
                     break
-                raise RuntimeError(f"rank {rank}: rank 0 went away without stopping us ({exc})") from None
+                raise RuntimeError(f"rank {rank}: lost rank 0 before it said stop ({exc})") from None
             message = box[0]
             if message == _STOP:
                 break
