@@ -24,6 +24,7 @@ import torch
 from openai import OpenAI
 
 from gptoss import load_model
+from gptoss.cli import main
 from gptoss.inference import ModelRunner, PrefixCache
 from gptoss.inference.optimize import prepare_for_inference
 from gptoss.server import ServerSettings, create_app
@@ -138,3 +139,14 @@ def test_serve_under_torchrun_answers_as_one_process(layout, one_process, tmp_pa
     if "--speculative" in layout:  # verify passes (the repeated completion's) ran on both ranks
         passes = next(line for line in metrics.splitlines() if line.startswith("gptoss_speculative_verify"))
         assert float(passes.split()[-1]) > 0
+
+
+def test_serve_refuses_layouts_the_launch_cannot_provide(capsys, monkeypatch):
+    # Each refusal names the fix and comes before any model is loaded.
+    assert main(["serve", MODEL, "--tp", "2"]) == 2
+    assert "--tp 2 must equal the number of processes (1) or be 1" in capsys.readouterr().err
+    assert main(["serve", MODEL, "--ep", "2", "--int8"]) == 2
+    assert "--int8 does not combine with --tp/--ep" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: two servers would share the port
+    assert main(["serve", MODEL]) == 2
+    assert "pass --tp 2 and/or --ep 2, or run gptoss serve without torchrun" in capsys.readouterr().err

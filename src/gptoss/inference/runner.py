@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -26,9 +26,6 @@ from gptoss.inference.prefix_cache import Node, PrefixCache
 from gptoss.inference.verify import RingSave, max_fed, verify
 from gptoss.model import GptOss
 from gptoss.vocab import fit_tokens, token_rows
-
-if TYPE_CHECKING:
-    from gptoss.inference.scoring import PromptScores
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +336,7 @@ class ModelRunner:
         self.joined.clear()
         return BatchLogits(self.running, logits)
 
-    def score(self, tokens: Sequence[int], top: int = 0) -> PromptScores:
+    def score(self, tokens: Sequence[int], top: int = 0):  # noqa: ANN201 - PromptScores, imported lazily
         """Log-probabilities of prompt `tokens` (see `gptoss.inference.scoring`), in a cache of their
         own: the sequences in this runner's rows are untouched."""
         from gptoss.inference.scoring import score_tokens  # (scoring builds on this module's prefill)
