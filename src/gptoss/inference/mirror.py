@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import threading
 import time
@@ -65,14 +66,40 @@ def agree(value: Any, group: dist.ProcessGroup) -> Any:
     return box[0]
 
 
+# A call travels in one broadcast of this many bytes (a decode step's is a few hundred): one
+# collective per call, where `broadcast_object_list` takes two (the size, then the bytes). A longer
+# message (a long prompt's tokens) sends its rest in a second broadcast.
+_FRAME = 1 << 12
+_LENGTH = 8  # the frame starts with the message's length
+
+
 def _send(message: Any, group: dist.ProcessGroup) -> None:
-    dist.broadcast_object_list([message], src=0, group=group)
+    payload = pickle.dumps(message)
+    frame = torch.zeros(_FRAME, dtype=torch.uint8)
+    frame[:_LENGTH] = torch.tensor([len(payload)], dtype=torch.int64).view(torch.uint8)
+    head, rest = payload[: _FRAME - _LENGTH], payload[_FRAME - _LENGTH :]
+    frame[_LENGTH : _LENGTH + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    dist.broadcast(frame, src=0, group=group)
+    if rest:
+        dist.broadcast(torch.frombuffer(bytearray(rest), dtype=torch.uint8), src=0, group=group)
 
 
-def _summary(result: Any) -> int | None:
-    """What ranks compare after a call: its result where that is a number (`reuse`'s cached
-    length, which follows from the prefix cache's state), else nothing."""
-    return result if isinstance(result, int) else None
+def _receive(group: dist.ProcessGroup) -> Any:
+    frame = torch.empty(_FRAME, dtype=torch.uint8)
+    dist.broadcast(frame, src=0, group=group)
+    length = int(frame[:_LENGTH].view(torch.int64))
+    payload = frame[_LENGTH : _LENGTH + length].numpy().tobytes()
+    if length > _FRAME - _LENGTH:
+        rest = torch.empty(length - (_FRAME - _LENGTH), dtype=torch.uint8)
+        dist.broadcast(rest, src=0, group=group)
+        payload += rest.numpy().tobytes()
+    return pickle.loads(payload)  # (from rank 0 of this job, as broadcast_object_list would)
+
+
+def _report(failed: bool, result: Any) -> Tensor:
+    """What a rank tells rank 0 after a call: whether it failed, and the result where that is a
+    count (`reuse`'s cached length, which follows from the prefix cache's state; -1 otherwise)."""
+    return torch.tensor([int(failed), result if isinstance(result, int) else -1], dtype=torch.int64)
 
 
 class MirroredRunner:
@@ -141,17 +168,20 @@ class MirroredRunner:
             error: Exception | None = None
             try:
                 result = getattr(self.runner, name)(*args)
-            except Exception as exc:  # reported after the others have reported theirs
+            except Exception as exc:  # raised once the others have reported
                 result, error = None, exc
-            reports: list[Any] = [None] * self.ranks
-            dist.gather_object((None, _summary(result)), reports, dst=0, group=self.group)
+            reports = [torch.empty(2, dtype=torch.int64) for _ in range(self.ranks)]
+            dist.gather(_report(error is not None, result), reports, dst=0, group=self.group)
         if error is not None:
             raise error
-        for rank, (failure, summary) in enumerate(reports[1:], start=1):
-            if failure is not None:
-                raise RuntimeError(f"rank {rank} failed in {name}: {failure}")
-            if summary != _summary(result):
-                raise RuntimeError(f"rank {rank} disagrees with rank 0 in {name}: {summary} != {result}")
+        mine = _report(False, result)
+        for rank, report in enumerate(reports[1:], start=1):
+            if report[0]:
+                raise RuntimeError(f"rank {rank} failed in {name} (its log says why)")
+            if not torch.equal(report, mine):
+                raise RuntimeError(
+                    f"rank {rank} disagrees with rank 0 in {name}: {int(report[1])} != {result}"
+                )
         return result
 
     # ------------------------------------------------------------------ idle and shutdown
@@ -187,25 +217,23 @@ def follow(runner: ModelRunner, group: dist.ProcessGroup) -> None:
     log.info("rank %d (pid %d): running rank 0's model calls", rank, os.getpid())
     try:
         while True:
-            box: list[Any] = [None]
             try:
-                dist.broadcast_object_list(box, src=0, group=group)
+                message = _receive(group)
             except RuntimeError as exc:  # (gloo's errors subclass it) the connection to rank 0 broke
                 if signals:  # we were told to stop too: rank 0 ended first
                     break
                 raise RuntimeError(f"rank {rank}: lost rank 0 before it said stop ({exc})") from None
-            message = box[0]
             if message == _STOP:
                 break
             if message == _BEAT:
                 continue
             name, args = message
             try:
-                report = (None, _summary(getattr(runner, name)(*args)))
-            except Exception as exc:  # rank 0 raises it in its engine, which then cleans up here too
+                report = _report(False, getattr(runner, name)(*args))
+            except Exception:  # rank 0 raises in its engine, which then cleans up here too
                 log.exception("rank %d: %s failed", rank, name)
-                report = (f"{type(exc).__name__}: {exc}", None)
-            dist.gather_object(report, None, dst=0, group=group)
+                report = _report(True, None)
+            dist.gather(report, None, dst=0, group=group)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
