@@ -49,7 +49,7 @@ def answers(client: OpenAI) -> dict:
         stream = client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": question}],
-            max_tokens=40,
+            max_tokens=24,
             temperature=0,
             stream=True,
         )
@@ -64,7 +64,7 @@ def answers(client: OpenAI) -> dict:
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         chats = list(pool.map(chat, QUESTIONS))
     completions = [
-        client.completions.create(model=MODEL, prompt=COMPLETION, max_tokens=24, temperature=0)
+        client.completions.create(model=MODEL, prompt=COMPLETION, max_tokens=16, temperature=0)
         for _ in range(2)
     ]
     scored = client.completions.create(model=MODEL, prompt=SCORED, max_tokens=0, echo=True, logprobs=1)
@@ -108,7 +108,7 @@ LAYOUTS = {"tp2": ["--tp", "2"], "ep2": ["--ep", "2", "--speculative", "suffix"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
-def test_serve_under_torchrun_answers_as_one_process(layout, one_process, tmp_path):
+def test_serve_under_torchrun_answers_as_one_process(layout, request, tmp_path):
     port, log = free_port(), tmp_path / "torchrun.log"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "gptoss.cli", "serve", MODEL, "--dtype", "float32", "--port", str(port)]
@@ -117,6 +117,7 @@ def test_serve_under_torchrun_answers_as_one_process(layout, one_process, tmp_pa
     with log.open("w") as out:
         server = subprocess.Popen([*command, *layout], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
+        one_process = request.getfixturevalue("one_process")  # (while the ranks load)
         wait_for_health(server, port, log)
         ranks = psutil.Process(server.pid).children(recursive=True)
         got = answers(OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0))
