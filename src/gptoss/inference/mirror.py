@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -53,8 +54,6 @@ def control_group(timeout_seconds: float | None = None) -> dist.ProcessGroup:
     """A gloo group over every rank for the calls (collective: every rank must call it)."""
     if timeout_seconds is None:
         return dist.new_group(backend="gloo")
-    from datetime import timedelta
-
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
 
 
@@ -73,7 +72,7 @@ _FRAME = 1 << 12
 _LENGTH = 8  # the frame starts with the message's length
 
 
-def _send(message: Any, group: dist.ProcessGroup) -> None:
+def send_message(message: Any, group: dist.ProcessGroup) -> None:
     payload = pickle.dumps(message)
     frame = torch.zeros(_FRAME, dtype=torch.uint8)
     frame[:_LENGTH] = torch.tensor([len(payload)], dtype=torch.int64).view(torch.uint8)
@@ -84,7 +83,7 @@ def _send(message: Any, group: dist.ProcessGroup) -> None:
         dist.broadcast(torch.frombuffer(bytearray(rest), dtype=torch.uint8), src=0, group=group)
 
 
-def _receive(group: dist.ProcessGroup) -> Any:
+def receive_message(group: dist.ProcessGroup) -> Any:
     frame = torch.empty(_FRAME, dtype=torch.uint8)
     dist.broadcast(frame, src=0, group=group)
     length = int(frame[:_LENGTH].view(torch.int64))
@@ -96,7 +95,7 @@ def _receive(group: dist.ProcessGroup) -> Any:
     return pickle.loads(payload)  # (from rank 0 of this job, as broadcast_object_list would)
 
 
-def _report(failed: bool, result: Any) -> Tensor:
+def call_report(failed: bool, result: Any) -> Tensor:
     """What a rank tells rank 0 after a call: whether it failed, and the result where that is a
     count (`reuse`'s cached length, which follows from the prefix cache's state; -1 otherwise)."""
     return torch.tensor([int(failed), result if isinstance(result, int) else -1], dtype=torch.int64)
@@ -163,7 +162,7 @@ class MirroredRunner:
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("the other ranks have been told to stop")
-            _send((name, args), self.group)
+            send_message((name, args), self.group)
             self._sent = time.monotonic()
             error: Exception | None = None
             try:
@@ -171,10 +170,10 @@ class MirroredRunner:
             except Exception as exc:  # raised once the others have reported
                 result, error = None, exc
             reports = [torch.empty(2, dtype=torch.int64) for _ in range(self.ranks)]
-            dist.gather(_report(error is not None, result), reports, dst=0, group=self.group)
+            dist.gather(call_report(error is not None, result), reports, dst=0, group=self.group)
         if error is not None:
             raise error
-        mine = _report(False, result)
+        mine = call_report(False, result)
         for rank, report in enumerate(reports[1:], start=1):
             if report[0]:
                 raise RuntimeError(f"rank {rank} failed in {name} (its log says why)")
@@ -189,7 +188,7 @@ class MirroredRunner:
         while not self._closed.wait(self.heartbeat / 4):
             with self._lock:
                 if not self._closed.is_set() and time.monotonic() - self._sent >= self.heartbeat:
-                    _send(_BEAT, self.group)
+                    send_message(_BEAT, self.group)
                     self._sent = time.monotonic()
 
     def close(self) -> None:
@@ -198,7 +197,7 @@ class MirroredRunner:
             if self._closed.is_set():
                 return
             self._closed.set()
-            _send(_STOP, self.group)
+            send_message(_STOP, self.group)
         self._beats.join()
 
 
@@ -218,7 +217,7 @@ def follow(runner: ModelRunner, group: dist.ProcessGroup) -> None:
     try:
         while True:
             try:
-                message = _receive(group)
+                message = receive_message(group)
             except RuntimeError as exc:  # (gloo's errors subclass it) the connection to rank 0 broke
                 if signals:  # we were told to stop too: rank 0 ended first
                     break
@@ -229,10 +228,10 @@ def follow(runner: ModelRunner, group: dist.ProcessGroup) -> None:
                 continue
             name, args = message
             try:
-                report = _report(False, getattr(runner, name)(*args))
+                report = call_report(False, getattr(runner, name)(*args))
             except Exception:  # rank 0 raises in its engine, which then cleans up here too
                 log.exception("rank %d: %s failed", rank, name)
-                report = _report(True, None)
+                report = call_report(True, None)
             dist.gather(report, None, dst=0, group=group)
     finally:
         for sig, handler in previous.items():
