@@ -3,7 +3,7 @@
 Rank 0 serves HTTP and runs the engine; rank 1 repeats its model calls (`gptoss.inference.mirror`).
 The bundled gptoss-nano in fp32 answers concurrent greedy streams, a prompt that the prefix cache
 then serves, and prompt scoring (echo + logprobs) as a one-process server of the same model does.
-Stopping torchrun (SIGTERM, as a process manager stops it) ends every rank.
+Stopping torchrun (SIGTERM as a process manager sends it, SIGINT as Ctrl-C does) ends every rank.
 """
 
 from __future__ import annotations
@@ -104,11 +104,14 @@ def wait_for_health(server: subprocess.Popen, port: int, log: Path) -> None:
             time.sleep(0.2)
 
 
-LAYOUTS = {"tp2": ["--tp", "2"], "ep2": ["--ep", "2", "--speculative", "suffix"]}
+CASES = {  # the layout, and the signal that stops torchrun
+    "tp2": (["--tp", "2"], signal.SIGTERM),
+    "ep2": (["--ep", "2", "--speculative", "suffix"], signal.SIGINT),
+}
 
 
-@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
-def test_serve_under_torchrun_answers_as_one_process(layout, request, tmp_path):
+@pytest.mark.parametrize(("layout", "stop"), CASES.values(), ids=CASES.keys())
+def test_serve_under_torchrun_answers_as_one_process(layout, stop, request, tmp_path):
     port, log = free_port(), tmp_path / "torchrun.log"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "gptoss.cli", "serve", MODEL, "--dtype", "float32", "--port", str(port)]
@@ -123,7 +126,7 @@ def test_serve_under_torchrun_answers_as_one_process(layout, request, tmp_path):
         got = answers(OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0))
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
-        server.send_signal(signal.SIGTERM)  # torchrun passes it to every rank
+        server.send_signal(stop)  # torchrun passes it to every rank
         server.wait(timeout=60)
     # torchrun waits for its ranks: none is left, and the follower ended on rank 0's word.
     gone, alive = psutil.wait_procs(ranks, timeout=10)
