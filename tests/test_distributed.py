@@ -31,7 +31,7 @@ from gptoss.inference import Engine, ModelRunner, SamplingParams, SequenceFailur
 from gptoss.inference.mirror import MirroredRunner, control_group, follow
 from gptoss.quant.mxfp4 import quantize_experts
 from gptoss.train.checkpoints import latest_checkpoint
-from gptoss.train.parallelize import clip_grad_norm_, init_distributed, parallelize
+from gptoss.train.parallelize import check_degrees, clip_grad_norm_, init_distributed, parallelize
 from gptoss.train.plot import read_metrics
 from gptoss.train.trainer import TrainConfig, Trainer, train
 from test_train import base_config, markov_data, tiny_model_file, torchrun  # noqa: F401 (fixtures)
@@ -217,6 +217,8 @@ def test_two_ranks_expert_and_tensor_parallel_match_one_process(tmp_path):
         ("ep2-skewed", "train", "skewed", 2, 1),
         ("ep2-one-expert", "train", "one", 2, 1),
         ("tp2", "train", "random", 1, 2),
+        ("tp2-ep2", "train", "random", 2, 2),
+        ("tp2-ep2-skewed", "train", "skewed", 2, 2),
         ("infer-tp2-ep2", "infer", "mxfp4", 2, 2),
         ("infer-ep2-dense", "infer", "random", 2, 1),
         ("mirror-tp2-ep2", "mirror", "mxfp4", 2, 2),
@@ -252,6 +254,7 @@ def test_four_ranks_expert_and_tensor_parallel_with_fsdp_match_one_process(tmp_p
         ("ep2-fsdp2", "train", "random", 2, 1),
         ("ep4-skewed", "train", "skewed", 4, 1),
         ("tp2-fsdp2", "train", "random", 1, 2),
+        ("tp2-ep2-fsdp2", "train", "random", 2, 2),
     ]
     ranks = run_ranks(4, layouts, tmp_path)
     for name, _, case, _, _ in layouts:
@@ -331,17 +334,29 @@ def test_degrees_the_launch_cannot_provide_are_refused(markov_data, tiny_model_f
     ):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             Trainer(base_config(markov_data, tiny_model_file, tmp_path / "run", **option))
+    with pytest.raises(ValueError, match="together they split the same ranks .* so they must be equal"):
+        check_degrees(4, expert_parallel=2, tensor_parallel=4)
 
 
 def test_the_trainer_with_tensor_parallelism_matches_one_process(markov_data, tiny_model_file, tmp_path):  # noqa: F811
-    # The two ranks split attention by head and take the same windows: the micro-batches of one process.
-    one, two = tmp_path / "one", tmp_path / "tp2"
-    config = base_config(markov_data, tiny_model_file, one, steps=3, save_every=0, eval_every=3)
+    # The two ranks split attention by head (and, in the second run, the experts too) and take the
+    # same windows: the micro-batches of one process.
+    one = tmp_path / "one"
+    config = base_config(markov_data, tiny_model_file, one, steps=3, save_every=3, eval_every=3)
     want = train(config)
-    torchrun(2, dataclasses.replace(config, out=str(two), tensor_parallel=2))
-    got = read_metrics(two)
-    assert [r["step"] for r in got] == [1, 2, 3]
-    for a, b in zip(got, want, strict=True):
-        for key in ("loss", "aux_loss", "z_loss", "grad_norm", "val_loss"):
-            if key in b:
-                assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    for layout, ep in (("tp2", 1), ("tp2-ep2", 2)):
+        torchrun(
+            2, dataclasses.replace(config, out=str(tmp_path / layout), tensor_parallel=2, expert_parallel=ep)
+        )
+        got = read_metrics(tmp_path / layout)
+        assert [r["step"] for r in got] == [1, 2, 3]
+        for a, b in zip(got, want, strict=True):
+            for key in ("loss", "aux_loss", "z_loss", "grad_norm", "val_loss"):
+                if key in b:
+                    assert a[key] == pytest.approx(b[key], rel=1e-5), (layout, key)
+    # The checkpoint holds whole tensors: the HF-layout model is the one process's.
+    ids = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        got = load_model(latest_checkpoint(tmp_path / "tp2-ep2") / "model")(ids)
+        want = load_model(latest_checkpoint(one) / "model")(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -77,7 +77,10 @@ def check_layout(config: ModelConfig, gpus: int, ep: int, tp: int) -> None:
     if ep < 1 or tp < 1 or gpus % ep or gpus % tp:
         raise ValueError(f"ep ({ep}) and tp ({tp}) must be positive divisors of the GPU count ({gpus})")
     if ep > 1 and tp > 1:
-        raise ValueError("a layout takes expert parallelism or tensor parallelism (with FSDP), not both")
+        raise ValueError(
+            "the plan models expert parallelism or tensor parallelism beside FSDP, not both "
+            "(training accepts both at the same degree; its traffic is not modelled here)"
+        )
     if ep > 1 and (not config.is_moe or config.num_local_experts % ep):
         raise ValueError(f"ep {ep} must divide the experts of {config.name} ({config.num_local_experts})")
     if config.num_key_value_heads % tp:
