@@ -10,7 +10,8 @@ objects, the same names, so checkpoints keep their keys) and differ only in how 
 - `ShardedExperts`: experts whose stacked tensors (`gate_up_proj` with its interleaved gate/linear
   columns, `down_proj` and both biases) are DTensors sharded by expert (`Shard(0)`); the math runs
   on the rank's shard. DTensors keep the global shape, so DCP checkpoints do not depend on the layout.
-- `ReplicatedTokensMoE` (inference): every rank holds the same tokens (the decode batch), so no
+- `ReplicatedTokensMoE` (inference, and training where experts split the tensor-parallel ranks):
+  every rank holds the same tokens (the decode batch, or the tensor-parallel group's batch), so no
   tokens move: each rank runs the pairs routed to its own experts (dense or MXFP4, kept packed)
   and the partial sums are added across ranks (a DTensor `Partial` made `Replicate`: one all-reduce).
 - `HeadParallelAttention`: attention with q/k/v sharded by head (`ColwiseParallel`), `o_proj` by its
