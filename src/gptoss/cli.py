@@ -551,7 +551,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     Console().print(table)
     layout = f"expert parallel {args.ep} × FSDP" if args.ep > 1 else "FSDP over all GPUs"
     if args.tp > 1:
-        layout = f"tensor parallel {args.tp} (attention) × FSDP"
+        split = "attention and experts" if args.ep == args.tp else "attention"
+        layout = f"tensor parallel {args.tp} ({split}) × FSDP"
     print(f"{first['gpu_memory_gib']} GiB per GPU; {layout}, AdamW, bf16 compute, flash attention")
     return 0
 
