@@ -578,6 +578,8 @@ def _print_layouts(reports: list[dict], args: argparse.Namespace) -> int:
         for plan in report["layouts"]:
             ep, tp = plan["layout"]["ep"], plan["layout"]["tp"]
             name = f"EP {ep} × FSDP {args.gpus // ep}" if ep > 1 else f"TP {tp} × FSDP {args.gpus // tp}"
+            if ep > 1 and tp > 1:
+                name = f"EP = TP {ep} × FSDP {args.gpus // ep}"
             memory = plan["memory_gib"][
                 "total_no_checkpointing"
                 if plan["activation_checkpointing"] == "none"

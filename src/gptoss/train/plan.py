@@ -250,7 +250,8 @@ def plan_training(
 
 def layouts(config: ModelConfig, gpus: int) -> list[tuple[int, int]]:
     """(ep, tp) pairs to consider: FSDP alone, expert parallel degrees up to a node's 8 GPUs and
-    beyond (dividing the experts), tensor parallel degrees within a node (dividing the KV heads)."""
+    beyond (dividing the experts), tensor parallel degrees within a node (dividing the KV heads),
+    and both at once on the same GPUs where the degree divides both."""
     found = [(1, 1)]
     for degree in (2, 4, 8, 16, 32, 64):
         if gpus % degree:
@@ -259,6 +260,8 @@ def layouts(config: ModelConfig, gpus: int) -> list[tuple[int, int]]:
             found.append((degree, 1))
         if degree <= GPUS_PER_NODE and config.num_key_value_heads % degree == 0:
             found.append((1, degree))
+            if config.is_moe and config.num_local_experts % degree == 0:
+                found.append((degree, degree))
     return found
 
 
