@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -319,6 +320,18 @@ def test_generate_under_torchrun_with_tp_and_ep_prints_what_one_process_prints(c
     assert main(args) == 0
     alone = capsys.readouterr().out
     assert result.stdout == alone and len(alone.strip()) > 0  # printed once (rank 0), the same text
+    # Sampling without a seed: rank 0 draws one for every rank (else their tokens would part), and
+    # says which: one process sampling with it prints the same text.
+    sampled = [*args[:-1], "1", "--dtype", "float32", "--max-tokens", "24"]
+    result = subprocess.run(
+        [*command, "-m", "gptoss.cli", *sampled, "--tp", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seed = re.search(r"sampling seed (\d+) \(the same on every rank", result.stderr)
+    assert seed is not None, result.stderr[-3000:]
+    capsys.readouterr()
+    assert main([*sampled, "--seed", seed[1]]) == 0
+    assert result.stdout == capsys.readouterr().out
     # Degrees the launch does not provide are refused with the fix, before any model is loaded.
     assert main([*args, "--tp", "2"]) == 2
     assert "--tp 2 must equal the number of processes (1) or be 1" in capsys.readouterr().err

@@ -155,6 +155,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun: every rank decodes, rank 0 prints
     out = Console(highlight=False, quiet=quiet)
     err = Console(stderr=True, highlight=False, style="dim", quiet=quiet)
+    if params.seed is None and params.temperature > 0 and (args.tp > 1 or args.ep > 1):
+        from gptoss.distributed import shared_seed
+
+        params = replace(params, seed=shared_seed())
+        err.out(f"sampling seed {params.seed} (the same on every rank; --seed {params.seed} repeats this)")
     if args.raw:
         prompt = get_tokenizer().encode(args.prompt, allowed_special="all")
         decoder = TextDecoder()

@@ -230,6 +230,14 @@ def rank_device(device: str) -> str:
     return str(chosen)
 
 
+def shared_seed() -> int:
+    """A sampling seed drawn on rank 0, the same on every rank. Every rank of a split model samples
+    from the same logits; with different seeds their tokens, and then their forward passes, part."""
+    box = [int(torch.randint(0, 2**62, ()).item())]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def parallelize_for_inference(model: GptOss, tensor_parallel: int = 1, expert_parallel: int = 1) -> GptOss:
     """Split `model` over the processes torchrun started: attention by head (`tensor_parallel`) and
     MoE experts by expert (`expert_parallel`), each 1 or the number of processes. In place.
