@@ -36,7 +36,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. " * 4
+SENTENCE = "Write a long story about a lighthouse keeper who finds a message in a bottle. "  # 17 tokens
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -54,10 +54,11 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace) -> di
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    prompt = SENTENCE * args.prompt_repeat
     if args.endpoint == "chat":
-        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": PROMPT}]
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
     else:
-        path, body["prompt"] = "/v1/completions", PROMPT
+        path, body["prompt"] = "/v1/completions", prompt
     start = time.perf_counter()
     chunk_times, tokens = [], 0
     async with client.stream("POST", path, json=body) as response:
@@ -167,6 +168,13 @@ def main() -> None:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends in turn")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument(
+        "--prompt-repeat",
+        type=int,
+        default=4,
+        help="the prompt is a 17-token sentence this many times (every request the same: after the "
+        "warm-up, the prefix cache gives it)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     parser.add_argument("--json", type=Path, default=Path("serve.json"))
@@ -214,6 +222,7 @@ def main() -> None:
         "model": args.model,
         "endpoint": args.endpoint,
         "max_tokens": args.max_tokens,
+        "prompt_repeat": args.prompt_repeat,
         "temperature": args.temperature,
         "rounds": args.rounds,
         "machine": {
