@@ -29,6 +29,11 @@ from gptoss.ops import DTYPE_CODES, DenseWeights, _native, _native_attention
 
 _DENSE_KIND = {False: 1, True: 2}  # int8 or not → the native module's BF16W / INT8W
 
+# The most rows (sequences) a step takes. The kernels take any number (matmul_many runs a weight tile
+# against every chunk of MAX_ROWS rows while the tile is in cache); beyond this, PyTorch's GEMM for the
+# dense products is the better choice (benchmarks/NOTES.md).
+STEP_ROWS = 64
+
 
 class CacheView(Protocol):
     """Where a one-token pass's layer reads and writes (`gptoss.inference.cache.DecodeView`)."""
