@@ -6,10 +6,13 @@ kernel reads an expert's weights once for all the rows routed to it.
 
 A decode step of B sequences reads the dense weights and the output head once, the KV cache of every
 row, and each expert that at least one row routes to, once (if the kernel reads it once for all its
-rows). The bound is those bytes divided by the read bandwidth measured in the same run
+rows). The read bound is those bytes divided by the read bandwidth measured in the same run
 (`decode.resident_bandwidth`). The routed experts are counted per step and layer from the router's
-top-k, so the bound is that of this run's routing, not of an assumed one. The in-process engine
-step (ModelRunner + Engine, as `generate_stream` drives it) is timed per decode step.
+top-k, so the bound is that of this run's routing, not of an assumed one. A step also multiplies
+every row by its active weights (2 FLOP per active parameter and token, the attention over a short
+cache aside): the compute bound is the rate of PyTorch's bf16 GEMM on this machine, measured in the
+same run, divided by that. Whichever bound is lower is the one a step can reach ("of bound"). The
+in-process engine step (ModelRunner + Engine, as `generate_stream` drives it) is timed per decode step.
 
 `--kernel` times one MoE layer of the model's shape (random MXFP4 experts) with every row routed to
 the same top-k experts, at 1, 2, 4, 8 and 16 rows: the bytes read are the same at every row count,
@@ -27,6 +30,7 @@ from typing import Any
 
 import psutil
 import torch
+import torch.nn.functional as F
 from decode import resident_bandwidth  # (benchmarks/ is on sys.path when this script runs)
 from rich.console import Console
 from rich.table import Table
@@ -72,6 +76,20 @@ class RoutedExperts:
 
     def __exit__(self, *exc: object) -> None:
         torch.topk = self._topk
+
+
+def gemm_rate(hidden: int, rows: int = 512, repeats: int = 5) -> float:
+    """FLOP/s of PyTorch's bf16 GEMM here and now, the best of `repeats`: (rows, hidden) against a
+    (4 hidden, hidden) weight, the shape of a prompt chunk through an attention projection."""
+    x = torch.randn(rows, hidden, dtype=torch.bfloat16)
+    w = torch.randn(4 * hidden, hidden, dtype=torch.bfloat16)
+    F.linear(x, w)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        F.linear(x, w)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * hidden * 4 * hidden / best
 
 
 def run_batch(model: Any, batch: int, steps: int, prompt_len: int) -> dict[str, Any]:
@@ -194,7 +212,11 @@ def main() -> None:
             bandwidth = max(before, resident_bandwidth(model))
             level["bandwidth_gb_s"] = bandwidth / 1e9
             level["bound_tok_s"] = batch * bandwidth / 1e9 / level["step_gb"]
-            level["of_bound"] = level["tok_s"] / level["bound_tok_s"]
+            level["gemm_gflop_s"] = gemm_rate(model.config.hidden_size) / 1e9
+            level["compute_bound_tok_s"] = level["gemm_gflop_s"] * 1e9 / (2 * model.config.active_params())
+            # (the read probe gives 0 for a model too small to time it on)
+            bound = min(b for b in (level["bound_tok_s"], level["compute_bound_tok_s"]) if b > 0)
+            level["of_bound"] = level["tok_s"] / bound
             levels.append(level)
             console.print(level)
         report["levels"] = levels
@@ -207,7 +229,9 @@ def main() -> None:
             "experts/layer",
             "GB/step",
             "GB/s",
-            "bound tok/s",
+            "read bound tok/s",
+            "GEMM GFLOP/s",
+            "compute bound tok/s",
             "of bound",
         ):
             table.add_column(column, justify="right")
@@ -215,7 +239,8 @@ def main() -> None:
             table.add_row(
                 str(lv["batch"]), f"{lv['step_ms_median']:.0f}", f"{lv['tok_s']:.2f}",
                 f"{lv['experts_per_layer']:.1f}", f"{lv['step_gb']:.2f}", f"{lv['bandwidth_gb_s']:.1f}",
-                f"{lv['bound_tok_s']:.2f}", f"{lv['of_bound']:.0%}",
+                f"{lv['bound_tok_s']:.2f}", f"{lv['gemm_gflop_s']:.0f}", f"{lv['compute_bound_tok_s']:.2f}",
+                f"{lv['of_bound']:.0%}",
             )  # fmt: skip
         console.print(table)
     report["load_average_end"] = os.getloadavg()

@@ -8,7 +8,8 @@ Unless --url is given, it starts `gptoss serve MODEL` (random weights for a pres
 a subprocess, so the numbers are those of the production path: HTTP, SSE, scheduler, model. Each
 of C clients sends --rounds streaming requests back to back; tokens are the server's own usage
 counts. Reported per concurrency: aggregate tokens/s, time to first token (TTFT), inter-token
-latency (ITL, between stream chunks) and request latency percentiles, and the throughput ratio
+latency (ITL, between stream chunks), time per output token after the first (TPOT: the decode
+step as a client sees it) and request latency percentiles, and the throughput ratio
 against one stream; for a server it started, its resident memory at idle (after start, before the
 first request) and the peak of each level (sampled every 0.2 s).
 """
@@ -35,7 +36,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. " * 4
+SENTENCE = "Write a long story about a lighthouse keeper who finds a message in a bottle. "  # 17 tokens
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -53,10 +54,11 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace) -> di
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    prompt = SENTENCE * args.prompt_repeat
     if args.endpoint == "chat":
-        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": PROMPT}]
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
     else:
-        path, body["prompt"] = "/v1/completions", PROMPT
+        path, body["prompt"] = "/v1/completions", prompt
     start = time.perf_counter()
     chunk_times, tokens = [], 0
     async with client.stream("POST", path, json=body) as response:
@@ -68,8 +70,12 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace) -> di
             elif line.startswith("data: {"):
                 chunk_times.append(time.perf_counter())
     end = time.perf_counter()
+    # Time per output token after the first (vLLM's TPOT): a chunk may carry several tokens (one
+    # whose bytes end no character releases no text), so the gaps between chunks overstate it.
+    decoding = chunk_times[-1] - chunk_times[0] if len(chunk_times) > 1 else float("nan")
     return {
         "tokens": tokens,
+        "tpot": decoding / (tokens - 1) if tokens > 1 else float("nan"),
         "ttft": (chunk_times[0] - start) if chunk_times else float("nan"),
         "itl": [b - a for a, b in zip(chunk_times, chunk_times[1:], strict=False)],
         "latency": end - start,
@@ -99,6 +105,7 @@ async def run_level(url: str, concurrency: int, args: argparse.Namespace) -> dic
         "tokens_per_s": tokens / wall,
         "ttft_ms": {f"p{q}": percentile([r["ttft"] for r in results], q) * ms for q in (50, 90, 99)},
         "itl_ms": {f"p{q}": percentile(itl, q) * ms for q in (50, 90, 99)},
+        "tpot_ms": {f"p{q}": percentile([r["tpot"] for r in results], q) * ms for q in (50, 90, 99)},
         "latency_s": {f"p{q}": percentile([r["latency"] for r in results], q) for q in (50, 90, 99)},
     }
 
@@ -161,6 +168,13 @@ def main() -> None:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends in turn")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument(
+        "--prompt-repeat",
+        type=int,
+        default=4,
+        help="the prompt is a 17-token sentence this many times (every request the same: after the "
+        "warm-up, the prefix cache gives it)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     parser.add_argument("--json", type=Path, default=Path("serve.json"))
@@ -208,6 +222,7 @@ def main() -> None:
         "model": args.model,
         "endpoint": args.endpoint,
         "max_tokens": args.max_tokens,
+        "prompt_repeat": args.prompt_repeat,
         "temperature": args.temperature,
         "rounds": args.rounds,
         "machine": {
@@ -231,6 +246,7 @@ def main() -> None:
         "× 1 stream",
         "TTFT p50/p90/p99 ms",
         "ITL p50/p90/p99 ms",
+        "TPOT p50/p90 ms",
         "latency p50/p99 s",
     ):
         table.add_column(column, justify="right")
@@ -241,6 +257,7 @@ def main() -> None:
             f"{lv['speedup_vs_1']:.2f}" if lv["speedup_vs_1"] else "-",
             "/".join(f"{lv['ttft_ms'][p]:.0f}" for p in ("p50", "p90", "p99")),
             "/".join(f"{lv['itl_ms'][p]:.1f}" for p in ("p50", "p90", "p99")),
+            "/".join(f"{lv['tpot_ms'][p]:.1f}" for p in ("p50", "p90")),
             f"{lv['latency_s']['p50']:.2f}/{lv['latency_s']['p99']:.2f}",
         )
     console.print(table)

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from gptoss.train.data import write_dataset
 from gptoss.train.plan import communication_per_micro_batch
 from gptoss.train.trainer import TrainConfig, Trainer
 
-LAYOUTS = ("1", "2:fsdp", "2:ep2", "2:tp2", "4:fsdp", "4:ep2", "4:ep4")
+LAYOUTS = ("1", "2:fsdp", "2:ep2", "2:tp2", "2:tp2ep2", "4:fsdp", "4:ep2", "4:ep4")
 SEQ_LEN, BATCH, MICRO = 128, 8, 2
 
 
@@ -85,11 +86,10 @@ class CommBytes(TorchDispatchMode):
 
 
 def parse(layout: str) -> tuple[int, int, int]:
-    """ "4:ep2" → (processes 4, ep 2, tp 1)."""
+    """ "4:ep2" → (processes 4, ep 2, tp 1); "2:tp2ep2" → (2, 2, 2)."""
     procs, _, kind = layout.partition(":")
-    ep = int(kind[2:]) if kind.startswith("ep") else 1
-    tp = int(kind[2:]) if kind.startswith("tp") else 1
-    return int(procs), ep, tp
+    degrees = {name: int(degree) for name, degree in re.findall(r"(ep|tp)(\d+)", kind)}
+    return int(procs), degrees.get("ep", 1), degrees.get("tp", 1)
 
 
 def worker(args: argparse.Namespace) -> None:

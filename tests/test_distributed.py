@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,11 @@ from conftest import random_model, tiny_config
 from gptoss import load_model
 from gptoss.cli import main
 from gptoss.distributed import parallelize_for_inference
-from gptoss.inference import generate
+from gptoss.inference import Engine, ModelRunner, SamplingParams, SequenceFailure, SequenceRequest, generate
+from gptoss.inference.mirror import MirroredRunner, control_group, follow
 from gptoss.quant.mxfp4 import quantize_experts
 from gptoss.train.checkpoints import latest_checkpoint
-from gptoss.train.parallelize import clip_grad_norm_, init_distributed, parallelize
+from gptoss.train.parallelize import check_degrees, clip_grad_norm_, init_distributed, parallelize
 from gptoss.train.plot import read_metrics
 from gptoss.train.trainer import TrainConfig, Trainer, train
 from test_train import base_config, markov_data, tiny_model_file, torchrun  # noqa: F401 (fixtures)
@@ -106,6 +109,10 @@ def _worker(rank: int, world: int, port: int, layouts: list, out: str) -> None:
             results[name] = train_two_steps(model, info.data_rank, info.data_ranks, reduce=True)
             experts = model.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
             results[name]["experts_local"] = tuple(experts.to_local().shape) if ep > 1 else None
+        elif kind == "mirror":
+            model = inference_model(case)
+            parallelize_for_inference(model, tensor_parallel=tp, expert_parallel=ep)
+            results[name] = mirror_phases(model, rank)
         else:
             model = inference_model(case)
             parallelize_for_inference(model, tensor_parallel=tp, expert_parallel=ep)
@@ -161,6 +168,49 @@ def infer(model: torch.nn.Module) -> dict:
     return {"logits": model(ids), "tokens": tokens, "packed": packed}
 
 
+# ---------------------------------------------------------------------- one engine, mirrored
+IDLE, CONTROL_TIMEOUT = 3.0, 2.0  # seconds: idle longer than a collective may wait
+
+
+def mirror_phases(model: torch.nn.Module, rank: int) -> dict:
+    """Rank 0 drives an engine over a `MirroredRunner`, rank 1 follows. Rank 1's runner has one row
+    where rank 0's has two: a second sequence at once fails on rank 1 only."""
+    group = control_group(CONTROL_TIMEOUT)
+    runner = ModelRunner(model, max_batch=2 if rank == 0 else 1, context=64, kv_budget_bytes=2**24)
+    if rank != 0:
+        follow(runner, group)
+        return {"followed": True}
+    mirrored = MirroredRunner(runner, group, heartbeat=CONTROL_TIMEOUT / 4)
+    engine = Engine(mirrored)
+    params = SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=())
+
+    def run(prompts: list[list[int]]) -> list:
+        outputs: list = [[] for _ in prompts]
+        for i, prompt in enumerate(prompts):
+            engine.add(SequenceRequest(prompt, params, i))
+        while engine.has_work:
+            for _, event in engine.step():
+                outputs[event.index] = (
+                    event.message
+                    if isinstance(event, SequenceFailure)
+                    else [*outputs[event.index], event.token]
+                )
+        return outputs
+
+    out = {"alone": [run([p])[0] for p in PROMPTS]}
+    time.sleep(IDLE)  # only heartbeats reach rank 1 meanwhile
+    out["after_idle"] = run([PROMPTS[0]])[0]
+    out["one_rank_fails"] = run(PROMPTS)  # the second prompt finds no row on rank 1
+    try:  # a call that fails on every rank: rank 0's own error
+        mirrored.prefill(99, [], last=True)
+    except ValueError as exc:
+        out["every_rank_fails"] = str(exc)
+    mirrored.release(99)
+    out["after_failures"] = run([PROMPTS[1]])[0]
+    mirrored.close()
+    return out
+
+
 # ---------------------------------------------------------------------- the tests
 def test_two_ranks_expert_and_tensor_parallel_match_one_process(tmp_path):
     layouts = [
@@ -168,8 +218,11 @@ def test_two_ranks_expert_and_tensor_parallel_match_one_process(tmp_path):
         ("ep2-skewed", "train", "skewed", 2, 1),
         ("ep2-one-expert", "train", "one", 2, 1),
         ("tp2", "train", "random", 1, 2),
+        ("tp2-ep2", "train", "random", 2, 2),
+        ("tp2-ep2-skewed", "train", "skewed", 2, 2),
         ("infer-tp2-ep2", "infer", "mxfp4", 2, 2),
         ("infer-ep2-dense", "infer", "random", 2, 1),
+        ("mirror-tp2-ep2", "mirror", "mxfp4", 2, 2),
     ]
     ranks = run_ranks(2, layouts, tmp_path)
     for name, kind, case, ep, _ in layouts:
@@ -185,6 +238,16 @@ def test_two_ranks_expert_and_tensor_parallel_match_one_process(tmp_path):
                 assert rank[name]["tokens"] == want["tokens"], name
     # MXFP4 experts stay packed: 2 of the 4 experts' uint8 blocks on each rank.
     assert ranks[1]["infer-tp2-ep2"]["packed"] == [("torch.uint8", (2, 128, 2, 16))]
+    # One engine on rank 0, its runner calls repeated on rank 1: each prompt's tokens as one
+    # process decodes it alone, also after an idle spell longer than the calls' group timeout and
+    # after failures (on rank 1 only, named to the sequence; on every rank, rank 0's own error).
+    with torch.no_grad():
+        want = [generate(inference_model("mxfp4"), [p], 12, 0.0, stop_token_ids=())[0] for p in PROMPTS]
+    got = ranks[0]["mirror-tp2-ep2"]
+    assert got["alone"] == want and got["after_idle"] == want[0] and got["after_failures"] == want[1]
+    assert got["one_rank_fails"] == [want[0], "prefill failed: RuntimeError"]
+    assert got["every_rank_fails"] == "sequence 99 has no prefilled token to continue from"
+    assert ranks[1]["mirror-tp2-ep2"] == {"followed": True}
 
 
 def test_four_ranks_expert_and_tensor_parallel_with_fsdp_match_one_process(tmp_path):
@@ -192,6 +255,7 @@ def test_four_ranks_expert_and_tensor_parallel_with_fsdp_match_one_process(tmp_p
         ("ep2-fsdp2", "train", "random", 2, 1),
         ("ep4-skewed", "train", "skewed", 4, 1),
         ("tp2-fsdp2", "train", "random", 1, 2),
+        ("tp2-ep2-fsdp2", "train", "random", 2, 2),
     ]
     ranks = run_ranks(4, layouts, tmp_path)
     for name, _, case, _, _ in layouts:
@@ -256,6 +320,18 @@ def test_generate_under_torchrun_with_tp_and_ep_prints_what_one_process_prints(c
     assert main(args) == 0
     alone = capsys.readouterr().out
     assert result.stdout == alone and len(alone.strip()) > 0  # printed once (rank 0), the same text
+    # Sampling without a seed: rank 0 draws one for every rank (else their tokens would part), and
+    # says which: one process sampling with it prints the same text.
+    sampled = [*args[:-1], "1", "--dtype", "float32", "--max-tokens", "24"]
+    result = subprocess.run(
+        [*command, "-m", "gptoss.cli", *sampled, "--tp", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seed = re.search(r"sampling seed (\d+) \(the same on every rank", result.stderr)
+    assert seed is not None, result.stderr[-3000:]
+    capsys.readouterr()
+    assert main([*sampled, "--seed", seed[1]]) == 0
+    assert result.stdout == capsys.readouterr().out
     # Degrees the launch does not provide are refused with the fix, before any model is loaded.
     assert main([*args, "--tp", "2"]) == 2
     assert "--tp 2 must equal the number of processes (1) or be 1" in capsys.readouterr().err
@@ -271,17 +347,29 @@ def test_degrees_the_launch_cannot_provide_are_refused(markov_data, tiny_model_f
     ):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             Trainer(base_config(markov_data, tiny_model_file, tmp_path / "run", **option))
+    with pytest.raises(ValueError, match="together they split the same ranks .* so they must be equal"):
+        check_degrees(4, expert_parallel=2, tensor_parallel=4)
 
 
 def test_the_trainer_with_tensor_parallelism_matches_one_process(markov_data, tiny_model_file, tmp_path):  # noqa: F811
-    # The two ranks split attention by head and take the same windows: the micro-batches of one process.
-    one, two = tmp_path / "one", tmp_path / "tp2"
-    config = base_config(markov_data, tiny_model_file, one, steps=3, save_every=0, eval_every=3)
+    # The two ranks split attention by head (and, in the second run, the experts too) and take the
+    # same windows: the micro-batches of one process.
+    one = tmp_path / "one"
+    config = base_config(markov_data, tiny_model_file, one, steps=3, save_every=3, eval_every=3)
     want = train(config)
-    torchrun(2, dataclasses.replace(config, out=str(two), tensor_parallel=2))
-    got = read_metrics(two)
-    assert [r["step"] for r in got] == [1, 2, 3]
-    for a, b in zip(got, want, strict=True):
-        for key in ("loss", "aux_loss", "z_loss", "grad_norm", "val_loss"):
-            if key in b:
-                assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    for layout, ep in (("tp2", 1), ("tp2-ep2", 2)):
+        torchrun(
+            2, dataclasses.replace(config, out=str(tmp_path / layout), tensor_parallel=2, expert_parallel=ep)
+        )
+        got = read_metrics(tmp_path / layout)
+        assert [r["step"] for r in got] == [1, 2, 3]
+        for a, b in zip(got, want, strict=True):
+            for key in ("loss", "aux_loss", "z_loss", "grad_norm", "val_loss"):
+                if key in b:
+                    assert a[key] == pytest.approx(b[key], rel=1e-5), (layout, key)
+    # The checkpoint holds whole tensors: the HF-layout model is the one process's.
+    ids = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        got = load_model(latest_checkpoint(tmp_path / "tp2-ep2") / "model")(ids)
+        want = load_model(latest_checkpoint(one) / "model")(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -573,6 +573,29 @@ def test_mxfp4_moe_tokens_spread_over_the_experts_compute_what_each_alone_does()
 
 
 @native
+def test_mxfp4_moe_experts_with_few_tokens_compute_as_alone_beside_a_busy_one():
+    """A batch of decode steps gives a few experts many of its tokens and most experts one to four:
+    those take the decode kernel for their own count, not the busiest expert's, so each group of
+    tokens gets the numbers a call of its own gives, bit for bit. (With one kernel for all, chosen
+    for the busiest, two outputs of the few-token group differ by a bf16 step here.)"""
+    generator = torch.Generator().manual_seed(2)
+    experts, k, hidden, inter = 8, 2, 512, 384
+    stacks = moe_weights(experts, hidden, inter, generator, torch.bfloat16)
+    x = torch.randn(14, hidden, generator=generator).to(torch.bfloat16)
+    busy = torch.tensor([[0, 1]] * 8)  # experts 0 and 1: 8 tokens each
+    few = torch.tensor([[2, 3], [4, 5], [2, 6], [7, 3], [4, 2], [6, 7]])  # 1-3 tokens each
+    idx = torch.cat([busy, few])
+    weight = torch.softmax(torch.randn(14, k, generator=generator), dim=-1).to(torch.bfloat16)
+    with torch.no_grad():
+        batch = ops.mxfp4_moe(x, idx, weight, *stacks, alpha=1.702, limit=7.0)
+        apart = [
+            ops.mxfp4_moe(x[r], idx[r], weight[r], *stacks, alpha=1.702, limit=7.0)
+            for r in (slice(0, 8), slice(8, 14))
+        ]
+    assert torch.equal(batch, torch.cat(apart))
+
+
+@native
 @pytest.mark.parametrize("n", [1, 13, 150])  # 150: ~100 tokens an expert, the prompt kernels
 def test_mxfp4_moe_sums_the_same_whatever_the_thread_count(n):
     """Down-projection rows are handed out in runs that depend on the thread count; each output

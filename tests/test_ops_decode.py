@@ -13,6 +13,7 @@ from gptoss.inference import KVCache
 from gptoss.inference.optimize import prepare_for_inference
 from gptoss.inference.runner import forward_hidden
 from gptoss.model import Block
+from gptoss.ops import decode
 from gptoss.quant.mxfp4 import quantize_experts
 from gptoss.swap import rebuilt
 
@@ -68,6 +69,21 @@ def test_decode_step_equals_the_general_path_bit_for_bit(int8, lengths):
     ours = decode_hidden(model, prompts, steps=7)
     assert took_the_decode_step(model)
     theirs = decode_hidden(general_path(model), prompts, steps=7)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_batch_of_more_rows_than_a_kernel_call_takes_runs_the_decode_step(monkeypatch):
+    """A decode batch of more than `ops.MAX_ROWS` sequences takes the native step too (its products
+    run the rows in chunks of MAX_ROWS against each weight tile while it is in cache). The general
+    path sends products that wide to PyTorch's GEMM (other sums); with its dense products, rotary
+    and attention native at that width as well, it is the same kernels, so the same numbers."""
+    monkeypatch.setattr(ops, "MAX_ROWS", decode.STEP_ROWS)
+    model = prepare_for_inference(released_layout())
+    prompts = [[(7 * i + 5 * r) % 300 + 2 for i in range(2 + r % 5)] for r in range(11)]
+    ours = decode_hidden(model, prompts, steps=5)
+    assert took_the_decode_step(model)
+    theirs = decode_hidden(general_path(model), prompts, steps=5)
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a, b)
 

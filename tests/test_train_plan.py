@@ -10,7 +10,13 @@ import pytest
 
 from conftest import tiny_config
 from gptoss import get_config
-from gptoss.train.plan import GPUS, plan_training, recommend_layout, train_flops_per_token
+from gptoss.train.plan import (
+    GPUS,
+    communication_per_micro_batch,
+    plan_training,
+    recommend_layout,
+    train_flops_per_token,
+)
 
 GPTOSS = shutil.which("gptoss") or str(Path(sys.executable).with_name("gptoss"))
 
@@ -98,10 +104,34 @@ def test_expert_parallelism_gathers_a_share_of_the_experts_and_sends_tokens():
     assert tp["layout"] == {"ep": 1, "tp": 8, "fsdp_experts": 1024, "fsdp_dense": 128}
 
 
+def test_expert_and_tensor_parallelism_on_the_same_gpus_move_no_tokens():
+    config = get_config("gpt-oss-90b")
+    tp8, both = plan_training(config, 15e12, 1024, tp=8), plan_training(config, 15e12, 1024, ep=8, tp=8)
+    assert both["layout"] == {"ep": 8, "tp": 8, "fsdp_experts": 128, "fsdp_dense": 128}
+    assert both["bytes_per_micro_batch"]["all_to_all"] == 0
+    # A GPU keeps the activations of its experts' pairs only: here it no longer needs checkpointing.
+    assert tp8["activation_checkpointing"] == "per block" and both["activation_checkpointing"] == "none"
+    saved = tp8["memory_gib"]["gathered_blocks_bf16"] - both["memory_gib"]["gathered_blocks_bf16"]
+    assert saved * 2**30 == pytest.approx(2 * 2 * config.num_local_experts * config.expert_params() * 7 / 8)
+    # Beside attention's all-reduces, per MoE layer: the experts' partial sums in each forward (two
+    # with checkpointing) and the gradients to the tokens (h) and routing weights (k) in backward.
+    h, k, layers, tokens = config.hidden_size, config.num_experts_per_tok, config.num_hidden_layers, 4096
+    for checkpointing, forwards in ((False, 1), (True, 2)):
+        alone = communication_per_micro_batch(config, 1024, tokens, 1, 8, checkpointing)
+        shared = communication_per_micro_batch(config, 1024, tokens, 8, 8, checkpointing)
+        moe = (forwards + 1 + k / h) * layers * tokens * h * 2 * 2 * 7 / 8
+        assert shared["tensor_parallel"] - alone["tensor_parallel"] == pytest.approx(moe)
+
+
 def test_recommended_layouts():
     ninety = recommend_layout(get_config("gpt-oss-90b"), 15e12, 1024)
     assert ninety["recommended"]["ep"] == 8 and ninety["recommended"]["tp"] == 1
-    assert {(p["layout"]["ep"], p["layout"]["tp"]) for p in ninety["layouts"]} >= {(1, 1), (8, 1), (1, 8)}
+    assert {(p["layout"]["ep"], p["layout"]["tp"]) for p in ninety["layouts"]} >= {
+        (1, 1),
+        (8, 1),
+        (1, 8),
+        (8, 8),
+    }
     # The dense member has no experts; splitting only its attention is not worth it.
     assert recommend_layout(get_config("gpt-oss-15b"), 15e12, 1024)["recommended"] == {
         "ep": 1, "tp": 1, "fsdp_experts": 1024, "fsdp_dense": 1024,
@@ -116,8 +146,8 @@ def test_layouts_that_do_not_divide_are_refused():
         plan_training(ninety, 1e12, 1024, ep=32)  # 48 experts
     with pytest.raises(ValueError, match="must divide the experts"):
         plan_training(dense, 1e12, 1024, ep=2)
-    with pytest.raises(ValueError, match="not both"):
-        plan_training(ninety, 1e12, 1024, ep=2, tp=2)
+    with pytest.raises(ValueError, match="ep 2 with tp 4: together they split the same GPUs"):
+        plan_training(ninety, 1e12, 1024, ep=2, tp=4)
     with pytest.raises(ValueError, match="divisors of the GPU count"):
         plan_training(ninety, 1e12, 12, ep=8)
 

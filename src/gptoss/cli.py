@@ -121,21 +121,11 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def _load_for_inference(args: argparse.Namespace):  # noqa: ANN202 - a GptOss, imported lazily
     import torch
 
-    from gptoss.checkpoint import load_model
-    from gptoss.inference.optimize import prepare_for_inference
+    from gptoss.inference.optimize import load_for_inference
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     tp, ep = getattr(args, "tp", 1), getattr(args, "ep", 1)
-    if tp > 1 or ep > 1:
-        from gptoss.distributed import check_inference_degrees, parallelize_for_inference
-
-        if args.int8:
-            raise ValueError("--int8 does not combine with --tp/--ep; drop one of them")
-        check_inference_degrees(tp, ep)
-        model = load_model(args.model, device=args.device, dtype=dtype)
-        return parallelize_for_inference(model, tensor_parallel=tp, expert_parallel=ep)
-    model = load_model(args.model, device=args.device, dtype=dtype)
-    return prepare_for_inference(model, int8=args.int8)
+    return load_for_inference(args.model, args.device, dtype, args.int8, tp, ep)
 
 
 def _sampling_params(args: argparse.Namespace):  # noqa: ANN202 - SamplingParams, imported lazily
@@ -165,6 +155,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun: every rank decodes, rank 0 prints
     out = Console(highlight=False, quiet=quiet)
     err = Console(stderr=True, highlight=False, style="dim", quiet=quiet)
+    if params.seed is None and params.temperature > 0 and (args.tp > 1 or args.ep > 1):
+        from gptoss.distributed import shared_seed
+
+        params = replace(params, seed=shared_seed())
+        err.out(f"sampling seed {params.seed} (the same on every rank; --seed {params.seed} repeats this)")
     if args.raw:
         prompt = get_tokenizer().encode(args.prompt, allowed_special="all")
         decoder = TextDecoder()
@@ -349,6 +344,15 @@ def _add_speculative_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tp", type=int, default=1, help="under torchrun: split attention by head over the N processes"
+    )
+    parser.add_argument(
+        "--ep", type=int, default=1, help="under torchrun: split MoE experts over the N processes"
+    )
+
+
 def _speculation(args: argparse.Namespace) -> Speculation | None:
     from gptoss.inference.speculative import DEFAULT_MAX_DRAFT, speculation
 
@@ -398,6 +402,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         responses_ttl=args.responses_ttl,
         responses_max_bytes=args.responses_max_mb * 2**20,
         speculative=args.speculative,
+        tensor_parallel=args.tp,
+        expert_parallel=args.ep,
     )
     return 0
 
@@ -450,6 +456,7 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     serve.add_argument("--int8", action="store_true", help="weight-only int8 attention and output head")
     _add_speculative_argument(serve)
+    _add_parallel_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
 
@@ -549,7 +556,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     Console().print(table)
     layout = f"expert parallel {args.ep} × FSDP" if args.ep > 1 else "FSDP over all GPUs"
     if args.tp > 1:
-        layout = f"tensor parallel {args.tp} (attention) × FSDP"
+        split = "attention and experts" if args.ep == args.tp else "attention"
+        layout = f"tensor parallel {args.tp} ({split}) × FSDP"
     print(f"{first['gpu_memory_gib']} GiB per GPU; {layout}, AdamW, bf16 compute, flash attention")
     return 0
 
@@ -575,6 +583,8 @@ def _print_layouts(reports: list[dict], args: argparse.Namespace) -> int:
         for plan in report["layouts"]:
             ep, tp = plan["layout"]["ep"], plan["layout"]["tp"]
             name = f"EP {ep} × FSDP {args.gpus // ep}" if ep > 1 else f"TP {tp} × FSDP {args.gpus // tp}"
+            if ep > 1 and tp > 1:
+                name = f"EP = TP {ep} × FSDP {args.gpus // ep}"
             memory = plan["memory_gib"][
                 "total_no_checkpointing"
                 if plan["activation_checkpointing"] == "none"
@@ -720,12 +730,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the user message (with --raw: the text to continue)")
     generate.add_argument("--raw", action="store_true", help="plain completion of the text, no chat format")
     generate.add_argument("--show-reasoning", action="store_true", help="print the reasoning (to stderr)")
-    generate.add_argument(
-        "--tp", type=int, default=1, help="under torchrun: split attention by head over the N processes"
-    )
-    generate.add_argument(
-        "--ep", type=int, default=1, help="under torchrun: split MoE experts over the N processes"
-    )
+    _add_parallel_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat")

@@ -10,7 +10,8 @@ objects, the same names, so checkpoints keep their keys) and differ only in how 
 - `ShardedExperts`: experts whose stacked tensors (`gate_up_proj` with its interleaved gate/linear
   columns, `down_proj` and both biases) are DTensors sharded by expert (`Shard(0)`); the math runs
   on the rank's shard. DTensors keep the global shape, so DCP checkpoints do not depend on the layout.
-- `ReplicatedTokensMoE` (inference): every rank holds the same tokens (the decode batch), so no
+- `ReplicatedTokensMoE` (inference, and training where experts split the tensor-parallel ranks):
+  every rank holds the same tokens (the decode batch, or the tensor-parallel group's batch), so no
   tokens move: each rank runs the pairs routed to its own experts (dense or MXFP4, kept packed)
   and the partial sums are added across ranks (a DTensor `Partial` made `Replicate`: one all-reduce).
 - `HeadParallelAttention`: attention with q/k/v sharded by head (`ColwiseParallel`), `o_proj` by its
@@ -140,25 +141,41 @@ class ReplicatedTokensMoE(MoE):
         _, expert_idx, expert_weight = self.router(flat)
         mine = (expert_idx >= self.first) & (expert_idx < self.first + self.count)
         token_of, slot = mine.nonzero(as_tuple=True)
+        # In training, each rank's experts see a part of the pairs, so the gradients they send to
+        # the tokens and to the routing weights are parts too: summed over the ranks in backward.
         rows = self.experts(
-            flat[token_of],
+            summed_in_backward(flat, self.ep_mesh)[token_of],
             (expert_idx[token_of, slot] - self.first)[:, None],
-            expert_weight[token_of, slot, None],
+            summed_in_backward(expert_weight, self.ep_mesh)[token_of, slot, None],
         )
         partial = torch.zeros_like(flat).index_add_(0, token_of, rows)
         summed = DTensor.from_local(partial, self.ep_mesh, [Partial()]).redistribute(placements=[Replicate()])
         return summed.to_local().view(B, T, H)
 
 
-def apply_replicated_expert_parallel(model: GptOss, mesh: DeviceMesh) -> None:
-    """Keep on each rank of `mesh` only its share of every MoE layer's experts (for inference)."""
+def summed_in_backward(tensor: Tensor, mesh: DeviceMesh) -> Tensor:
+    """`tensor`, whose gradient is summed over `mesh` in backward (the same tensor on every rank,
+    each rank's use of it giving part of its gradient); as it is without autograd."""
+    if not torch.is_grad_enabled() or not tensor.requires_grad:
+        return tensor
+    replicated = DTensor.from_local(tensor, mesh, [Replicate()], run_check=False)
+    return replicated.to_local(grad_placements=[Partial()])
+
+
+def apply_replicated_expert_parallel(model: GptOss, mesh: DeviceMesh, training: bool = False) -> None:
+    """Split every MoE layer's experts over the ranks of `mesh`, which hold the same tokens. For
+    inference each rank keeps only its share (plain tensors, MXFP4 blocks packed); for `training`
+    the experts become DTensors sharded by expert (`ShardedExperts`: checkpoints keep whole shapes)."""
     experts = model.config.num_local_experts
     check_divides("experts", experts, mesh.size(), "expert parallel degree")
     count = experts // mesh.size()
     first = mesh.get_local_rank() * count
     for block in model.model.layers:
         if isinstance(block.mlp, MoE):
-            keep_experts(block.mlp.experts, first, first + count)
+            if training:
+                block.mlp.experts = shard_experts(block.mlp.experts, mesh)
+            else:
+                keep_experts(block.mlp.experts, first, first + count)
             block.mlp = rebuilt(block.mlp, ReplicatedTokensMoE)
             block.mlp.ep_mesh, block.mlp.first, block.mlp.count = mesh, first, count
 
@@ -201,6 +218,24 @@ def check_inference_degrees(tensor_parallel: int, expert_parallel: int) -> int:
                 f"launch with torchrun --nproc_per_node {degree}"
             )
     return world
+
+
+def rank_device(device: str) -> str:
+    """`device` for this rank: "cuda" without an index means the rank's own GPU (LOCAL_RANK)."""
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        if chosen.index is None:
+            chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(chosen)  # NCCL's collectives use the current device
+    return str(chosen)
+
+
+def shared_seed() -> int:
+    """A sampling seed drawn on rank 0, the same on every rank. Every rank of a split model samples
+    from the same logits; with different seeds their tokens, and then their forward passes, part."""
+    box = [int(torch.randint(0, 2**62, ()).item())]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def parallelize_for_inference(model: GptOss, tensor_parallel: int = 1, expert_parallel: int = 1) -> GptOss:

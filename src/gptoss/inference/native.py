@@ -214,7 +214,7 @@ class NativeBlock(Block):
             not isinstance(cache, KVCache | QueryRows)  # a decode step, or a verify pass's rows
             or x.dim() != 3
             or x.shape[1] != 1
-            or x.shape[0] > ops.MAX_ROWS
+            or x.shape[0] > decode.STEP_ROWS
             or x.device.type != "cpu"
             or x.dtype not in ops.DTYPE_CODES
             or cos.dtype != torch.float32

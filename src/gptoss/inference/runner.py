@@ -340,6 +340,13 @@ class ModelRunner:
         self.joined.clear()
         return BatchLogits(self.running, logits)
 
+    def score(self, tokens: Sequence[int], top: int = 0):  # noqa: ANN201 - PromptScores, imported lazily
+        """Log-probabilities of prompt `tokens` (see `gptoss.inference.scoring`), in a cache of their
+        own: the sequences in this runner's rows are untouched."""
+        from gptoss.inference.scoring import score_tokens  # (scoring builds on this module's prefill)
+
+        return score_tokens(self.model, tokens, top, self.prefill_chunk)
+
     # ------------------------------------------------------------------ speculative decoding
     def verify_room(self, seq: int) -> int:
         """The most tokens `verify` may feed decoding sequence `seq` now (0 if it cannot verify)."""

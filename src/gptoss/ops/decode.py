@@ -3,7 +3,7 @@
 At batch 1 a 20b token spends ~68 ms in this package on a 2-core machine, of which ~9 ms went to
 Python and small PyTorch operators between the kernels (module calls, wrappers checking and
 converting their arguments, views, allocations): 24 layers x ~40 operators. A decode step (one new
-token for each of up to `MAX_ROWS` sequences, over a KV cache, outside autograd) always takes the
+token for each of up to `STEP_ROWS` sequences, over a KV cache, outside autograd) always takes the
 same path, so it is resolved once: a block's weights, as the kernels read them (`BlockWeights`), are
 gathered into a `DecodePlan`; a step is then seven native calls and a handful of operators (the
 router's top-k and softmax, the residual adds), the rotary embedding, the cache write and the
@@ -28,6 +28,12 @@ from torch import Tensor
 from gptoss.ops import DTYPE_CODES, DenseWeights, _native, _native_attention
 
 _DENSE_KIND = {False: 1, True: 2}  # int8 or not → the native module's BF16W / INT8W
+
+# The most rows (sequences) a step takes: the server's default batch. The kernels take any number
+# (matmul_many runs a weight tile against every chunk of MAX_ROWS rows while the tile is in cache);
+# up to here that measured no slower than PyTorch's GEMM for the dense products, and the step saves
+# the general path's operators between them (benchmarks/NOTES.md). Wider batches were not measured.
+STEP_ROWS = 32
 
 
 class CacheView(Protocol):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import uvicorn
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -22,10 +23,12 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gptoss.checkpoint import load_model
 from gptoss.inference import ModelRunner, Runner
-from gptoss.inference.optimize import prepare_for_inference
+from gptoss.inference.cache import default_budget_bytes as kv_default_bytes
+from gptoss.inference.mirror import MirroredRunner, agree, control_group, follow
+from gptoss.inference.optimize import load_for_inference
 from gptoss.inference.prefix_cache import PrefixCache, default_budget_bytes
+from gptoss.inference.runner import model_device
 from gptoss.server import anthropic, chat, ollama, page, responses, tokenize
 from gptoss.server.errors import APIError, error_response, install_error_handlers
 from gptoss.server.metrics import MetricsMiddleware
@@ -118,6 +121,8 @@ def create_app(runner: Runner, settings: ServerSettings) -> FastAPI:
         finally:
             service.engine.stop()
             service.store.close()
+            if isinstance(runner, MirroredRunner):
+                runner.close()  # the other ranks return once no call can come any more
 
     app = FastAPI(
         title="gptoss",
@@ -175,6 +180,8 @@ def serve(
     context: int | None = None,
     kv_cache_gib: float | None = None,
     prefix_cache_gib: float | None = None,
+    tensor_parallel: int = 1,
+    expert_parallel: int = 1,
     **settings: Any,
 ) -> None:
     """Load `model` (a checkpoint directory or preset name) and serve it until interrupted.
@@ -184,6 +191,11 @@ def serve(
     (None: half of what is available after loading); `prefix_cache_gib` is the prefix cache's memory
     (None: a quarter of what is available after loading, at most 8 GiB; 0: no prefix cache); other
     keyword arguments are `ServerSettings` fields.
+
+    Under torchrun, `tensor_parallel` / `expert_parallel` (each 1 or the number of processes) split
+    the model over the processes: rank 0 serves HTTP and runs the engine, the other ranks repeat its
+    model calls (`gptoss.inference.mirror`) and return when it stops. Both budgets are then per
+    process, rank 0's (ranks on one host share its memory).
     """
     if prefix_cache_gib is not None and prefix_cache_gib < 0:
         raise ValueError(f"--prefix-cache-gib must be 0 (off) or more, got {prefix_cache_gib}")
@@ -191,14 +203,37 @@ def serve(
         raise ValueError(f"--kv-cache-gib must be more than 0, got {kv_cache_gib}")
     if context is not None and context < 1:
         raise ValueError(f"--max-model-len must be at least 1, got {context}")
-    loaded = prepare_for_inference(load_model(model, device=device, dtype=dtype), int8=int8)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and tensor_parallel == expert_parallel == 1:
+        raise ValueError(
+            f"under torchrun ({world} processes) serve splits the model: pass --tp {world} and/or "
+            f"--ep {world}, or run gptoss serve without torchrun"
+        )
+    loaded = load_for_inference(model, device, dtype, int8, tensor_parallel, expert_parallel)
+    group = control_group() if world > 1 else None
+    # Ranks on one host share its memory; every rank's cache must take the same blocks: rank 0 decides.
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if model_device(loaded).type == "cpu" else 1
     kv_budget = None if kv_cache_gib is None else int(kv_cache_gib * 2**30)
+    if group is not None:
+        kv_budget = agree(kv_budget or kv_default_bytes(model_device(loaded)) // sharing, group)
     runner = ModelRunner(
         loaded,
         max_batch=max_batch,
         context=context or loaded.config.max_position_embeddings,
         kv_budget_bytes=kv_budget,
     )
+    if prefix_cache_gib is None:
+        budget = default_budget_bytes(model_device(loaded)) // sharing
+    else:
+        budget = int(prefix_cache_gib * 2**30)
+    if group is not None:
+        budget = agree(budget, group)
+    if budget > 0:
+        runner.prefix_cache = PrefixCache(budget)
+    if group is not None and dist.get_rank() != 0:
+        follow(runner, group)
+        dist.destroy_process_group()
+        return
     log.info(
         "KV cache: up to %d sequences × %d tokens, %.2f GiB budget (%d tokens), taken in blocks of %d as "
         "sequences grow",
@@ -208,13 +243,12 @@ def serve(
         runner.kv_budget_bytes // max(runner.cache.pool.block_bytes, 1) * runner.cache.block_size,
         runner.cache.block_size,
     )
-    budget = default_budget_bytes(device) if prefix_cache_gib is None else int(prefix_cache_gib * 2**30)
     if budget > 0:
-        runner.prefix_cache = PrefixCache(budget)
         log.info("prefix cache: %.2f GiB", budget / 2**30)
     name = served_model_name or Path(str(model)).name
     api_keys = api_keys or tuple(k for k in os.environ.get(API_KEY_ENV, "").split(",") if k)
-    app = create_app(runner, ServerSettings(model_name=name, api_keys=api_keys, **settings))
+    served = runner if group is None else MirroredRunner(runner, group)
+    app = create_app(served, ServerSettings(model_name=name, api_keys=api_keys, **settings))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_keys:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
     uvicorn.run(app, host=host, port=port, log_level="info")

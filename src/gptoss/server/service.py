@@ -26,8 +26,7 @@ from gptoss.inference import (
     TokenStream,
 )
 from gptoss.inference.async_engine import DEFAULT_MAX_QUEUE
-from gptoss.inference.runner import DEFAULT_PREFILL_CHUNK
-from gptoss.inference.scoring import PromptScores, score_tokens
+from gptoss.inference.scoring import PromptScores
 from gptoss.inference.speculative import speculation
 from gptoss.server.errors import APIError, error_body
 from gptoss.server.metrics import Metrics
@@ -139,14 +138,13 @@ class Service:
     async def score(self, tokens: Sequence[int], top: int) -> PromptScores:
         """Log-probabilities of the prompt `tokens` (and the `top` alternatives at each), computed
         off the event loop."""
-        model = getattr(self.runner, "model", None)
-        if model is None:
+        score = getattr(self.runner, "score", None)
+        if score is None:
             raise APIError(
-                400, "this server cannot score prompts (its runner exposes no model)", param="echo"
+                400, "this server cannot score prompts (its runner offers no score())", param="echo"
             )
-        chunk = getattr(self.runner, "prefill_chunk", None) or DEFAULT_PREFILL_CHUNK
         try:
-            return await self.engine.call(lambda: score_tokens(model, tokens, top, chunk))
+            return await self.engine.call(lambda: score(tokens, top))
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt") from None
 

@@ -13,6 +13,10 @@ Meshes, for N ranks:
   (an `("efsdp", "ep")` mesh). Every rank still has its own data; tokens move to their experts.
 - tensor parallel degree P: a `("dp", "tp")` mesh. Attention is split by head over "tp", whose P
   ranks see the same data; FSDP shards everything over "dp".
+- both, at the same degree P: the same mesh, and the experts split P ways over "tp" as well. Those
+  ranks hold the same tokens, so none move: each runs the pairs routed to its experts and one
+  all-reduce adds the parts (as in inference); the gradients that the parts send back to the
+  tokens and routing weights are summed over "tp" in backward.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from gptoss.distributed import apply_expert_parallel, apply_tensor_parallel
+from gptoss.distributed import apply_expert_parallel, apply_replicated_expert_parallel, apply_tensor_parallel
 from gptoss.model import GptOss, MoE
 
 
@@ -43,6 +47,7 @@ class DistInfo:
     mesh: DeviceMesh | None = None  # what FSDP shards dense parameters over
     expert_mesh: DeviceMesh | None = None  # ("efsdp", "ep") with expert parallelism
     tp_mesh: DeviceMesh | None = None  # attention heads with tensor parallelism
+    tp_experts: bool = False  # experts split over `tp_mesh` too (expert_parallel = tensor_parallel)
 
     @property
     def is_main(self) -> bool:
@@ -80,8 +85,11 @@ def check_degrees(world_size: int, expert_parallel: int, tensor_parallel: int) -
                 f"{name} {degree} must be a positive divisor of the number of processes ({world_size}); "
                 f"launch with torchrun --nproc_per_node a multiple of {degree}"
             )
-    if expert_parallel > 1 and tensor_parallel > 1:
-        raise ValueError("training combines expert_parallel or tensor_parallel with FSDP, not both at once")
+    if 1 < expert_parallel != tensor_parallel > 1:
+        raise ValueError(
+            f"expert_parallel {expert_parallel} with tensor_parallel {tensor_parallel}: together they "
+            "split the same ranks (experts over the ranks that split attention), so they must be equal"
+        )
 
 
 def init_distributed(device: str = "auto", expert_parallel: int = 1, tensor_parallel: int = 1) -> DistInfo:
@@ -102,7 +110,10 @@ def init_distributed(device: str = "auto", expert_parallel: int = 1, tensor_para
         grid = init_device_mesh(
             chosen.type, (world_size // tensor_parallel, tensor_parallel), mesh_dim_names=("dp", "tp")
         )
-        return DistInfo(rank, world_size, local_rank, chosen, grid["dp"], tp_mesh=grid["tp"])
+        tp_experts = expert_parallel > 1
+        return DistInfo(
+            rank, world_size, local_rank, chosen, grid["dp"], tp_mesh=grid["tp"], tp_experts=tp_experts
+        )
     mesh = init_device_mesh(chosen.type, (world_size,))
     experts = None
     if expert_parallel > 1:
@@ -189,10 +200,13 @@ def parallelize(
     (for several ranks) FSDP2 to `model`, in that order."""
     if info.tp_mesh is not None:
         apply_tensor_parallel(model, info.tp_mesh)
+    if (info.expert_mesh is not None or info.tp_experts) and not model.config.is_moe:
+        raise ValueError(f"expert_parallel needs an MoE model; {model.config.name} is dense")
     if info.expert_mesh is not None:
-        if not model.config.is_moe:
-            raise ValueError(f"expert_parallel needs an MoE model; {model.config.name} is dense")
         apply_expert_parallel(model, info.expert_mesh["ep"])
+    if info.tp_experts:
+        assert info.tp_mesh is not None
+        apply_replicated_expert_parallel(model, info.tp_mesh, training=True)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:

@@ -52,7 +52,7 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 3 * sum(config.flops_per_token(c) for c in range(1, seq_len + 1)) / seq_len
 
 
-def activation_bytes_per_token(config: ModelConfig, tp: int = 1) -> dict[str, float]:
+def activation_bytes_per_token(config: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, float]:
     """bf16 bytes one token keeps per block for the backward pass, without and with checkpointing.
 
     A count in the style of Korthikanti et al. (2022) that assumes a fused (flash) attention kernel,
@@ -63,12 +63,13 @@ def activation_bytes_per_token(config: ModelConfig, tp: int = 1) -> dict[str, fl
     - each active expert: its gathered input and output (2h), fused gate/up output (2I) and the
       clamped SwiGLU's intermediates (5I).
     Checkpointing a block keeps only its input (h) and recomputes the rest. Under tensor parallelism
-    a GPU holds the q/k/v terms of its heads only.
+    a GPU holds the q/k/v terms of its heads only, and with the experts split over the same GPUs
+    (ep = tp) the pairs of its experts only (1/ep of them with uniform routing).
     """
     h, i = config.hidden_size, config.intermediate_size
     attention = 4 * h + (3 * config.q_dim + 4 * config.kv_dim) / tp + h
     router = config.num_local_experts + config.num_experts_per_tok if config.is_moe else 0
-    mlp = config.experts_per_token * (2 * h + 7 * i)
+    mlp = config.experts_per_token * (2 * h + 7 * i) / (ep if ep == tp else 1)
     return {"none": 2.0 * (attention + router + mlp), "checkpointed": 2.0 * h}
 
 
@@ -76,8 +77,8 @@ def check_layout(config: ModelConfig, gpus: int, ep: int, tp: int) -> None:
     """Raise a ValueError naming the fix unless `ep` × FSDP or `tp` × FSDP fits `config` on `gpus`."""
     if ep < 1 or tp < 1 or gpus % ep or gpus % tp:
         raise ValueError(f"ep ({ep}) and tp ({tp}) must be positive divisors of the GPU count ({gpus})")
-    if ep > 1 and tp > 1:
-        raise ValueError("a layout takes expert parallelism or tensor parallelism (with FSDP), not both")
+    if 1 < ep != tp > 1:
+        raise ValueError(f"ep {ep} with tp {tp}: together they split the same GPUs, so they must be equal")
     if ep > 1 and (not config.is_moe or config.num_local_experts % ep):
         raise ValueError(f"ep {ep} must divide the experts of {config.name} ({config.num_local_experts})")
     if config.num_key_value_heads % tp:
@@ -106,11 +107,15 @@ def communication_per_micro_batch(
     - tensor parallel: attention's output all-reduced in the forward (and in a recomputed one), the
       input gradients of the q, k and v projections in the backward, one each (three separate
       projections); a ring all-reduce sends 2(tp-1)/tp of the tensor.
+    - both (ep = tp, the same GPUs): no all-to-all (those GPUs hold the same tokens); per MoE layer
+      the experts' partial sums are all-reduced in each forward, and in the backward the gradients
+      they send to the tokens (h per token) and to the routing weights (k per token).
     """
     h, k = config.hidden_size, config.experts_per_token
     moe_layers = config.num_hidden_layers if config.is_moe else 0
     passes = 3 if checkpointing else 2
-    a2a = 2 * passes * moe_layers * tokens * k * h * activation_bytes * (ep - 1) / ep
+    shared = ep == tp > 1  # experts split over the tensor-parallel GPUs: tokens stay
+    a2a = 0.0 if shared else 2 * passes * moe_layers * tokens * k * h * activation_bytes * (ep - 1) / ep
     experts = config.num_local_experts * config.expert_params() * moe_layers if config.is_moe else 0
     attention = config.attention_params() * config.num_hidden_layers
     rest = config.total_params() - experts - attention
@@ -120,8 +125,10 @@ def communication_per_micro_batch(
         return (2 * 2 + 4) * params * (group - 1) / group  # 2 gathers in bf16, 1 reduce-scatter in fp32
 
     fsdp_bytes = fsdp(experts / ep, expert_group) + fsdp(attention / tp + rest, dense_group)
-    all_reduces = (passes - 1) + 3  # forwards, then q, k, v in the backward
-    tp_bytes = all_reduces * config.num_hidden_layers * tokens * h * activation_bytes * 2 * (tp - 1) / tp
+    all_reduces = ((passes - 1) + 3) * config.num_hidden_layers  # forwards, then q, k, v in the backward
+    if shared:
+        all_reduces += ((passes - 1) + 1 + k / h) * moe_layers
+    tp_bytes = all_reduces * tokens * h * activation_bytes * 2 * (tp - 1) / tp
     return {"all_to_all": a2a, "fsdp": fsdp_bytes, "tensor_parallel": tp_bytes}
 
 
@@ -142,7 +149,8 @@ def plan_training(
     tp: int = 1,
 ) -> dict:
     """Memory per GPU, checkpointing need, communication, FLOPs, wall-clock and GPU-hours for a
-    pretraining run with expert parallel degree `ep` or tensor parallel degree `tp` beside FSDP.
+    pretraining run with expert parallel degree `ep` or tensor parallel degree `tp` beside FSDP, or
+    both at the same degree (the same GPUs split attention and experts).
 
     Weights, gradients and optimizer state are sharded over all `gpus` in every layout; what a GPU
     gathers is its experts (all of them without expert parallelism) and its heads. FLOPs count
@@ -181,7 +189,7 @@ def plan_training(
 
     # Activation bytes per token in flight: every block's, or, checkpointed, every block's input
     # plus one block's activations while it is recomputed.
-    act = activation_bytes_per_token(config, tp)
+    act = activation_bytes_per_token(config, tp, ep)
     layers = config.num_hidden_layers
     activations = {"none": act["none"] * layers, "per block": act["checkpointed"] * layers + act["none"]}
     budget = spec.memory_gib * gib
@@ -242,7 +250,8 @@ def plan_training(
 
 def layouts(config: ModelConfig, gpus: int) -> list[tuple[int, int]]:
     """(ep, tp) pairs to consider: FSDP alone, expert parallel degrees up to a node's 8 GPUs and
-    beyond (dividing the experts), tensor parallel degrees within a node (dividing the KV heads)."""
+    beyond (dividing the experts), tensor parallel degrees within a node (dividing the KV heads),
+    and both at once on the same GPUs where the degree divides both."""
     found = [(1, 1)]
     for degree in (2, 4, 8, 16, 32, 64):
         if gpus % degree:
@@ -251,6 +260,8 @@ def layouts(config: ModelConfig, gpus: int) -> list[tuple[int, int]]:
             found.append((degree, 1))
         if degree <= GPUS_PER_NODE and config.num_key_value_heads % degree == 0:
             found.append((1, degree))
+            if config.is_moe and config.num_local_experts % degree == 0:
+                found.append((degree, degree))
     return found
 
 

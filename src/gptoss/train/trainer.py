@@ -103,7 +103,9 @@ class TrainConfig:
     activation_checkpointing: bool = _help("recompute each block in the backward pass", default=False)
     compile: bool = _help("torch.compile each block", default=False)
     expert_parallel: int = _help(
-        "split each MoE layer's experts over this many ranks (tokens travel by all-to-all)", default=1
+        "split each MoE layer's experts over this many ranks (tokens travel by all-to-all; equal to "
+        "tensor_parallel: over its ranks, which share tokens)",
+        default=1,
     )
     tensor_parallel: int = _help("split attention by head over this many ranks (they share data)", default=1)
     fused_loss: bool = _help(

@@ -254,7 +254,7 @@ void init_tables(void);
 int select_isa(const char *name); /* 0, or -1 when that instruction set is not available here */
 const char *isa_name(void);
 row_fn choose_kernel(int kind, int x_dt, int64_t n, int64_t in, enum layout *layout);
-row_fn expert_kernel(row_fn kernel, int64_t count);
+row_fn expert_kernel(row_fn kernel, enum layout *layout, int64_t count, int64_t in);
 size_t layout_size(enum layout layout);
 void write_activations(const void *x, int x_dt, int64_t in, const int64_t *rows, int64_t n, enum layout layout,
                        void *dst);

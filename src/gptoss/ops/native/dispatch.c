@@ -54,10 +54,22 @@ int select_isa(const char *name) {
 
 const char *isa_name(void) { return ISA_NAMES[active_isa]; }
 
-/* The kernel for an expert's `count` tokens in an MoE call that chose `kernel` for its busiest
- * expert: the prompt kernel decodes a tile for its rows whatever their number, and below MAX_ROWS + 1
- * the chunked kernel (same activation layout) is faster (benchmarks/NOTES.md). */
-row_fn expert_kernel(row_fn kernel, int64_t count) {
+/* The kernel for an expert's `count` tokens in an MoE call that chose `kernel` and `layout` for its
+ * busiest expert, and the layout it reads (*layout, updated): the prompt kernel decodes a tile for
+ * its rows whatever their number, and below MAX_ROWS + 1 the chunked kernel (same activation layout)
+ * is faster; with bf16 activations an expert of up to QUADS_MAX_ROWS tokens takes the four-block
+ * decode kernel, as it would alone (a batch of decode steps spreads its rows over the experts: most
+ * get 1-3 while the busiest gets more; benchmarks/NOTES.md). `in`: as choose_kernel's, for the
+ * rows of both projections. */
+row_fn expert_kernel(row_fn kernel, enum layout *layout, int64_t count, int64_t in) {
+    if (*layout == AS_BF16 && count <= QUADS_MAX_ROWS) {
+        enum layout few;
+        row_fn decode = choose_kernel(MXFP4, BF16, count, in, &few);
+        if (decode == mxfp4_quads_avx512) {
+            *layout = few;
+            return decode;
+        }
+    }
     if (kernel == mxfp4_amx && count < AMX_MIN_TOKENS) return mxfp4_bf16_avx512;
     if (kernel == mxfp4_bf16_gemm && count < GEMM_MIN_TOKENS) return mxfp4_bf16_avx512;
     return kernel == mxfp4_f32_avx2_gemm && count <= MAX_ROWS ? mxfp4_f32_avx2 : kernel;

@@ -37,6 +37,8 @@ int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t k, cons
     int64_t pairs = n * k, H = s->hidden, I = s->inter, E = s->experts, m = 0, busiest = 0;
     int64_t *start = calloc(E + 1, sizeof(int64_t)), *token = malloc(sizeof(int64_t) * pairs);
     int64_t *active = malloc(sizeof(int64_t) * E);
+    row_fn *kernels = malloc(sizeof(row_fn) * E);              /* of active[j], for its token count */
+    enum layout *layouts = malloc(sizeof(enum layout) * E); /* of its rows of xs and hs */
     float *weight = malloc(sizeof(float) * pairs), *acc = line_aligned(sizeof(float) * n * H);
     void *xs = NULL, *hs = NULL;
     uint16_t *hb = NULL; /* AS_I16_PAIRS: the hidden activations in bf16, before their layout */
@@ -44,7 +46,7 @@ int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t k, cons
     row_fn kernel = NULL;
     size_t size = 0;
     int64_t step = TILE; /* weight rows a kernel call takes */
-    int ok = start && token && active && weight && acc;
+    int ok = start && token && active && kernels && layouts && weight && acc;
     if (ok) {
         memset(acc, 0, sizeof(float) * n * H);
         for (int64_t p = 0; p < pairs; p++) start[idx[p] + 1]++;
@@ -61,23 +63,32 @@ int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t k, cons
                 active[m++] = e;
                 busiest = start[e + 1] - start[e] > busiest ? start[e + 1] - start[e] : busiest;
             }
-        /* One kernel and layout for both projections (the rows of both must suit it), chosen for
+        /* A kernel and layout for both projections (the rows of both must suit it), chosen for
          * the most tokens an expert has: an expert's rows are read for its own tokens only. A batch
          * of 8 decode tokens spread over the experts takes the decode kernel (MoE +20-50% over the
-         * prefill kernel), 8 tokens on the same experts the prefill kernel (~1.4x the decode one). */
-        kernel = choose_kernel(MXFP4, dt, busiest, s->inter % (2 * BLOCK) == 0 ? s->hidden : s->inter, &layout);
+         * prefill kernel), 8 tokens on the same experts the prefill kernel (~1.4x the decode one).
+         * Each expert then takes the one for its own count where that differs (expert_kernel); its
+         * rows of the activations are laid out for it. */
+        int64_t in = s->inter % (2 * BLOCK) == 0 ? s->hidden : s->inter;
+        kernel = choose_kernel(MXFP4, dt, busiest, in, &layout);
         if (active_isa == ISA_AMX && kernel == mxfp4_bf16_avx512 && busiest >= AMX_MIN_TOKENS) kernel = mxfp4_amx;
         if (active_isa == ISA_AVX512BF16 && kernel == mxfp4_bf16_avx512 && busiest >= GEMM_MIN_TOKENS)
             kernel = mxfp4_bf16_gemm;
         step = kernel == mxfp4_amx || kernel == mxfp4_bf16_gemm ? AMX_ROWS : TILE;
-        size = layout_size(layout);
+        size = layout_size(layout); /* (the same for every expert's layout) */
+        for (int64_t j = 0; j < m; j++) {
+            layouts[j] = layout;
+            kernels[j] = expert_kernel(kernel, &layouts[j], start[active[j] + 1] - start[active[j]], in);
+        }
         xs = line_aligned(size * pairs * H);
         hs = line_aligned(size * pairs * I);
         if (layout == AS_I16_PAIRS) hb = malloc(sizeof(uint16_t) * pairs * I);
         ok = xs && hs && (layout != AS_I16_PAIRS || hb);
     }
     if (ok) {
-        write_activations(x, dt, H, token, pairs, layout, xs);
+        for (int64_t j = 0; j < m; j++) /* each expert's rows as its kernel reads them */
+            write_activations(x, dt, H, token + start[active[j]], start[active[j] + 1] - start[active[j]],
+                              layouts[j], (char *)xs + start[active[j]] * H * size);
         int64_t gate_up_tiles = tile_count(2 * I, step), down_tiles = tile_count(H, step);
         int64_t gate_up_blocks = 2 * I * (H / BLOCK), down_blocks = H * (I / BLOCK), next_tile = 0;
         int blocked = layout == AS_I16_PAIRS; /* the hidden activations go through hb */
@@ -89,7 +100,7 @@ int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t k, cons
 #pragma omp for schedule(guided)
 #endif
             for (int64_t item = 0; item < m * gate_up_tiles; item++) {
-                int64_t e = active[item / gate_up_tiles], tile = item % gate_up_tiles;
+                int64_t j = item / gate_up_tiles, e = active[j], tile = item % gate_up_tiles;
                 int64_t first = start[e], count = start[e + 1] - first;
                 weights w = {MXFP4, s->gate_up_blocks + e * gate_up_blocks * 16,
                              s->gate_up_scales + e * gate_up_blocks, 2 * I, H};
@@ -97,10 +108,10 @@ int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t k, cons
                                .bias_dt = s->bias_dt, .mode = SWIGLU,
                                .y = blocked ? (void *)(hb + first * I) : (char *)hs + first * I * size,
                                .y_dt = blocked || layout_size(layout) == 2 ? BF16 : F32,
-                               .y_stride = I, .y_layout = blocked ? AS_BF16 : layout,
+                               .y_stride = I, .y_layout = blocked ? AS_BF16 : layouts[j],
                                .round_bf16 = dt == BF16 && layout_size(layout) != 2, .alpha = s->alpha,
                                .limit = s->limit};
-                tile_chunks(expert_kernel(kernel, count), (const char *)xs + first * H * size, size, count, &w,
+                tile_chunks(kernels[j], (const char *)xs + first * H * size, size, count, &w,
                             tile * step, min64(2 * I, (tile + 1) * step), &ep);
             }
             /* (the loop's implicit barrier: every hidden activation is written) */
@@ -119,7 +130,7 @@ int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t k, cons
                                    .bias_dt = s->bias_dt, .mode = ACCUMULATE, .y = acc, .y_stride = H,
                                    .token = token + first, .weight = weight + first};
                     for (int64_t tile = t0; tile < t1; tile++) /* a tile in cache for every chunk of tokens */
-                        tile_chunks(expert_kernel(kernel, count), (const char *)hs + first * I * size, size, count,
+                        tile_chunks(kernels[j], (const char *)hs + first * I * size, size, count,
                                     &w, tile * step, min64(H, (tile + 1) * step), &ep);
                 }
 #ifdef _OPENMP
@@ -132,6 +143,8 @@ int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t k, cons
     free(start);
     free(token);
     free(active);
+    free(kernels);
+    free(layouts);
     free(weight);
     free(acc);
     free(xs);
