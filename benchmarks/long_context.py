@@ -108,8 +108,8 @@ class OpTimer:
         if name == "linear":
             rows, w = args[0].numel() // args[0].shape[-1], args[1]
             return self._linear_kind(w.shape[0]), 2.0 * rows * w.shape[0] * w.shape[1]
-        if name == "sink_attention":
-            q, mask = args[0], args[3]
+        if name in ("sink_attention", "paged_attention"):  # (paged: a full layer's chunk over its blocks)
+            q, mask = args[0], args[3] if name == "sink_attention" else args[1].mask
             pairs = mask.expand(q.shape[0], 1, q.shape[2], mask.shape[-1]).sum().item()
             return "attention", 4.0 * q.shape[1] * q.shape[3] * pairs
         if name == "mxfp4_moe":
@@ -143,6 +143,7 @@ class OpTimer:
 
         for name in ("linears", "linear", "sink_attention", "mxfp4_moe", "rms_norm", "rotary_"):
             self._wrap(ops, name)
+        self._wrap(ops.decode, "paged_attention")
         self._wrap(KVCache, "update")
         return self
 
