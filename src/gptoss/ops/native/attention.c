@@ -245,9 +245,8 @@ INLINE void kv_rows(const char *const *pages, int64_t page, int64_t D, int64_t s
 
 /* The rows of the next tile, asked for into L2 while this one is multiplied: a decode step reads
  * every key and value once, from DRAM, and a tile's rows lie in one or two blocks of the cache,
- * whose 4 KiB pages the hardware prefetchers do not cross. One core, a 20b decode step's
- * attention over 8k keys in 12 layers: 49 -> 74 GFLOP/s; into L1 or four tiles ahead measured
- * no better (benchmarks/NOTES.md, issue 33). */
+ * whose 4 KiB pages the hardware prefetchers do not cross. Into L1, or further ahead, measured
+ * slower (benchmarks/NOTES.md, issue 33). */
 INLINE void prefetch_tile(const char *const *pages, int64_t page, int64_t D, int64_t s0, int64_t last) {
     const uint16_t *rows[KEY_TILE];
     int64_t n = last - s0 < KEY_TILE ? last - s0 : KEY_TILE;
