@@ -45,3 +45,40 @@ def test_native_classes_replace_only_the_forward():
     assert after is before
     assert all(p is params[name] for name, p in after.named_parameters(remove_duplicate=False))
     assert after.lm_head.weight is after.model.embed_tokens.weight
+
+
+@requires_native
+@pytest.mark.parametrize("head_dim", [16, 64])  # 64: the tiled bf16 kernel where the CPU has AVX-512 BF16
+def test_prompt_chunks_attend_over_the_blocks_as_over_a_gathered_copy(monkeypatch, head_dim):
+    """A prompt chunk of a full layer stores its keys and values in the cache's blocks and attends
+    over them where they lie (`KVCache.prompt_view`): the same hidden states, bit for bit, as over
+    the copy `update` gathers, across chunks that cross blocks and the sliding window."""
+    from gptoss.inference.cache import KVCache
+    from gptoss.inference.runner import forward_hidden
+
+    config = tiny_config(head_dim=head_dim, num_hidden_layers=4)
+    model = native_modules.use_native_kernels(random_model(config).to(torch.bfloat16))
+    ids = torch.randint(0, config.vocab_size, (1, 75), generator=torch.Generator().manual_seed(1))
+
+    def run() -> list[torch.Tensor]:
+        cache = KVCache(config, 2, capacity=80, dtype=torch.bfloat16, block_size=8)
+        cache.begin(slice(1, 2), 3)  # another row holds some blocks first
+        cache.end()
+        with torch.no_grad():
+            return [
+                forward_hidden(model, cache, ids[:, a:b], slice(0, 1))
+                for a, b in ((0, 37), (37, 38), (38, 75))
+            ]
+
+    original, views = KVCache.prompt_view, []
+
+    def counted(self: KVCache, layer_idx: int):
+        views.append(original(self, layer_idx))
+        return views[-1]
+
+    monkeypatch.setattr(KVCache, "prompt_view", counted)
+    paged = run()
+    assert any(view is not None for view in views)  # the full layers' chunks took the blocks
+    monkeypatch.setattr(KVCache, "prompt_view", lambda self, layer_idx: None)
+    gathered = run()
+    assert all(torch.equal(p, g) for p, g in zip(paged, gathered, strict=True))

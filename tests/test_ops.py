@@ -491,8 +491,9 @@ def moe_weights(experts: int, hidden: int, inter: int, generator: torch.Generato
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # (60, 2): ~24 tokens per expert, the AVX2 prompt kernel with its SwiGLU and accumulating epilogues,
-# and on AMX two 16-token chunks; (100, 2): ~40, three chunks (a pair and one alone)
-@pytest.mark.parametrize("n,k", [(1, 4), (3, 2), (11, 3), (20, 1), (60, 2), (100, 2)])
+# and on AMX two 16-token chunks; (100, 2): ~40, three chunks (a pair and one alone); with AVX-512
+# BF16 and no AMX, (100, 2) and (150, 2) (~60: 32 tokens and a tail of 28) take the prompt GEMM
+@pytest.mark.parametrize("n,k", [(1, 4), (3, 2), (11, 3), (20, 1), (60, 2), (100, 2), (150, 2)])
 # (128, 64), (256, 192): mxfp4_quads with bf16 activations, the SwiGLU written in its layout; on
 # AMX, 384 gate_up rows are calls of 256 and 128
 @pytest.mark.parametrize("hidden,inter", [(64, 32), (128, 64), (256, 192)])
@@ -543,9 +544,9 @@ def test_mxfp4_moe_prompt_with_extreme_scales(moe_isa):
     stacks[1][0, 5, 2] = 0  # gate_up scales: 2^-127
     stacks[1][1, 70, 1] = 1
     stacks[4][2, 9, 0] = 0  # down scales
-    x = (torch.randn(40, 128, generator=generator) * 0.5).bfloat16()
-    idx = torch.stack([torch.randperm(3, generator=generator)[:2] for _ in range(40)])
-    weight = torch.softmax(torch.randn(40, 2, generator=generator), dim=-1).bfloat16()
+    x = (torch.randn(100, 128, generator=generator) * 0.5).bfloat16()  # ~67 tokens an expert
+    idx = torch.stack([torch.randperm(3, generator=generator)[:2] for _ in range(100)])
+    weight = torch.softmax(torch.randn(100, 2, generator=generator), dim=-1).bfloat16()
     with torch.no_grad():
         y = ops.mxfp4_moe(x, idx, weight, *stacks, alpha=1.702, limit=7.0)
     assert moe_close(y, x, idx, weight, stacks)
@@ -595,7 +596,7 @@ def test_mxfp4_moe_experts_with_few_tokens_compute_as_alone_beside_a_busy_one():
 
 
 @native
-@pytest.mark.parametrize("n", [1, 13])
+@pytest.mark.parametrize("n", [1, 13, 150])  # 150: ~100 tokens an expert, the prompt kernels
 def test_mxfp4_moe_sums_the_same_whatever_the_thread_count(n):
     """Down-projection rows are handed out in runs that depend on the thread count; each output
     must still add its experts in one order, so the results are equal bit for bit."""
@@ -689,6 +690,42 @@ def test_sink_attention_over_a_cache(isa, dtype, dim, tokens, keys):
     )
 
 
+def _window_mask(batch: int, tokens: int, keys: int, window: int | None, starts: list[int]) -> torch.Tensor:
+    """(batch, 1, tokens, keys): row b's queries at positions starts[b] + t, causal over the keys
+    at positions 0 .. keys-1, at most `window` back."""
+    query = torch.tensor(starts)[:, None, None, None] + torch.arange(tokens)[None, None, :, None]
+    distance = query - torch.arange(keys)
+    return (distance >= 0) & (distance < (window or keys + tokens))
+
+
+@native
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"), [(8, 2, 64), (8, 8, 32), (16, 2, 128), (6, 1, 64)]
+)  # groups of 4, 1, 8, 6 query heads a key/value head
+@pytest.mark.parametrize(("tokens", "keys", "window"), [(1, 300, None), (40, 71, None), (37, 203, 16)])
+def test_sink_attention_in_tiles(isa, heads, kv_heads, dim, tokens, keys, window):
+    """bf16 attention over several tiles of 32 keys (the AVX-512 BF16 kernel takes the query heads
+    of a key/value head together), tails, windows that skip whole tiles, batch rows at different
+    positions, against the reference; and every query row's numbers are the same bits when it is
+    computed alone, as decoding and a speculative verify pass need."""
+    from gptoss.model import sink_attention
+
+    g = torch.Generator().manual_seed(heads * dim + tokens)
+    batch = 2
+    q = (torch.randn(batch, heads, tokens, dim, generator=g) * 2).bfloat16()
+    k = torch.randn(batch, kv_heads, keys, dim, generator=g).bfloat16()
+    v = torch.randn(batch, kv_heads, keys, dim, generator=g).bfloat16()
+    mask = _window_mask(batch, tokens, keys, window, [keys - tokens, keys // 2])
+    sinks = torch.randn(heads, generator=g) * 3
+    out, ref = ops.sink_attention(q, k, v, mask, sinks), sink_attention(q, k, v, mask, sinks)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2**-6, rtol=2**-6)
+    for b, t in [(0, 0), (1, tokens - 1), (1, tokens // 2)]:
+        alone = ops.sink_attention(
+            q[b : b + 1, :, t : t + 1], k[b : b + 1], v[b : b + 1], mask[b : b + 1, :, t : t + 1], sinks
+        )
+        assert torch.equal(alone[0, :, 0], out[b, :, t])
+
+
 def test_prefill_attention_in_bf16_weights_fp32_values(monkeypatch):
     """Without bf16 dot products in the CPU, bf16 queries beyond the native kernel's rows weight
     fp32 copies of the values by the bf16-rounded probabilities: the reference's products and fp32
@@ -741,7 +778,8 @@ def test_linears_equal_one_linear_each(isa, dtype, n):
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch,tokens", [(1, 1), (2, 3), (3, 20)])  # (3, 20): prefill, PyTorch path
+# (3, 20): a prompt's tokens; (2, 300): enough of them to go to the threads
+@pytest.mark.parametrize("batch,tokens", [(1, 1), (2, 3), (3, 20), (2, 300)])
 def test_rotary_equals_the_reference(isa, dtype, batch, tokens):
     from gptoss.model import apply_rotary
 

@@ -336,6 +336,19 @@ class KVCache:
             return DecodeView(
                 k[rows], v[rows], self.ring, self.kv_heads, step.ring_slots, self.ring, step.sliding_mask
             )
+        return self._full_view(step, layer_idx)
+
+    def prompt_view(self, layer_idx: int) -> DecodeView | None:
+        """During a pass of several tokens, full layer `layer_idx`'s blocks as a `DecodeView`
+        (positions (R, T), the (R, 1, T, keys) mask), for a kernel that attends over them where
+        they lie once `store` has written the pass's keys and values; None for a sliding layer (its
+        chunk attends over the ring as it was and the new keys, a copy `update` makes)."""
+        step = self._step
+        if step is None or self.sliding[layer_idx]:
+            return None
+        return self._full_view(step, layer_idx)
+
+    def _full_view(self, step: _Step, layer_idx: int) -> DecodeView:
         if step.tables is None:
             width = self.blocks_for(step.full_len)
             pad, blocks = self.pool.pad.data_ptr(), self.pool.blocks
@@ -358,11 +371,14 @@ class KVCache:
         )
 
     def store(self, layer_idx: int, k: Tensor, v: Tensor) -> None:
-        """Write a one-token pass's new keys and values (R, KVH, 1, D) of layer `layer_idx` where its
-        `decode_view` says, for a kernel that then reads them there (`update` without the gather)."""
+        """Write a pass's new keys and values (R, KVH, T, D) of layer `layer_idx` where its
+        `decode_view` (one token) or `prompt_view` (a full layer) says, for a kernel that then reads
+        them there (`update` without the gather)."""
         step = self._step
-        if step is None or step.positions.shape[1] != 1:
-            raise RuntimeError("KVCache.store takes the keys of a one-token pass, inside begin()/end()")
+        if step is None or (step.positions.shape[1] != 1 and self.sliding[layer_idx]):
+            raise RuntimeError(
+                "KVCache.store takes a full layer's keys, or a one-token pass's, inside begin()/end()"
+            )
         if not self.sliding[layer_idx]:
             self._write_blocks(self.full_index[layer_idx], step, k, v)
             return

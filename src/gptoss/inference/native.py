@@ -77,13 +77,14 @@ class NativeAttention(Attention):
         return ops.sink_attention(q, k, v, mask, self.sinks)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheProtocol | None = None) -> Tensor:
-        """`Attention.forward`; a decode step over a paged `KVCache` (any number of rows) stores
-        its keys and values in the cache's blocks and attends over them where they lie, instead of
-        over a gathered copy (`update`)."""
+        """`Attention.forward`; a decode step over a paged `KVCache` (any number of rows), and a
+        prompt chunk of a full layer where the native prompt attention serves, stores its keys and
+        values in the cache's blocks and attends over them where they lie, instead of over a
+        gathered copy (`update`: at 128k tokens a chunk's copy of a full layer is 256 MiB)."""
         B, T, _ = x.shape
         if not (
             isinstance(cache, KVCache)
-            and T == 1
+            and (T == 1 or ops.prompt_attention_in_place(x.device, x.dtype))
             and ops.native_available()
             and x.device.type == "cpu"
             and x.dtype in ops.DTYPE_CODES
@@ -91,7 +92,7 @@ class NativeAttention(Attention):
             and not (torch.is_grad_enabled() and (x.requires_grad or self.sinks.requires_grad))
         ):
             return super().forward(x, cos, sin, cache)
-        view = cache.decode_view(self.layer_idx)
+        view = cache.decode_view(self.layer_idx) if T == 1 else cache.prompt_view(self.layer_idx)
         if view is None:
             return super().forward(x, cos, sin, cache)
         q, k, v = self.project(x)
@@ -104,8 +105,18 @@ class NativeAttention(Attention):
         cache.store(
             self.layer_idx, k.transpose(1, 2), v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         )
-        out = decode.paged_attention(q.transpose(1, 2), view, self.sinks)  # (B, H, 1, D)
+        out = decode.paged_attention(q.transpose(1, 2), view, self.sinks)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def prompt_scores_in_memory(model: nn.Module) -> bool:
+    """Whether a prompt's attention through `model` holds its (T, S) scores in memory: unless its
+    attention layers are `NativeAttention` on a CPU whose native prompt attention serves them."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers or not isinstance(layers[0].self_attn, NativeAttention):
+        return True
+    weight = layers[0].self_attn.q_proj.weight
+    return not ops.prompt_attention_in_place(weight.device, weight.dtype)
 
 
 class NativeRouter(Router):

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from gptoss.inference.cache import DEFAULT_BLOCK_SIZE, CacheFullError, KVCache, default_budget_bytes
+from gptoss.inference.native import prompt_scores_in_memory
 from gptoss.inference.prefix_cache import Node, PrefixCache
 from gptoss.inference.verify import RingSave, max_fed, verify
 from gptoss.model import GptOss
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 512
 # Attention scores of one prefill chunk (fp32, a few live copies) may take about this much memory:
-# at long contexts the chunk shrinks so that peak memory stays bounded whatever the prompt length.
+# at long contexts the chunk shrinks so that peak memory stays bounded whatever the prompt length
+# (where PyTorch's attention makes them; the native prompt attention holds a few rows at a time).
 ATTENTION_SCORE_BUDGET = 1 << 30
 
 
@@ -110,6 +112,8 @@ def forward_hidden(model: GptOss, cache: KVCache, tokens: Tensor, rows: slice) -
 
 def prefill_chunk_length(model: GptOss, start: int, remaining: int, prefill_chunk: int) -> int:
     """Tokens to prefill next: `prefill_chunk`, fewer when the attention scores would grow too big."""
+    if not prompt_scores_in_memory(model):
+        return min(remaining, prefill_chunk)
     heads = model.config.num_attention_heads
     per_token = 3 * 4 * heads * (start + min(remaining, prefill_chunk))  # fp32 scores, ~3 copies
     return max(1, min(remaining, prefill_chunk, ATTENTION_SCORE_BUDGET // per_token))

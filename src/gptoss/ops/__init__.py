@@ -321,12 +321,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def rotary_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """`gptoss.model.apply_rotary` of queries and keys (B, T, heads, D), in place; returns (q, k).
-    Natively for decode-sized inputs (up to `MAX_ROWS` tokens): the same fp32 products and sums,
-    without the dozen operators per call."""
+    Natively: the same fp32 products and sums, without the dozen operators and fp32 copies per call
+    (a 20b prompt chunk's rotary took ~6-10% of its prefill through them)."""
     B, T = q.shape[:2]
     if (
-        _native_ok(q, k, max_rows=MAX_ROWS)
-        and B * T <= MAX_ROWS
+        _native_ok(q, k)
         and q.dtype in DTYPE_CODES
         and k.dtype == q.dtype
         and q.is_contiguous()
@@ -354,6 +353,13 @@ def _native_prompt_attention() -> bool:
     slots: 3.3 against 9.8 ms; 1024 over 1024: 137 against 532), needing no (T, S) scores in
     memory; not on AVX2, where it measured ~6x slower than the fp32-GEMM path below."""
     return _native is not None and _native.isa() in ("avx512", "avx512bf16", "amx")
+
+
+def prompt_attention_in_place(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `sink_attention` of prompt-sized queries in `dtype` on `device` runs natively (outside
+    autograd), holding a few rows of scores at a time rather than the (T, S) scores PyTorch's path
+    makes: what lets a prefill keep its chunks long at long contexts."""
+    return device.type == "cpu" and dtype in DTYPE_CODES and _native_prompt_attention()
 
 
 def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:

@@ -257,15 +257,16 @@ def _attention(
 
 
 def paged_attention(q: Tensor, view: CacheView, sinks: Tensor) -> Tensor:
-    """`ops.sink_attention` of one query token a row, q (B, H, 1, D) in the cache's dtype, over the
-    blocks of a cache's decode `view` (whose new keys and values are already written), natively and
-    for any number of rows: (B, H, 1, D). The same kernel as over a contiguous cache, so the same bits."""
-    B, H, _, D = q.shape
+    """`ops.sink_attention` of queries q (B, H, T, D) in the cache's dtype (a decode step's one token
+    a row, or a prompt chunk's), over the blocks of a cache's `view` (whose new keys and values are
+    already written), natively and for any number of rows: (B, H, T, D). The same kernel as over a
+    contiguous cache, so the same bits."""
+    B, H, T, D = q.shape
     qa, s32 = q.detach().contiguous(), sinks.detach().float().contiguous()
-    out = torch.empty(B, H, 1, D, dtype=q.dtype)
+    out = torch.empty(B, H, T, D, dtype=q.dtype)
     code = DTYPE_CODES[q.dtype]
     _native.paged_attention(
-        qa.data_ptr(), code, B, H, D, view.keys.data_ptr(), view.values.data_ptr(), view.keys.shape[1],
+        qa.data_ptr(), code, B, H, T, D, view.keys.data_ptr(), view.values.data_ptr(), view.keys.shape[1],
         view.block_size, code, view.kv_heads, view.attended, view.mask.data_ptr(), view.mask.shape[0],
         s32.data_ptr(), out.data_ptr(),
     )  # fmt: skip

@@ -11,42 +11,6 @@ typedef struct {
 } amx_config;
 
 
-/* A thread's buffer of at least `need` bytes, kept for its next call: an MoE prompt makes hundreds
- * of calls a layer, and malloc would serve buffers this size with fresh pages (mmap) every time. */
-static void *scratch(void **buf, size_t *have, size_t need) {
-    if (*have < need) {
-        free(*buf);
-        *buf = line_aligned(need);
-        *have = *buf ? need : 0;
-    }
-    return *buf;
-}
-
-/* finish_row for rows [r, r + rows) and e's (at most 32) tokens, row i's sums at sums[i]: a
- * gate_up's SwiGLU 16 tokens at a time with exp512 (the scalar expf took ~14% of mxfp4_amx's
- * time), the other modes row by row. */
-AVX512_INLINE void amx_finish_rows(const epilogue *e, int64_t r, int64_t rows, float (*sums)[32], float *gate) {
-    if (e->mode != SWIGLU) {
-        for (int64_t i = 0; i < rows; i++) finish_row(e, r + i, sums[i], gate);
-        return;
-    }
-    for (int64_t i = 0; i < rows; i += 2) { /* (r and rows are even) */
-        int64_t c = layout_column(e->y_layout, (r + i) / 2, e->y_stride);
-        __m512 gate_bias = _mm512_set1_ps(e->bias ? load_val(e->bias, e->bias_dt, r + i) : 0.0f);
-        __m512 linear_bias = _mm512_set1_ps(e->bias ? load_val(e->bias, e->bias_dt, r + i + 1) : 0.0f);
-        for (int64_t t0 = 0; t0 < e->n; t0 += 16) {
-            __mmask16 m = e->n - t0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (e->n - t0)) - 1);
-            __m512 g = _mm512_add_ps(_mm512_maskz_loadu_ps(m, sums[i] + t0), gate_bias);
-            __m512 l = _mm512_add_ps(_mm512_maskz_loadu_ps(m, sums[i + 1] + t0), linear_bias);
-            float out[16];
-            _mm512_storeu_ps(out, swiglu16(g, l, e->alpha, e->limit));
-            for (int64_t j = 0; j < 16 && t0 + j < e->n; j++)
-                store_val(e->y, e->y_dt, (t0 + j) * e->y_stride + c,
-                          e->round_bf16 ? bf16_to_f32(f32_to_bf16(out[j])) : out[j]);
-        }
-    }
-}
-
 /* Weight rows [r0, r1) against the n bf16 activation rows x (AS_BF16), with AMX tile multiplies
  * (tdpbf16ps: 16 x 16 outputs, 32 products each, exact bf16 products summed in fp32). The weights are
  * the A operand: a block of 16 rows decodes to 16 rows of 32 bf16 values in their own order (the
@@ -122,7 +86,7 @@ AMX void mxfp4_amx(const void *xv, int64_t n, const weights *w, int64_t r0, int6
                 _tile_stored(3, &sums[16][16], sizeof sums[0]);
             }
             epilogue part = rows_epilogue(e, c * 16, min64(two ? 32 : 16, n - c * 16));
-            amx_finish_rows(&part, rs, rows, sums, gate);
+            tile_finish_rows(&part, rs, rows, sums, gate);
         }
     }
     _tile_release();

@@ -28,12 +28,13 @@
  * AVX2, all of them at once against a tile decoded a column chunk at a time: avx2_gemm). With
  * bf16 activations that is as fast as PyTorch's bf16 GEMM alone at a 128-token prompt's ~16 tokens
  * per expert, before any dequantization is paid for. Where the CPU has AMX tiles, a prompt's
- * experts decode their weights to bf16 tiles and multiply them on AMX (mxfp4_amx).
+ * experts decode their weights to bf16 tiles and multiply them on AMX (mxfp4_amx); with AVX-512 BF16
+ * and no AMX, an expert's many tokens share one decoding of its rows (mxfp4_bf16_gemm).
  *
  * The files, one concern each (ggml-cpu's shape): common.h (tables, the kernel-call description,
  * declarations), dispatch.c (which kernel serves a call, activation layouts, the threads' tiles),
  * generic.c (portable C, the reference), avx2.c, avx512.c, avx512bf16.c and amx.c (one instruction
- * set each; avx512.h their shared inline helpers), moe.c (the routed experts of a layer in one
+ * set each; avx512.h their shared inline helpers), prompt.c (a prompt's experts as a GEMM), moe.c (the routed experts of a layer in one
  * call), attention.c (RMSNorm, rotary, sink attention and a block's attention half of a decode step).
  */
 #define PY_SSIZE_T_CLEAN
@@ -208,25 +209,25 @@ static PyObject *py_sink_attention(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* paged_attention(q, q_dt, batch, heads, dim, k_pages, v_pages, pages, page, kv_dt, kv_heads, keys,
- *                 mask, mask_batch, sinks, out): sink_attention of one query token a row over a
- * cache in blocks of `page` positions, row b's block i at byte addresses k_pages[b·pages + i] and
+/* paged_attention(q, q_dt, batch, heads, tokens, dim, k_pages, v_pages, pages, page, kv_dt, kv_heads,
+ *                 keys, mask, mask_batch, sinks, out): sink_attention of `tokens` query tokens a row
+ * (a decode step's one, or a prompt chunk's) over a cache in blocks of `page` positions, row b's block i at byte addresses k_pages[b·pages + i] and
  * v_pages[...] (int64 (batch, pages)), each (kv_heads, page, dim) in kv_dt. */
 static PyObject *py_paged_attention(PyObject *self, PyObject *args) {
     attention a;
     unsigned long long qp, kpp, vpp, mp, sp, op;
-    long long batch, heads, dim, pages, page, kv_heads, keys, mask_batch;
-    if (!PyArg_ParseTuple(args, "KiLLLKKLLiLLKLKK", &qp, &a.q_dt, &batch, &heads, &dim, &kpp, &vpp, &pages,
-                          &page, &a.kv_dt, &kv_heads, &keys, &mp, &mask_batch, &sp, &op))
+    long long batch, heads, tokens, dim, pages, page, kv_heads, keys, mask_batch;
+    if (!PyArg_ParseTuple(args, "KiLLLLKKLLiLLKLKK", &qp, &a.q_dt, &batch, &heads, &tokens, &dim, &kpp, &vpp,
+                          &pages, &page, &a.kv_dt, &kv_heads, &keys, &mp, &mask_batch, &sp, &op))
         return NULL;
-    if (!check_sizes(batch * heads, dim, keys) || !check_dtypes(a.q_dt, a.kv_dt, F32)) return NULL;
+    if (!check_sizes(batch * heads * tokens, dim, keys) || !check_dtypes(a.q_dt, a.kv_dt, F32)) return NULL;
     if (kv_heads < 1 || heads % kv_heads)
         return PyErr_Format(PyExc_ValueError, "%lld query heads cannot share %lld key/value heads",
                             heads, kv_heads);
     if (page < 1 || pages < 1 || keys > pages * page || (mask_batch != 1 && mask_batch != batch))
         return PyErr_Format(PyExc_ValueError, "bad paged attention: keys %lld of %lld blocks of %lld, mask "
                             "batch %lld of %lld", keys, pages, page, mask_batch, batch);
-    a.batch = batch, a.heads = heads, a.kv_heads = kv_heads, a.tokens = 1, a.keys = keys, a.dim = dim;
+    a.batch = batch, a.heads = heads, a.kv_heads = kv_heads, a.tokens = tokens, a.keys = keys, a.dim = dim;
     a.q = (const void *)qp, a.k = a.v = NULL, a.kv_batch_stride = a.kv_head_stride = 0;
     a.k_pages = (const int64_t *)kpp, a.v_pages = (const int64_t *)vpp, a.pages = pages, a.page = page;
     a.mask = (const uint8_t *)mp, a.mask_batch = mask_batch, a.sinks = (const float *)sp;

@@ -214,10 +214,277 @@ static void attend_row(const attention *a, const attention_steps *steps, int64_t
     for (int64_t d = 0; d < D; d++) store_val(out, a->kv_dt, d, acc[d]);
 }
 
+/* ------------------------------------------------- bf16 attention in tiles (AVX-512 BF16)
+ * With bf16 queries, keys and values (the model's dtype) the query heads that share a key/value
+ * head are taken together, with up to QUERY_TOKENS tokens of them (one "unit": G·Tq query rows),
+ * against the keys in tiles of 32 positions: a tile of keys is transposed once in registers so that
+ * one vector holds a pair of dimensions of 16 keys, and every row of the unit multiplies it with
+ * vdpbf16ps (exact bf16 products, fp32 sums); the values of a tile are laid out once as pairs of
+ * positions and every row's probabilities (already rounded to bf16, as the reference rounds them)
+ * weight them the same way. Per row the steps stay those of attend_row: all its scores, then the
+ * softmax beside the sink (softmax_avx512, the same lanes), then the weighted values, so there is no
+ * (T, S) score matrix (a unit holds G·Tq rows of scores) and no online rescaling, and a row's numbers
+ * do not depend on the unit it is in, the batch beside it or the paging of the cache: its sums run
+ * over its key positions in order, tiles fixed at multiples of 32 from position 0. Keys a row may
+ * not see outside the span of its first and last visible key are skipped whole (they add exact
+ * zeros). */
+#define KEY_TILE 32
+#define UNIT_SCORES (1 << 18) /* score floats a unit may hold (1 MiB): the tokens a unit takes */
+#define UNIT_ROWS 64
+
+/* Where key positions [s0, s0 + n) of the unit's head lie: pages of `page` positions (rows of D
+ * bf16), one division for the run. */
+INLINE void kv_rows(const char *const *pages, int64_t page, int64_t D, int64_t s0, int64_t n,
+                    const uint16_t **rows) {
+    int64_t i = s0 / page, o = s0 % page;
+    for (int64_t j = 0; j < n; j++) {
+        rows[j] = (const uint16_t *)pages[i] + o * D;
+        if (++o == page) i++, o = 0;
+    }
+}
+
+/* The rows of the next tile, asked for into L2 while this one is multiplied: a decode step reads
+ * every key and value once, from DRAM, and a tile's rows lie in one or two blocks of the cache,
+ * whose 4 KiB pages the hardware prefetchers do not cross. Into L1, or further ahead, measured
+ * slower (benchmarks/NOTES.md, issue 33). */
+INLINE void prefetch_tile(const char *const *pages, int64_t page, int64_t D, int64_t s0, int64_t last) {
+    const uint16_t *rows[KEY_TILE];
+    int64_t n = last - s0 < KEY_TILE ? last - s0 : KEY_TILE;
+    if (n <= 0) return;
+    kv_rows(pages, page, D, s0, n, rows);
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch((const char *)rows[j] + b, _MM_HINT_T1);
+}
+
+/* Keys at rows[0 .. n), n ≤ 16, as D/2 vectors: kt[j] holds dimensions 2j, 2j+1 of each key
+ * (zeros past n). */
+AVX512BF16_INLINE void key_tile(const uint16_t *const *rows, int64_t D, int64_t n, __m512i *kt) {
+    for (int64_t c = 0; c < D / 32; c++) {
+        __m512i r[16];
+        for (int i = 0; i < 16; i++)
+            r[i] = i < n ? _mm512_loadu_si512(rows[i] + 32 * c) : _mm512_setzero_si512();
+        transpose16(r);
+        for (int i = 0; i < 16; i++) kt[16 * c + i] = r[i];
+    }
+}
+
+/* Scores of N rows (their queries as D/2 bf16 pairs) against the two halves of a key tile, divided
+ * by root, -inf where a row's mask forbids; into score rows at the tile's positions. */
+AVX512BF16_INLINE void tile_scores(const int N, const uint32_t *const *q, const uint8_t *const *mask,
+                                   float *const *scores, const __m512i *kt, int64_t D, int64_t s0,
+                                   int64_t n, float root) {
+    __m512 acc[2][8];
+    for (int r = 0; r < N; r++) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+    const __m512i *kt1 = kt + D / 2;
+    for (int64_t j = 0; j < D / 2; j++) {
+        __m512bh k0 = as_bh(kt[j]), k1 = as_bh(kt1[j]);
+#pragma GCC unroll 8
+        for (int r = 0; r < N; r++) {
+            __m512bh b = as_bh(_mm512_set1_epi32((int)q[r][j]));
+            acc[0][r] = _mm512_dpbf16_ps(acc[0][r], k0, b);
+            acc[1][r] = _mm512_dpbf16_ps(acc[1][r], k1, b);
+        }
+    }
+    const __m512 none = _mm512_set1_ps(-INFINITY), div = _mm512_set1_ps(root);
+    for (int r = 0; r < N; r++)
+        for (int h = 0; h < 2 && 16 * h < n; h++) {
+            int64_t m = n - 16 * h >= 16 ? 16 : n - 16 * h;
+            __mmask16 live = (__mmask16)((1u << m) - 1);
+            __mmask16 seen = _mm_mask_test_epi8_mask(live, _mm_maskz_loadu_epi8(live, mask[r] + s0 + 16 * h),
+                                                     _mm_set1_epi8(1));
+            __m512 v = _mm512_mask_div_ps(none, seen, acc[h][r], div);
+            _mm512_mask_storeu_ps(scores[r] + s0 + 16 * h, live, v);
+        }
+}
+
+/* acc[r] (D fp32) += Σ p[r][s] · v[s] over a tile's position pairs: vp[i · D/16 + c] holds
+ * dimensions 16c .. 16c+15 of positions 2i (low words) and 2i+1 (high words), pp[r][i] row r's two
+ * bf16 probabilities of pair i. Two column chunks at a time: 2·N independent sums hide the latency
+ * of vdpbf16ps and share each broadcast probability. */
+AVX512BF16_INLINE void tile_values(const int N, const __m512i *vp, const uint32_t (*pp)[KEY_TILE / 2],
+                                   float *const *acc, int64_t D, int64_t pairs) {
+    const int64_t C = D / 16;
+    for (int64_t c = 0; c < C; c += 2) {
+        __m512 sum[2][8];
+        for (int r = 0; r < N; r++) {
+            sum[0][r] = _mm512_loadu_ps(acc[r] + 16 * c);
+            sum[1][r] = _mm512_loadu_ps(acc[r] + 16 * c + 16);
+        }
+        for (int64_t i = 0; i < pairs; i++) {
+            __m512bh v0 = as_bh(vp[i * C + c]), v1 = as_bh(vp[i * C + c + 1]);
+#pragma GCC unroll 8
+            for (int r = 0; r < N; r++) {
+                __m512bh p = as_bh(_mm512_set1_epi32((int)pp[r][i]));
+                sum[0][r] = _mm512_dpbf16_ps(sum[0][r], v0, p);
+                sum[1][r] = _mm512_dpbf16_ps(sum[1][r], v1, p);
+            }
+        }
+        for (int r = 0; r < N; r++) {
+            _mm512_storeu_ps(acc[r] + 16 * c, sum[0][r]);
+            _mm512_storeu_ps(acc[r] + 16 * c + 16, sum[1][r]);
+        }
+    }
+}
+
+/* The first and one past the last position a mask row lets a query see ([0, 0) for none). */
+static void visible_span(const uint8_t *mask, int64_t keys, int64_t *lo, int64_t *hi) {
+    int64_t a = 0, b = keys;
+    while (a < keys && !mask[a]) a++;
+    while (b > a && !mask[b - 1]) b--;
+    *lo = a < b ? a : 0, *hi = a < b ? b : 0;
+}
+
+/* Work of one thread: scores UNIT_SCORES floats and more (see tiled_work_size). */
+typedef struct {
+    float *scores, *acc;
+    uint32_t (*pp)[KEY_TILE / 2];
+    __m512i *kt, *vp;
+    const char **kp, **vpages;
+} tile_work;
+
+static size_t tiled_work_size(const attention *a, int64_t rows) {
+    return sizeof(float) * rows * (a->keys + a->dim) + sizeof(uint32_t) * rows * KEY_TILE / 2 +
+           64 * (a->dim + KEY_TILE / 2 * a->dim / 16) + 2 * sizeof(char *) * page_count(a) + 64;
+}
+
+static void tiled_work_layout(const attention *a, int64_t rows, void *base, tile_work *w) {
+    char *p = (char *)(((uintptr_t)base + 63) & ~(uintptr_t)63);
+    w->kt = (__m512i *)p, p += 64 * a->dim;
+    w->vp = (__m512i *)p, p += 64 * KEY_TILE / 2 * (a->dim / 16);
+    w->scores = (float *)p, p += sizeof(float) * rows * a->keys;
+    w->acc = (float *)p, p += sizeof(float) * rows * a->dim;
+    w->pp = (uint32_t (*)[KEY_TILE / 2])p, p += sizeof(uint32_t) * rows * KEY_TILE / 2;
+    w->kp = (const char **)p, w->vpages = w->kp + page_count(a);
+}
+
+/* Query tokens [t0, t0 + tq) of the heads sharing key/value head kh of batch row b. */
+AVX512BF16 static void attend_unit(const attention *a, int64_t b, int64_t kh, int64_t t0, int64_t tq,
+                                   const tile_work *w) {
+    int64_t D = a->dim, S = a->keys, G = a->heads / a->kv_heads, R = G * tq, n = page_count(a);
+    int64_t page = S;
+    if (a->k_pages) {
+        page = a->page;
+        size_t head = kh * page * D * 2;
+        for (int64_t i = 0; i < n; i++) {
+            w->kp[i] = (const char *)(intptr_t)a->k_pages[b * a->pages + i] + head;
+            w->vpages[i] = (const char *)(intptr_t)a->v_pages[b * a->pages + i] + head;
+        }
+    } else {
+        int64_t offset = (b * a->kv_batch_stride + kh * a->kv_head_stride) * 2;
+        w->kp[0] = (const char *)a->k + offset;
+        w->vpages[0] = (const char *)a->v + offset;
+    }
+    /* rows r = tt·G + g: query head kh·G + g at token t0 + tt */
+    const uint32_t *q[UNIT_ROWS];
+    const uint8_t *mask[UNIT_ROWS];
+    float *scores[UNIT_ROWS], *acc[UNIT_ROWS];
+    int64_t lo[UNIT_ROWS], hi[UNIT_ROWS], first = S, last = 0;
+    for (int64_t r = 0; r < R; r++) {
+        int64_t t = t0 + r / G, h = kh * G + r % G;
+        q[r] = (const uint32_t *)a->q + ((b * a->heads + h) * a->tokens + t) * D / 2;
+        mask[r] = a->mask + ((a->mask_batch > 1 ? b : 0) * a->tokens + t) * S;
+        scores[r] = w->scores + r * S;
+        acc[r] = w->acc + r * D;
+        if (r % G == 0) visible_span(mask[r], S, &lo[r], &hi[r]);
+        else lo[r] = lo[r - 1], hi[r] = hi[r - 1];
+        if (lo[r] < hi[r]) first = lo[r] < first ? lo[r] : first, last = hi[r] > last ? hi[r] : last;
+        for (int64_t d = 0; d < D; d++) acc[r][d] = 0.0f;
+    }
+    first -= first % KEY_TILE;
+    const uint16_t *rows[KEY_TILE];
+    float root = sqrtf((float)D);
+    for (int64_t s0 = first; s0 < last; s0 += KEY_TILE) {
+        int64_t m = last - s0 < KEY_TILE ? last - s0 : KEY_TILE;
+        prefetch_tile(w->kp, page, D, s0 + KEY_TILE, last);
+        kv_rows(w->kp, page, D, s0, m, rows);
+        key_tile(rows, D, m < 16 ? m : 16, w->kt);
+        key_tile(rows + 16, D, m > 16 ? m - 16 : 0, w->kt + D / 2);
+        for (int64_t r = 0; r < R; r += 8) {
+#define SCORES(N) tile_scores(N, q + r, mask + r, scores + r, w->kt, D, s0, m, root)
+            SWITCH_ROWS(R - r < 8 ? R - r : 8, SCORES);
+#undef SCORES
+        }
+    }
+    for (int64_t r = 0; r < R; r++) { /* the softmax over 16-aligned spans: the lanes of the whole row */
+        int64_t from = lo[r] - lo[r] % 16;
+        softmax_avx512(scores[r] + from, hi[r] - from, a->sinks[kh * G + r % G], 1);
+        lo[r] = from;
+    }
+    for (int64_t s0 = first; s0 < last; s0 += KEY_TILE) {
+        int64_t m = last - s0 < KEY_TILE ? last - s0 : KEY_TILE, pairs = (m + 1) / 2;
+        prefetch_tile(w->vpages, page, D, s0 + KEY_TILE, last);
+        kv_rows(w->vpages, page, D, s0, m, rows);
+        for (int64_t i = 0; i < pairs; i++) {
+            const uint16_t *v0 = rows[2 * i], *v1 = 2 * i + 1 < m ? rows[2 * i + 1] : NULL;
+            for (int64_t c = 0; c < D / 16; c++) {
+                __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v0 + 16 * c)));
+                __m512i high = v1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v1 + 16 * c)))
+                                  : _mm512_setzero_si512();
+                w->vp[i * (D / 16) + c] = _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+            }
+        }
+        for (int64_t r = 0; r < R; r++) { /* probabilities outside the row's span are zeros */
+            int64_t a0 = lo[r] > s0 ? lo[r] : s0, a1 = hi[r] < s0 + m ? hi[r] : s0 + m;
+            uint32_t live = a0 < a1 ? (uint32_t)(((1ull << (a1 - a0)) - 1) << (a0 - s0)) : 0;
+            __m512 p0 = _mm512_maskz_loadu_ps((__mmask16)live, scores[r] + s0);
+            __m512 p1 = _mm512_maskz_loadu_ps((__mmask16)(live >> 16), scores[r] + s0 + 16);
+            /* (exact: the probabilities are bf16 values already) */
+            _mm512_storeu_si512(w->pp[r], _mm512_castps_si512((__m512)_mm512_cvtne2ps_pbh(p1, p0)));
+        }
+        for (int64_t r = 0; r < R; r += 8) {
+#define VALUES(N) tile_values(N, w->vp, w->pp + r, acc + r, D, pairs)
+            SWITCH_ROWS(R - r < 8 ? R - r : 8, VALUES);
+#undef VALUES
+        }
+    }
+    for (int64_t r = 0; r < R; r++) {
+        int64_t t = t0 + r / G, h = kh * G + r % G;
+        uint16_t *out = (uint16_t *)a->out + ((b * a->heads + h) * a->tokens + t) * D;
+        for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(acc[r][d]);
+    }
+}
+
+/* Whether the tiled kernel serves an attention: bf16 throughout, a head of whole 32-dim chunks. */
+static int tiled(const attention *a) {
+    return active_isa >= ISA_AVX512BF16 && a->q_dt == BF16 && a->kv_dt == BF16 && a->dim % 32 == 0 &&
+           a->dim <= 256 && a->heads / a->kv_heads <= UNIT_ROWS;
+}
+
+static int tiled_attention(const attention *a) {
+    int64_t G = a->heads / a->kv_heads;
+    int64_t tq = UNIT_SCORES / (G * a->keys);
+    tq = tq < 1 ? 1 : tq > UNIT_ROWS / G ? UNIT_ROWS / G : tq;
+    tq = tq > a->tokens ? a->tokens : tq;
+    int64_t blocks = (a->tokens + tq - 1) / tq, units = a->batch * a->kv_heads * blocks;
+    size_t work_size = tiled_work_size(a, G * tq);
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel if (a->batch * a->heads * a->tokens * a->keys * a->dim > 1 << 15)
+#endif
+    {
+        void *base = malloc(work_size);
+        tile_work w;
+        if (!base) failed = 1;
+        else tiled_work_layout(a, G * tq, base, &w);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t u = 0; u < units; u++) {
+            if (!base) continue;
+            int64_t blk = u % blocks, kh = u / blocks % a->kv_heads, b = u / blocks / a->kv_heads;
+            int64_t t0 = blk * tq;
+            attend_unit(a, b, kh, t0, a->tokens - t0 < tq ? a->tokens - t0 : tq, &w);
+        }
+        free(base);
+    }
+    return failed ? -1 : 0;
+}
+
 /* 0, or -1 when memory ran out. Query rows go to threads once there is enough work: from ~32K
  * multiply-adds a product, which puts a 20b decode step over a few hundred keys on every thread
  * (benchmarks/NOTES.md). */
 int sink_attention(const attention *a) {
+    if (tiled(a)) return tiled_attention(a);
     int64_t rows = a->batch * a->heads * a->tokens;
     static const attention_steps portable = {key_scores_c, softmax_c, weighted_values_c};
     static const attention_steps avx512 = {key_scores_avx512, softmax_avx512, weighted_values_avx512};
@@ -250,6 +517,9 @@ int sink_attention(const attention *a) {
 void rotary(void *x, int dt, int64_t tokens, int64_t heads, int64_t dim, const float *cos,
             const float *sin) {
     int64_t half = dim / 2;
+#ifdef _OPENMP
+#pragma omp parallel for if (tokens * heads * dim > 262144)
+#endif
     for (int64_t t = 0; t < tokens; t++)
         for (int64_t h = 0; h < heads; h++) {
             int64_t row = (t * heads + h) * dim;

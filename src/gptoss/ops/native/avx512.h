@@ -169,4 +169,66 @@ AVX512_INLINE void finish_rows_reduced(const int N, const int R, __m512 (*s)[MAX
     }
 }
 
+/* A thread's buffer of at least `need` bytes, kept for its next call: an MoE prompt makes hundreds
+ * of calls a layer, and malloc would serve buffers this size with fresh pages (mmap) every time. */
+static inline void *scratch(void **buf, size_t *have, size_t need) {
+    if (*have < need) {
+        free(*buf);
+        *buf = line_aligned(need);
+        *have = *buf ? need : 0;
+    }
+    return *buf;
+}
+
+/* finish_row for rows [r, r + rows) and e's (at most 32) tokens, row i's sums at sums[i]: a
+ * gate_up's SwiGLU 16 tokens at a time with exp512 (the scalar expf took ~14% of mxfp4_amx's
+ * time), the other modes row by row. (amx.c, prompt.c) */
+AVX512_INLINE void tile_finish_rows(const epilogue *e, int64_t r, int64_t rows, float (*sums)[32], float *gate) {
+    if (e->mode != SWIGLU) {
+        for (int64_t i = 0; i < rows; i++) finish_row(e, r + i, sums[i], gate);
+        return;
+    }
+    for (int64_t i = 0; i < rows; i += 2) { /* (r and rows are even) */
+        int64_t c = layout_column(e->y_layout, (r + i) / 2, e->y_stride);
+        __m512 gate_bias = _mm512_set1_ps(e->bias ? load_val(e->bias, e->bias_dt, r + i) : 0.0f);
+        __m512 linear_bias = _mm512_set1_ps(e->bias ? load_val(e->bias, e->bias_dt, r + i + 1) : 0.0f);
+        for (int64_t t0 = 0; t0 < e->n; t0 += 16) {
+            __mmask16 m = e->n - t0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (e->n - t0)) - 1);
+            __m512 g = _mm512_add_ps(_mm512_maskz_loadu_ps(m, sums[i] + t0), gate_bias);
+            __m512 l = _mm512_add_ps(_mm512_maskz_loadu_ps(m, sums[i + 1] + t0), linear_bias);
+            float out[16];
+            _mm512_storeu_ps(out, swiglu16(g, l, e->alpha, e->limit));
+            for (int64_t j = 0; j < 16 && t0 + j < e->n; j++)
+                store_val(e->y, e->y_dt, (t0 + j) * e->y_stride + c,
+                          e->round_bf16 ? bf16_to_f32(f32_to_bf16(out[j])) : out[j]);
+        }
+    }
+}
+
+/* 16 rows of 16 dwords transposed in place: r[c] becomes column c (attention.c, prompt.c). */
+AVX512BF16_INLINE void transpose16(__m512i *r) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* r[4i + m], lane L: column 4L + m of rows 4i .. 4i+3 */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        __m512i u0 = _mm512_shuffle_i32x4(r[m], r[4 + m], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512i u1 = _mm512_shuffle_i32x4(r[m], r[4 + m], _MM_SHUFFLE(3, 2, 3, 2));
+        __m512i v0 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512i v1 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], _MM_SHUFFLE(3, 2, 3, 2));
+        t[m] = _mm512_shuffle_i32x4(u0, v0, _MM_SHUFFLE(2, 0, 2, 0));
+        t[4 + m] = _mm512_shuffle_i32x4(u0, v0, _MM_SHUFFLE(3, 1, 3, 1));
+        t[8 + m] = _mm512_shuffle_i32x4(u1, v1, _MM_SHUFFLE(2, 0, 2, 0));
+        t[12 + m] = _mm512_shuffle_i32x4(u1, v1, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
 #endif

@@ -212,6 +212,9 @@ extern int amx_permitted; /* set at import: Linux lets this process use the tile
 /* The fewest tokens an expert sends through mxfp4_amx; fewer take mxfp4_bf16_avx512 (measured best
  * between 3 and 6, benchmarks/NOTES.md). */
 #define AMX_MIN_TOKENS 6
+/* The fewest tokens an expert sends through mxfp4_bf16_gemm (AVX-512 BF16 without AMX); fewer take
+ * mxfp4_bf16_avx512 (benchmarks/NOTES.md, issue 33). */
+#define GEMM_MIN_TOKENS 32
 
 #define QUADS_MAX_ROWS 4 /* activation rows mxfp4_quads_avx512 takes */
 #define MAX_MANY 4       /* weights one matmul_many call takes */
@@ -243,6 +246,8 @@ void write_i16_pairs(const uint16_t *x, int64_t in, uint8_t *dst);
 void write_i16_groups(const uint16_t *x, int64_t in, uint8_t *dst);
 /* amx.c */
 void mxfp4_amx(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1, const epilogue *e);
+/* prompt.c */
+void mxfp4_bf16_gemm(const void *x, int64_t n, const weights *w, int64_t r0, int64_t r1, const epilogue *e);
 
 /* ------------------------------------------------------------------ dispatch.c */
 void init_tables(void);

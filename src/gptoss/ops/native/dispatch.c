@@ -71,13 +71,14 @@ row_fn expert_kernel(row_fn kernel, enum layout *layout, int64_t count, int64_t 
         }
     }
     if (kernel == mxfp4_amx && count < AMX_MIN_TOKENS) return mxfp4_bf16_avx512;
+    if (kernel == mxfp4_bf16_gemm && count < GEMM_MIN_TOKENS) return mxfp4_bf16_avx512;
     return kernel == mxfp4_f32_avx2_gemm && count <= MAX_ROWS ? mxfp4_f32_avx2 : kernel;
 }
 
 /* Whether kernel takes all of a call's activation rows at once rather than MAX_ROWS at a time. */
 static int takes_all_rows(row_fn kernel) {
     return kernel == mxfp4_f32_avx2_gemm || kernel == bf16w_f32_avx2_gemm || kernel == int8w_f32_avx2_gemm ||
-           kernel == mxfp4_amx;
+           kernel == mxfp4_amx || kernel == mxfp4_bf16_gemm;
 }
 
 /* ------------------------------------------------------------------ dispatch */

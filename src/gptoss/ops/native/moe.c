@@ -72,7 +72,9 @@ int moe(const expert_stack *s, const void *x, int dt, int64_t n, int64_t k, cons
         int64_t in = s->inter % (2 * BLOCK) == 0 ? s->hidden : s->inter;
         kernel = choose_kernel(MXFP4, dt, busiest, in, &layout);
         if (active_isa == ISA_AMX && kernel == mxfp4_bf16_avx512 && busiest >= AMX_MIN_TOKENS) kernel = mxfp4_amx;
-        step = kernel == mxfp4_amx ? AMX_ROWS : TILE;
+        if (active_isa == ISA_AVX512BF16 && kernel == mxfp4_bf16_avx512 && busiest >= GEMM_MIN_TOKENS)
+            kernel = mxfp4_bf16_gemm;
+        step = kernel == mxfp4_amx || kernel == mxfp4_bf16_gemm ? AMX_ROWS : TILE;
         size = layout_size(layout); /* (the same for every expert's layout) */
         for (int64_t j = 0; j < m; j++) {
             layouts[j] = layout;
