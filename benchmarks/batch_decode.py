@@ -10,9 +10,10 @@ rows). The read bound is those bytes divided by the read bandwidth measured in t
 (`decode.resident_bandwidth`). The routed experts are counted per step and layer from the router's
 top-k, so the bound is that of this run's routing, not of an assumed one. A step also multiplies
 every row by its active weights (2 FLOP per active parameter and token, the attention over a short
-cache aside): the compute bound is the rate of PyTorch's bf16 GEMM on this machine, measured in the
-same run, divided by that. Whichever bound is lower is the one a step can reach ("of bound"). The
-in-process engine step (ModelRunner + Engine, as `generate_stream` drives it) is timed per decode step.
+cache aside): the compute bound is the rate of PyTorch's bf16 GEMM on the model's shapes
+(`long_context.gemm_rate`), measured in the same run, divided by that. Whichever bound is lower is
+the one a step can reach ("of bound"). The in-process engine step (ModelRunner + Engine, as
+`generate_stream` drives it) is timed per decode step.
 
 `--kernel` times one MoE layer of the model's shape (random MXFP4 experts) with every row routed to
 the same top-k experts, at 1, 2, 4, 8 and 16 rows: the bytes read are the same at every row count,
@@ -30,8 +31,8 @@ from typing import Any
 
 import psutil
 import torch
-import torch.nn.functional as F
 from decode import resident_bandwidth  # (benchmarks/ is on sys.path when this script runs)
+from long_context import gemm_rate
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
@@ -78,27 +79,14 @@ class RoutedExperts:
         torch.topk = self._topk
 
 
-def gemm_rate(hidden: int, rows: int = 512, repeats: int = 5) -> float:
-    """FLOP/s of PyTorch's bf16 GEMM here and now, the best of `repeats`: (rows, hidden) against a
-    (4 hidden, hidden) weight, the shape of a prompt chunk through an attention projection."""
-    x = torch.randn(rows, hidden, dtype=torch.bfloat16)
-    w = torch.randn(4 * hidden, hidden, dtype=torch.bfloat16)
-    F.linear(x, w)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        F.linear(x, w)
-        best = min(best, time.perf_counter() - start)
-    return 2 * rows * hidden * 4 * hidden / best
-
-
 def run_batch(model: Any, batch: int, steps: int, prompt_len: int) -> dict[str, Any]:
     config = model.config
     runner = ModelRunner(model, batch, prompt_len + steps + 2)
     engine = Engine(runner, prefill_budget=batch * prompt_len, default_stop_ids=[])
     params = SamplingParams(max_tokens=steps + 1, temperature=0, stop_token_ids=[])
     for b in range(batch):
-        prompt = [(977 * b + 31 * i) % 199_000 + 1 for i in range(prompt_len)]
+        ids = [(977 * b + 31 * i) % 199_000 + 1 for i in range(prompt_len)]
+        prompt = runner.fit_prompt(ids)[:prompt_len]  # a trimmed vocabulary spells some ids in bytes
         engine.add(SequenceRequest(prompt, params, b))
     engine.step()  # prefill and the first tokens
     while len(engine.running) < batch:
@@ -212,7 +200,7 @@ def main() -> None:
             bandwidth = max(before, resident_bandwidth(model))
             level["bandwidth_gb_s"] = bandwidth / 1e9
             level["bound_tok_s"] = batch * bandwidth / 1e9 / level["step_gb"]
-            level["gemm_gflop_s"] = gemm_rate(model.config.hidden_size) / 1e9
+            level["gemm_gflop_s"] = gemm_rate(model.config, rows=512) / 1e9
             level["compute_bound_tok_s"] = level["gemm_gflop_s"] * 1e9 / (2 * model.config.active_params())
             # (the read probe gives 0 for a model too small to time it on)
             bound = min(b for b in (level["bound_tok_s"], level["compute_bound_tok_s"]) if b > 0)
