@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -62,25 +63,38 @@ def tiny() -> ModelConfig:
     return tiny_config()
 
 
-@contextlib.contextmanager
-def gptoss_serve(args: list[str], env: dict[str, str]) -> Iterator[int]:
-    """`gptoss serve ARGS` in its own process on a free 127.0.0.1 port: yields the port once
-    /health answers, then stops the server with Ctrl-C (SIGINT)."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def wait_for_health(server: subprocess.Popen, port: int, log: Path, timeout: float = 120) -> None:
+    """Return once the server process answers GET /health on `port`; fail with the end of its
+    output (`log`) if it exits or `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert server.poll() is None, log.read_text()[-3000:]
+        waited = f"the server did not answer /health in {timeout} s\n"
+        assert time.monotonic() < deadline, waited + log.read_text()[-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def gptoss_serve(args: list[str], env: dict[str, str], log: Path) -> Iterator[int]:
+    """`gptoss serve ARGS` in its own process on a free 127.0.0.1 port, its output into `log`:
+    yields the port once /health answers, then stops the server with Ctrl-C (SIGINT)."""
+    port = free_port()
     command = [sys.executable, "-m", "gptoss.cli", "serve", *args, "--port", str(port)]
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with log.open("w") as out:
+        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            assert time.monotonic() < deadline, "gptoss serve did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_for_health(server, port, log)
         yield port
     finally:
         server.send_signal(signal.SIGINT)

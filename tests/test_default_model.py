@@ -84,7 +84,8 @@ def test_cli_generate_uses_the_bundled_model_by_default(capsys):
 
 def test_gptoss_serve_with_no_model_serves_the_bundled_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GPTOSS_API_KEY"}
-    with gptoss_serve(["--max-batch", "2", "--responses-db", str(tmp_path / "r.db")], env) as port:
+    args = ["--max-batch", "2", "--responses-db", str(tmp_path / "r.db")]
+    with gptoss_serve(args, env, tmp_path / "serve.log") as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list()] == [DEFAULT_MODEL]
         reply = client.chat.completions.create(

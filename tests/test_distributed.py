@@ -11,7 +11,6 @@ import dataclasses
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from conftest import random_model, tiny_config
+from conftest import free_port, random_model, tiny_config
 from gptoss import load_model
 from gptoss.cli import main
 from gptoss.distributed import parallelize_for_inference
@@ -127,9 +126,7 @@ def _worker(rank: int, world: int, port: int, layouts: list, out: str) -> None:
 
 
 def run_ranks(world: int, layouts: list, tmp_path: Path) -> list[dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = str(tmp_path / "results.pt")
     mp.spawn(_worker, args=(world, port, layouts, out), nprocs=world, join=True)
     return torch.load(out, weights_only=False)

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import psutil
@@ -23,6 +20,7 @@ import pytest
 import torch
 from openai import OpenAI
 
+from conftest import free_port, wait_for_health
 from gptoss import load_model
 from gptoss.cli import main
 from gptoss.inference import ModelRunner, PrefixCache
@@ -84,24 +82,6 @@ def one_process(tmp_path_factory) -> dict:
     settings = ServerSettings(model_name=MODEL, responses_db=tmp_path_factory.mktemp("one") / "r.db")
     with LiveServer(create_app(runner, settings)) as server:
         return answers(server.client())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_health(server: subprocess.Popen, port: int, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        assert server.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "torchrun gptoss serve did not come up"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.2)
 
 
 CASES = {  # the layout, and the signal that stops torchrun
