@@ -230,52 +230,41 @@ AVX512BF16 void mxfp4_quads_avx512(const void *x, int64_t n, const weights *w, i
 #undef ROW
 }
 
-/* Rows r .. r+R-1 against the N activation rows: each row's fp32 partial sums into s[q][t]. */
-AVX512BF16_INLINE void bf16w_bf16_sums(const int N, const int R, const uint16_t *x, const weights *w,
-                                       int64_t r, __m512 (*s)[MAX_ROWS]) {
+/* Row r against the N (1 to 4) activation rows: its fp32 partial sums into lanes[t][slot]. */
+AVX512BF16_INLINE void bf16w_bf16_row(const int N, const uint16_t *x, const weights *w, int64_t r,
+                                      __m512 (*lanes)[16], int slot) {
     const int U = STREAMS(N);
     int64_t in = w->in, full = in - in % 32;
     __mmask32 tail = (__mmask32)((1ull << (in % 32)) - 1);
     const uint16_t *wr = (const uint16_t *)w->w + r * in;
-    __m512 acc[4][MAX_ROWS][2];
+    __m512 acc[4][MAX_ROWS];
 #pragma GCC unroll 8
     for (int t = 0; t < N; t++)
-        for (int u = 0; u < U; u++)
-            for (int q = 0; q < R; q++) acc[u][t][q] = _mm512_setzero_ps();
+        for (int u = 0; u < U; u++) acc[u][t] = _mm512_setzero_ps();
     for (int64_t i0 = 0; i0 < full; i0 += U * 32) {
 #pragma GCC unroll 4
         for (int u = 0; u < U; u++) {
             int64_t i = i0 + u * 32;
             if (U > 1 && i >= full) break;
-            __m512i wv[2];
-#pragma GCC unroll 2
-            for (int q = 0; q < R; q++) {
-                if (prefetch_to_l2) _mm_prefetch((const char *)(wr + q * in + i) + PF_L2_DIST, _MM_HINT_T1);
-                wv[q] = _mm512_loadu_si512((const void *)(wr + q * in + i));
-            }
+            if (prefetch_to_l2 || N >= 3) _mm_prefetch((const char *)(wr + i) + PF_L2_DIST, _MM_HINT_T1);
+            __m512i wv = _mm512_loadu_si512((const void *)(wr + i));
 #pragma GCC unroll 8
-            for (int t = 0; t < N; t++) {
-                __m512i xv = _mm512_loadu_si512((const void *)(x + t * in + i));
-#pragma GCC unroll 2
-                for (int q = 0; q < R; q++) acc[u][t][q] = _mm512_dpbf16_ps(acc[u][t][q], as_bh(wv[q]), as_bh(xv));
-            }
+            for (int t = 0; t < N; t++)
+                acc[u][t] = _mm512_dpbf16_ps(acc[u][t], as_bh(wv), as_bh(_mm512_loadu_si512((const void *)(x + t * in + i))));
         }
     }
     if (full < in) {
-        __m512i wv[2];
-        for (int q = 0; q < R; q++) wv[q] = _mm512_maskz_loadu_epi16(tail, wr + q * in + full);
+        __m512i wv = _mm512_maskz_loadu_epi16(tail, wr + full);
 #pragma GCC unroll 8
-        for (int t = 0; t < N; t++) {
-            __m512i xv = _mm512_maskz_loadu_epi16(tail, x + t * in + full);
-            for (int q = 0; q < R; q++) acc[0][t][q] = _mm512_dpbf16_ps(acc[0][t][q], as_bh(wv[q]), as_bh(xv));
-        }
+        for (int t = 0; t < N; t++)
+            acc[0][t] = _mm512_dpbf16_ps(acc[0][t], as_bh(wv), as_bh(_mm512_maskz_loadu_epi16(tail, x + t * in + full)));
     }
 #pragma GCC unroll 8
-    for (int t = 0; t < N; t++)
-        for (int q = 0; q < R; q++) {
-            s[q][t] = acc[0][t][q];
-            for (int u = 1; u < U; u++) s[q][t] = _mm512_add_ps(s[q][t], acc[u][t][q]);
-        }
+    for (int t = 0; t < N; t++) {
+        __m512 sum = acc[0][t];
+        for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, acc[u][t]);
+        lanes[t][slot] = sum;
+    }
 }
 
 /* Five or more activation rows (compute-bound): blocks of four weight rows against groups of up
@@ -387,18 +376,15 @@ AVX512BF16_INLINE __m512 reduce_add16(const __m512 *v) {
     return _mm512_permutexvar_ps(order, d);
 }
 
-/* One activation row to four (decode): rows sixteen at a time (a little faster from memory), one
- * weight row at a time. More (compute-bound): blocks of four weight rows against groups of the
- * activation rows, each block read from memory once for all of them; sixteen rows finished at once
- * as well, their sums reduced as each row alone was. */
+/* One activation row to four (decode): one weight row at a time, sixteen finished at once (a little
+ * faster from memory). With 3-4 rows the products take as long as the row's read, and the hardware
+ * prefetchers alone let the two run one after the other: the weights are asked for into L2
+ * PF_L2_DIST ahead (~2x at 4 rows). More rows (compute-bound): blocks of four weight rows against
+ * groups of the activation rows (bf16w_bf16_block), sixteen rows finished at once as well, their
+ * sums reduced as each row's alone was. */
 AVX512BF16 void bf16w_bf16_avx512(const void *x, int64_t n, const weights *w, int64_t r0,
                                          int64_t r1, const epilogue *e) {
-    __m512 s[2][MAX_ROWS];
-#define ROW(N, i, r)                                                                               \
-    do {                                                                                           \
-        bf16w_bf16_sums(N, 1, x, w, r, s);                                                         \
-        for (int t = 0; t < (N); t++) lanes[t][i] = s[0][t];                                       \
-    } while (0)
+#define ROW(N, i, r) bf16w_bf16_row(N, x, w, r, lanes, i)
 #define MANY(N)                                                                                    \
     do {                                                                                           \
         __m512 lanes[MAX_ROWS][16], sums[MAX_ROWS];                                                \
@@ -426,7 +412,7 @@ AVX512BF16 void bf16w_bf16_avx512(const void *x, int64_t n, const weights *w, in
  * and convert 32 of them to fp32, pack to bf16, then the same dot products; the row's scale
  * multiplies the sum. The conversion makes this as busy per byte as the MXFP4 kernels, so it asks
  * for its weights PF_DIST ahead as they do (the bf16 kernel, a fraction of the work per byte, keeps
- * up with the hardware prefetchers alone; benchmarks/NOTES.md). */
+ * up with the hardware prefetchers alone at 1-2 rows; benchmarks/NOTES.md). */
 AVX512BF16_INLINE __m512i int8_to_bf16(const int8_t *p) {
     __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
     __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
