@@ -213,6 +213,12 @@ def main() -> None:
         action="store_true",
         help="time by CPU time (with --threads 1: other work on the cores does not count)",
     )
+    parser.add_argument(
+        "--before-bf16-rows",
+        type=int,
+        default=None,
+        help="ops.BF16_DENSE_ROWS while the first build runs (a tree from before a change of it)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.before.resolve() == args.after.resolve():
@@ -222,6 +228,7 @@ def main() -> None:
         ops.set_num_threads(args.threads)
     rates: dict[tuple[str, str], list[float]] = {}
     clock = time.process_time if args.cpu_time else time.perf_counter
+    bf16_rows = ops.BF16_DENSE_ROWS
     with torch.no_grad():
         all_cases = cases(args.layers, torch.Generator().manual_seed(0))
         if args.checkpoint:
@@ -234,6 +241,8 @@ def main() -> None:
                 order = list(builds.items())
                 for name, build in order if round_ % 2 else order[::-1]:
                     ops._native = decode._native = build  # (the decode step's module binds its own name)
+                    if args.before_bf16_rows is not None:
+                        ops.BF16_DENSE_ROWS = args.before_bf16_rows if name == "before" else bf16_rows
                     start = clock()
                     result = case.run()
                     seconds = result if case.timed else clock() - start
