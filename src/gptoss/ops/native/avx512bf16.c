@@ -268,14 +268,15 @@ AVX512BF16_INLINE void bf16w_bf16_row(const int N, const uint16_t *x, const weig
 }
 
 /* Five or more activation rows (compute-bound): blocks of four weight rows against groups of up
- * to BF16_GROUP activation rows, 24 accumulators of the 32 registers, so that a load feeds four or
- * six products (the one-row kernel's pairs fed one: ~55% of the vdpbf16ps rate from cache). The row
- * length goes in chunks of BF16_CHUNK values, so that a block's chunk of weights (8 KiB) and the
- * activation rows' (16 KiB for 8 rows) stay in L1 while every group passes over them; the sums
- * wait in memory between chunks. Each (weight row, activation row) pair is still one chain of
- * products in the row's order, the order of a single pass over the row, so the sums are the same. The first group asks
- * for the next block's weights (contiguous after this block's) into L2, a block ahead: a tile's
- * rows then come from memory as one stream while the block before them is multiplied. */
+ * to BF16_GROUP activation rows, 24 accumulators of the 32 registers, so that each load feeds four
+ * or six products (a weight row pair against eight rows fed one or two, and stayed near half the
+ * vdpbf16ps rate even from cache). The row goes in chunks of BF16_CHUNK values, so that a block's
+ * chunk of weights (8 KiB) and the activation rows' (16 KiB for 8 rows) stay in L1 while every
+ * group passes over them; the sums wait in memory between chunks. Each (weight row, activation
+ * row) pair is one chain of products in the row's order whatever the blocking, so a row's sums
+ * are those of a single pass over it. The first group asks for the next block's weights
+ * (contiguous after this block's) into L2, a block ahead, so that a tile's rows come from memory
+ * while the block before them is multiplied. */
 #define BF16_GROUP 6
 #define BF16_CHUNK 1024
 
@@ -321,12 +322,12 @@ AVX512BF16_INLINE void bf16w_bf16_block(const int R, const int G, const uint16_t
 /* Activation rows [t0, t0 + g) against the block (g ≤ BF16_GROUP, a constant in each case). */
 #define BLOCK_GROUP(R, g, t0, ahead)                                                               \
     switch (g) {                                                                                   \
-    case 1: bf16w_bf16_block(R, 1, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;                     \
-    case 2: bf16w_bf16_block(R, 2, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;                     \
-    case 3: bf16w_bf16_block(R, 3, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;                     \
-    case 4: bf16w_bf16_block(R, 4, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;                     \
-    case 5: bf16w_bf16_block(R, 5, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;                     \
-    default: bf16w_bf16_block(R, 6, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;                    \
+    case 1: bf16w_bf16_block(R, 1, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;         \
+    case 2: bf16w_bf16_block(R, 2, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;         \
+    case 3: bf16w_bf16_block(R, 3, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;         \
+    case 4: bf16w_bf16_block(R, 4, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;         \
+    case 5: bf16w_bf16_block(R, 5, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;         \
+    default: bf16w_bf16_block(R, 6, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;        \
     }
 
 /* Weight rows r .. r+R-1 (of the call's [r, r1)) against all N activation rows: row r+q's sums
@@ -335,7 +336,7 @@ AVX512BF16_INLINE void bf16w_bf16_rows_many(const int N, const int R, const uint
                                             int64_t r, int64_t r1, __m512 (*lanes)[16], int slot) {
     int64_t in = w->in;
     const uint16_t *wr = (const uint16_t *)w->w + r * in;
-    __m512 part[MAX_ROWS][4][MAX_ROWS]; /* [t0][q][t]: the group from row t0's sums between chunks */
+    __m512 part[MAX_ROWS][4][MAX_ROWS]; /* [t0][q][t]: the sums of the group from row t0 */
     int ahead = r + 2 * R <= r1;
     for (int64_t k0 = 0; k0 < in; k0 += BF16_CHUNK) {
         int64_t k1 = k0 + BF16_CHUNK;
