@@ -15,8 +15,9 @@ decode; GB/s of expert bytes), at a 128-token prompt (GFLOP/s), and `ops.linear`
 weights at 4 rows (a decode batch; GB/s) and 128 rows (a prompt; GFLOP/s). With --checkpoint, also
 the prefill of a 128-token prompt through that model and the decode of 16 tokens after it at batch 1
 (tok/s; e.g. the random 20b checkpoint that benchmarks/decode.py writes; --int8 for its int8
-attention and head). The Python around the kernels is this tree's for both builds;
---threads 1 takes the second core (and whatever else runs on it) out of the comparison.
+attention and head), and with --batch the engine's decode steps of that many sequences. The Python
+around the kernels is this tree's for both builds; --threads 1 takes the second core (and whatever
+else runs on it) out of the comparison, --cpu-time the preemptions by other work on the first.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from gptoss import ops
+from gptoss.ops import decode
 
 HIDDEN = INTER = 2880
 EXPERTS, TOP_K = 32, 4
@@ -131,16 +133,20 @@ def cases(layers: int, gen: torch.Generator) -> list[Case]:
 
 
 DECODE_TOKENS = 16
+STEP_PROMPT, STEP_RUN = 64, 2
 
 
-def model_cases(checkpoint: Path, int8: bool) -> list[Case]:
-    """A 128-token prompt through the model at checkpoint, into a fresh cache each time; and greedy
-    decoding of DECODE_TOKENS tokens after it, timed from the first token to the last."""
+def model_cases(checkpoint: Path, int8: bool, batches: list[int]) -> list[Case]:
+    """A 128-token prompt through the model at checkpoint, into a fresh cache each time; greedy
+    decoding of DECODE_TOKENS tokens after it, timed from the first token to the last; and for each
+    of `batches`, STEP_RUN engine steps of that many sequences (64-token prompts, prefilled once
+    before the first round; the sequences grow by a token a step through the rounds)."""
     from gptoss import load_model
     from gptoss.inference import SamplingParams, generate_stream
     from gptoss.inference.cache import KVCache
+    from gptoss.inference.engine import Engine, SequenceRequest
     from gptoss.inference.optimize import prepare_for_inference
-    from gptoss.inference.runner import forward_hidden
+    from gptoss.inference.runner import ModelRunner, forward_hidden
 
     model = prepare_for_inference(load_model(checkpoint), int8=int8)
     prompt = torch.arange(128)[None] % model.config.vocab_size
@@ -154,10 +160,24 @@ def model_cases(checkpoint: Path, int8: bool) -> list[Case]:
         times = [time.perf_counter() for _ in generate_stream(model, prompt.tolist(), params)]
         return times[-1] - times[0]
 
+    def steps(batch: int) -> Callable[[], object]:
+        runner = ModelRunner(model, batch, STEP_PROMPT + STEP_RUN * 64)
+        engine = Engine(runner, prefill_budget=batch * STEP_PROMPT, default_stop_ids=[])
+        params = SamplingParams(max_tokens=STEP_RUN * 64, temperature=0, stop_token_ids=[])
+        for b in range(batch):
+            ids = [(977 * b + 31 * i) % 199_000 + 1 for i in range(STEP_PROMPT)]
+            engine.add(SequenceRequest(runner.fit_prompt(ids)[:STEP_PROMPT], params, b))
+        while len(engine.running) < batch:
+            engine.step()
+        return lambda: [engine.step() for _ in range(STEP_RUN)]
+
     kind = "int8" if int8 else "bf16"
     return [
         Case(f"prefill, 128 tokens (checkpoint, {kind})", "tok/s", 128, prefill, per=1),
         Case(f"decode, batch 1 (checkpoint, {kind})", "tok/s", DECODE_TOKENS, decode, per=1, timed=True),
+    ] + [
+        Case(f"decode steps, batch {b} (checkpoint, {kind})", "tok/s", b * STEP_RUN, steps(b), per=1)
+        for b in batches
     ]
 
 
@@ -178,6 +198,27 @@ def main() -> None:
         "--checkpoint", type=Path, default=None, help="also time a prompt's prefill and decode"
     )
     parser.add_argument("--int8", action="store_true", help="the checkpoint's attention and head in int8")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="*",
+        default=[],
+        help="with --checkpoint: decode steps of these batches too",
+    )
+    parser.add_argument(
+        "--cases", default="", help="only the cases whose name contains this (e.g. 'decode steps')"
+    )
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by CPU time (with --threads 1: other work on the cores does not count)",
+    )
+    parser.add_argument(
+        "--before-bf16-rows",
+        type=int,
+        default=None,
+        help="ops.BF16_DENSE_ROWS while the first build runs (a tree from before a change of it)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.before.resolve() == args.after.resolve():
@@ -186,20 +227,25 @@ def main() -> None:
     if args.threads:
         ops.set_num_threads(args.threads)
     rates: dict[tuple[str, str], list[float]] = {}
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    bf16_rows = ops.BF16_DENSE_ROWS
     with torch.no_grad():
         all_cases = cases(args.layers, torch.Generator().manual_seed(0))
         if args.checkpoint:
-            all_cases += model_cases(args.checkpoint, args.int8)
+            all_cases += model_cases(args.checkpoint, args.int8, args.batch)
+        all_cases = [case for case in all_cases if args.cases in case.name]
         for round_ in tqdm(range(args.rounds + 1), desc="rounds (the first warms up)"):
             for case in all_cases:
                 # in turn first: the second of two runs of a case finds some of its memory still in
                 # cache (on a CPU with a large L3, up to ~12% faster with the same code)
                 order = list(builds.items())
                 for name, build in order if round_ % 2 else order[::-1]:
-                    ops._native = build
-                    start = time.perf_counter()
+                    ops._native = decode._native = build  # (the decode step's module binds its own name)
+                    if args.before_bf16_rows is not None:
+                        ops.BF16_DENSE_ROWS = args.before_bf16_rows if name == "before" else bf16_rows
+                    start = clock()
                     result = case.run()
-                    seconds = result if case.timed else time.perf_counter() - start
+                    seconds = result if case.timed else clock() - start
                     rate = case.amount / seconds / case.per
                     rates.setdefault((case.name, name), []).append(rate)
     table = Table(

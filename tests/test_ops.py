@@ -373,7 +373,11 @@ def test_dense_prefill_rows_on_avx2(monkeypatch, kind, n, inp):
 
 
 @native
-@pytest.mark.parametrize("n,inp,out", [(1, 45, 7), (3, 96, 50), (8, 160, 129), (5, 2880, 67)])
+# (6, 1100, 37): a group of six rows, rows longer than a chunk with a tail, a weight row past the
+# blocks of four; (27, 200, 50): more rows than a kernel call takes, the last three alone
+@pytest.mark.parametrize(
+    "n,inp,out", [(1, 45, 7), (3, 96, 50), (8, 160, 129), (5, 2880, 67), (6, 1100, 37), (27, 200, 50)]
+)
 def test_bf16_linear_bf16_activations(isa, n, inp, out):
     generator = torch.Generator().manual_seed(inp + out)
     weight = torch.randn(out, inp, generator=generator).bfloat16()
@@ -383,6 +387,28 @@ def test_bf16_linear_bf16_activations(isa, n, inp, out):
         y = ops.linear(x, weight, bias)
     assert y.dtype == torch.bfloat16
     assert close(y, x, weight.float(), F.linear(x.float(), weight.float(), bias.float()))
+
+
+@pytest.fixture
+def avx512bf16():
+    yield from _use_isa("avx512bf16")
+
+
+@native
+def test_bf16_rows_do_not_depend_on_their_neighbours(avx512bf16):
+    """With bf16 dot products, five or more activation rows take blocks of four weight rows against
+    groups of activation rows: a row's numbers are the same whatever its place among the rows, the
+    weight rows beside it, or the chunk of MAX_ROWS it falls in (one call of 16 = two calls of 8)."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(37, 1100, generator=g).bfloat16()
+    bias = torch.randn(37, generator=g).bfloat16()
+    x = torch.randn(16, 1100, generator=g).bfloat16()
+    with torch.no_grad():
+        y = ops._native_dense(x, x, [(weight, None, bias)])[0]  # (any row count, as the decode step)
+        for rows in (x[:8], x[2:9], x[8:]):
+            assert torch.equal(ops.linear(rows.flip(0), weight, bias).flip(0), ops.linear(rows, weight, bias))
+        assert torch.equal(torch.cat([ops.linear(x[:8], weight, bias), ops.linear(x[8:], weight, bias)]), y)
+        assert torch.equal(ops.linear(x[:6], weight[3:], bias[3:]), y[:6, 3:])
 
 
 @native

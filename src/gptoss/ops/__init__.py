@@ -211,7 +211,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     AVX2 up to `AVX2_DENSE_ROWS` rows), larger bf16 calls through the fp32 GEMM where the CPU has no
     bf16 dot products (`fp32_gemm_linear`)."""
     rows = x.reshape(-1, x.shape[-1])
-    if weight.dtype == torch.bfloat16 and _native_ok(rows, weight, bias, max_rows=_dense_native_rows()):
+    limit = _dense_native_rows(bf16=x.dtype == torch.bfloat16)
+    if weight.dtype == torch.bfloat16 and _native_ok(rows, weight, bias, max_rows=limit):
         return _native_dense(x, rows, [(weight, None, bias)])[0]
     if weight.dtype == torch.bfloat16 and _fp32_gemm_wanted(rows, weight, bias):
         return fp32_gemm_linear(x, weight, bias)
@@ -260,10 +261,21 @@ def fp32_gemm_linear(
 AVX2_DENSE_ROWS = 256
 
 
-def _dense_native_rows() -> int:
-    """The most activation rows a bf16 or int8 product takes natively on this CPU."""
-    avx2 = _native is not None and _native.isa() == "avx2" and not BF16_GEMM_IN_HARDWARE
-    return AVX2_DENSE_ROWS if avx2 else MAX_ROWS
+# bf16 activations against bf16 weights where the CPU has bf16 dot products but no AMX tiles: the
+# native kernel (four weight rows by six activation rows a block) measured faster than PyTorch's
+# bf16 GEMM up to a decode batch's rows on the 20b's shapes (the output head at 16 rows: 146 against
+# 171 ms on one thread; benchmarks/NOTES.md, issue 32), so the decode step's output head stays native.
+BF16_DENSE_ROWS = 32
+
+
+def _dense_native_rows(bf16: bool = False) -> int:
+    """The most activation rows a bf16 or int8 product takes natively on this CPU (bf16: bf16
+    activations against bf16 weights)."""
+    isa = _native.isa() if _native is not None else None
+    if isa == "avx2" and not BF16_GEMM_IN_HARDWARE:
+        return AVX2_DENSE_ROWS
+    against_bf16_gemm = bf16 and isa == "avx512bf16" and BF16_GEMM_IN_HARDWARE
+    return max(MAX_ROWS, BF16_DENSE_ROWS) if against_bf16_gemm else MAX_ROWS
 
 
 def linears(x: Tensor, layers: list[DenseWeights]) -> list[Tensor]:
@@ -277,7 +289,8 @@ def linears(x: Tensor, layers: list[DenseWeights]) -> list[Tensor]:
         (scale is not None) == int8 and (int8 or w.dtype == torch.bfloat16) for w, scale, _ in layers
     )
     tensors = [t for w, _, bias in layers for t in (w, bias)]
-    if same_kind and len(layers) <= MAX_MANY and _native_ok(rows, *tensors, max_rows=_dense_native_rows()):
+    limit = _dense_native_rows(bf16=not int8 and x.dtype == torch.bfloat16)
+    if same_kind and len(layers) <= MAX_MANY and _native_ok(rows, *tensors, max_rows=limit):
         return _native_dense(x, rows, layers)
     return [linear(x, w, b) if scale is None else int8_linear(x, w, scale, b) for w, scale, b in layers]
 

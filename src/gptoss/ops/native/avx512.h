@@ -4,9 +4,10 @@
 #include "common.h"
 
 /* With 5 or more activation rows the AVX-512 kernels are compute-bound and take weight rows two
- * at a time (R = 2), so that every activation load feeds two products. With fewer (decode) they
- * are bound by memory and take one row at a time: a single sequential stream per thread is what
- * the hardware prefetchers follow best (two interleaved rows read at half the speed from DRAM).
+ * at a time (R = 2), so that every activation load feeds two products (bf16 weights against bf16
+ * rows: four, bf16w_bf16_block). With fewer (decode) they are bound by memory and take one row at
+ * a time: a single sequential stream per thread is what the hardware prefetchers follow best (two
+ * interleaved rows read at half the speed from DRAM).
  * U independent accumulator streams per (row, weight row) hide the FMA latency where rows are few;
  * 1 to 4 rows take the same 4, so that a row's sums are made in the same order whether it is
  * alone or one of up to 4 (a speculative verify pass feeds its tokens as such rows and must get

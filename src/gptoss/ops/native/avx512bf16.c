@@ -230,76 +230,182 @@ AVX512BF16 void mxfp4_quads_avx512(const void *x, int64_t n, const weights *w, i
 #undef ROW
 }
 
-/* Rows r .. r+R-1 against the N activation rows: each row's fp32 partial sums into s[q][t]. */
-AVX512BF16_INLINE void bf16w_bf16_sums(const int N, const int R, const uint16_t *x, const weights *w,
-                                       int64_t r, __m512 (*s)[MAX_ROWS]) {
+/* Row r against the N (1 to 4) activation rows: its fp32 partial sums into lanes[t][slot]. */
+AVX512BF16_INLINE void bf16w_bf16_row(const int N, const uint16_t *x, const weights *w, int64_t r,
+                                      __m512 (*lanes)[16], int slot) {
     const int U = STREAMS(N);
     int64_t in = w->in, full = in - in % 32;
     __mmask32 tail = (__mmask32)((1ull << (in % 32)) - 1);
     const uint16_t *wr = (const uint16_t *)w->w + r * in;
-    __m512 acc[4][MAX_ROWS][2];
+    __m512 acc[4][MAX_ROWS];
 #pragma GCC unroll 8
     for (int t = 0; t < N; t++)
-        for (int u = 0; u < U; u++)
-            for (int q = 0; q < R; q++) acc[u][t][q] = _mm512_setzero_ps();
+        for (int u = 0; u < U; u++) acc[u][t] = _mm512_setzero_ps();
     for (int64_t i0 = 0; i0 < full; i0 += U * 32) {
 #pragma GCC unroll 4
         for (int u = 0; u < U; u++) {
             int64_t i = i0 + u * 32;
             if (U > 1 && i >= full) break;
-            __m512i wv[2];
-#pragma GCC unroll 2
-            for (int q = 0; q < R; q++) {
-                if (prefetch_to_l2) _mm_prefetch((const char *)(wr + q * in + i) + PF_L2_DIST, _MM_HINT_T1);
-                wv[q] = _mm512_loadu_si512((const void *)(wr + q * in + i));
-            }
+            if (prefetch_to_l2 || N >= 3) _mm_prefetch((const char *)(wr + i) + PF_L2_DIST, _MM_HINT_T1);
+            __m512i wv = _mm512_loadu_si512((const void *)(wr + i));
 #pragma GCC unroll 8
-            for (int t = 0; t < N; t++) {
-                __m512i xv = _mm512_loadu_si512((const void *)(x + t * in + i));
-#pragma GCC unroll 2
-                for (int q = 0; q < R; q++) acc[u][t][q] = _mm512_dpbf16_ps(acc[u][t][q], as_bh(wv[q]), as_bh(xv));
-            }
+            for (int t = 0; t < N; t++)
+                acc[u][t] = _mm512_dpbf16_ps(acc[u][t], as_bh(wv), as_bh(_mm512_loadu_si512((const void *)(x + t * in + i))));
         }
     }
     if (full < in) {
-        __m512i wv[2];
-        for (int q = 0; q < R; q++) wv[q] = _mm512_maskz_loadu_epi16(tail, wr + q * in + full);
+        __m512i wv = _mm512_maskz_loadu_epi16(tail, wr + full);
 #pragma GCC unroll 8
-        for (int t = 0; t < N; t++) {
-            __m512i xv = _mm512_maskz_loadu_epi16(tail, x + t * in + full);
-            for (int q = 0; q < R; q++) acc[0][t][q] = _mm512_dpbf16_ps(acc[0][t][q], as_bh(wv[q]), as_bh(xv));
-        }
+        for (int t = 0; t < N; t++)
+            acc[0][t] = _mm512_dpbf16_ps(acc[0][t], as_bh(wv), as_bh(_mm512_maskz_loadu_epi16(tail, x + t * in + full)));
     }
 #pragma GCC unroll 8
-    for (int t = 0; t < N; t++)
-        for (int q = 0; q < R; q++) {
-            s[q][t] = acc[0][t][q];
-            for (int u = 1; u < U; u++) s[q][t] = _mm512_add_ps(s[q][t], acc[u][t][q]);
-        }
+    for (int t = 0; t < N; t++) {
+        __m512 sum = acc[0][t];
+        for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, acc[u][t]);
+        lanes[t][slot] = sum;
+    }
 }
 
-/* One activation row to four (decode): rows sixteen at a time (a little faster from memory); more:
- * in pairs, each pair's weights read once for all the activation rows. */
+/* Five or more activation rows (compute-bound): blocks of four weight rows against groups of up
+ * to BF16_GROUP activation rows, 24 accumulators of the 32 registers, so that each load feeds four
+ * or six products (a weight row pair against eight rows fed one or two, and stayed near half the
+ * vdpbf16ps rate even from cache). The row goes in chunks of BF16_CHUNK values, so that a block's
+ * chunk of weights (8 KiB) and the activation rows' (16 KiB for 8 rows) stay in L1 while every
+ * group passes over them; the sums wait in memory between chunks. Each (weight row, activation
+ * row) pair is one chain of products in the row's order whatever the blocking, so a row's sums
+ * are those of a single pass over it. The first group asks for the next block's weights
+ * (contiguous after this block's) into L2, a block ahead, so that a tile's rows come from memory
+ * while the block before them is multiplied. */
+#define BF16_GROUP 6
+#define BF16_CHUNK 1024
+
+/* Weight rows wr .. (R of them) against activation rows x .. (G of them), values [k0, k1) of the
+ * rows (k1 past the end: to the end, the tail of a length not a multiple of 32 included): the sums
+ * so far, s[q][t] (from zero when k0 is 0), carried on. */
+AVX512BF16_INLINE void bf16w_bf16_block(const int R, const int G, const uint16_t *x, int64_t in, int64_t k0,
+                                        int64_t k1, const uint16_t *wr, int ahead, __m512 (*s)[MAX_ROWS]) {
+    int64_t full = in - in % 32, end = k1 < full ? k1 : full;
+    __mmask32 tail = (__mmask32)((1ull << (in % 32)) - 1);
+    __m512 acc[4][BF16_GROUP];
+#pragma GCC unroll 6
+    for (int t = 0; t < G; t++)
+        for (int q = 0; q < R; q++) acc[q][t] = k0 ? s[q][t] : _mm512_setzero_ps();
+    for (int64_t i = k0; i < end; i += 32) {
+        __m512i wv[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < R; q++) {
+            if (ahead) _mm_prefetch((const char *)(wr + (R + q) * in + i), _MM_HINT_T1);
+            wv[q] = _mm512_loadu_si512((const void *)(wr + q * in + i));
+        }
+#pragma GCC unroll 6
+        for (int t = 0; t < G; t++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(x + t * in + i));
+#pragma GCC unroll 4
+            for (int q = 0; q < R; q++) acc[q][t] = _mm512_dpbf16_ps(acc[q][t], as_bh(wv[q]), as_bh(xv));
+        }
+    }
+    if (k1 >= in && full < in) {
+        __m512i wv[4];
+        for (int q = 0; q < R; q++) wv[q] = _mm512_maskz_loadu_epi16(tail, wr + q * in + full);
+#pragma GCC unroll 6
+        for (int t = 0; t < G; t++) {
+            __m512i xv = _mm512_maskz_loadu_epi16(tail, x + t * in + full);
+            for (int q = 0; q < R; q++) acc[q][t] = _mm512_dpbf16_ps(acc[q][t], as_bh(wv[q]), as_bh(xv));
+        }
+    }
+#pragma GCC unroll 6
+    for (int t = 0; t < G; t++)
+        for (int q = 0; q < R; q++) s[q][t] = acc[q][t];
+}
+
+/* Activation rows [t0, t0 + g) against the block (g ≤ BF16_GROUP, a constant in each case). */
+#define BLOCK_GROUP(R, g, t0, ahead)                                                               \
+    switch (g) {                                                                                   \
+    case 1: bf16w_bf16_block(R, 1, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;         \
+    case 2: bf16w_bf16_block(R, 2, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;         \
+    case 3: bf16w_bf16_block(R, 3, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;         \
+    case 4: bf16w_bf16_block(R, 4, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;         \
+    case 5: bf16w_bf16_block(R, 5, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;         \
+    default: bf16w_bf16_block(R, 6, x + (t0) * in, in, k0, k1, wr, ahead, part[t0]); break;        \
+    }
+
+/* Weight rows r .. r+R-1 (of the call's [r, r1)) against all N activation rows: row r+q's sums
+ * against activation row t into lanes[t][slot + q]. */
+AVX512BF16_INLINE void bf16w_bf16_rows_many(const int N, const int R, const uint16_t *x, const weights *w,
+                                            int64_t r, int64_t r1, __m512 (*lanes)[16], int slot) {
+    int64_t in = w->in;
+    const uint16_t *wr = (const uint16_t *)w->w + r * in;
+    __m512 part[MAX_ROWS][4][MAX_ROWS]; /* [t0][q][t]: the sums of the group from row t0 */
+    int ahead = r + 2 * R <= r1;
+    for (int64_t k0 = 0; k0 < in; k0 += BF16_CHUNK) {
+        int64_t k1 = k0 + BF16_CHUNK;
+        for (int t0 = 0; t0 < N; t0 += BF16_GROUP) {
+            int g = N - t0 < BF16_GROUP ? N - t0 : BF16_GROUP;
+            BLOCK_GROUP(R, g, t0, ahead && t0 == 0)
+        }
+    }
+    for (int t0 = 0; t0 < N; t0 += BF16_GROUP)
+        for (int q = 0; q < R; q++)
+            for (int t = 0; t < BF16_GROUP && t0 + t < N; t++) lanes[t0 + t][slot + q] = part[t0][q][t];
+}
+#undef BLOCK_GROUP
+
+/* The lane sums of 16 vectors, as one vector (lane i: v[i]'s), each by the tree of GCC's
+ * _mm512_reduce_add_ps (lanes j + 8, then j + 4, then j + 2, then the last two), so that a row
+ * comes out as it did when its sum was reduced alone. */
+AVX512BF16_INLINE __m512 reduce_add16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) /* 128-bit lanes: v[2i]'s lanes j + (j+8), j < 8, then v[2i+1]'s */
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) /* 128-bit lane k: v[4i+k]'s sums j + (j+4), j < 4 */
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)));
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++) { /* 128-bit lane k: v[8i+k]'s two sums, then v[8i+4+k]'s */
+        __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
+        __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(hi), _mm512_castpd_ps(lo));
+    }
+    /* lane 4k + m: v[4m + k]'s sum */
+    __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_ps(order, d);
+}
+
+/* One activation row to four (decode): one weight row at a time, sixteen finished at once (a little
+ * faster from memory). With 3-4 rows the products take as long as the row's read, and the hardware
+ * prefetchers alone let the two run one after the other: the weights are asked for into L2
+ * PF_L2_DIST ahead (~2x at 4 rows). More rows (compute-bound): blocks of four weight rows against
+ * groups of the activation rows (bf16w_bf16_block), sixteen rows finished at once as well, their
+ * sums reduced as each row's alone was. */
 AVX512BF16 void bf16w_bf16_avx512(const void *x, int64_t n, const weights *w, int64_t r0,
                                          int64_t r1, const epilogue *e) {
-    float gate[MAX_ROWS];
-    __m512 s[2][MAX_ROWS];
-#define ROW(N, i, r)                                                                               \
+#define ROW(N, i, r) bf16w_bf16_row(N, x, w, r, lanes, i)
+#define MANY(N)                                                                                    \
     do {                                                                                           \
-        bf16w_bf16_sums(N, 1, x, w, r, s);                                                         \
-        for (int t = 0; t < (N); t++) lanes[t][i] = s[0][t];                                       \
-    } while (0)
-#define ROWS(N, R, r)                                                                              \
-    do {                                                                                           \
-        bf16w_bf16_sums(N, R, x, w, r, s);                                                         \
-        finish_rows_reduced(N, R, s, NULL, e, r, gate);                                            \
+        __m512 lanes[MAX_ROWS][16], sums[MAX_ROWS];                                                \
+        for (int64_t r = r0; r < r1; r += 16) {                                                    \
+            int count = r1 - r < 16 ? (int)(r1 - r) : 16, i = 0;                                   \
+            for (; i + 4 <= count; i += 4) bf16w_bf16_rows_many(N, 4, x, w, r + i, r1, lanes, i);  \
+            for (; i < count; i++) bf16w_bf16_rows_many(N, 1, x, w, r + i, r1, lanes, i);         \
+            for (int t = 0; t < (N); t++) {                                                        \
+                for (int j = count; j < 16; j++) lanes[t][j] = _mm512_setzero_ps();                \
+                sums[t] = reduce_add16(lanes[t]);                                                  \
+            }                                                                                      \
+            finish_rows16(N, e, r, count, sums);                                                   \
+        }                                                                                          \
     } while (0)
 #define BODY(N)                                                                                    \
-    if ((N) <= 4) SIXTEEN_ROWS(N, ROW);                                       \
-    else ROW_PAIRS(N, ROWS)
+    if ((N) <= 4) SIXTEEN_ROWS(N, ROW);                                                            \
+    else MANY(N);
     SWITCH_ROWS(n, BODY)
 #undef BODY
-#undef ROWS
+#undef MANY
 #undef ROW
 }
 
@@ -307,7 +413,7 @@ AVX512BF16 void bf16w_bf16_avx512(const void *x, int64_t n, const weights *w, in
  * and convert 32 of them to fp32, pack to bf16, then the same dot products; the row's scale
  * multiplies the sum. The conversion makes this as busy per byte as the MXFP4 kernels, so it asks
  * for its weights PF_DIST ahead as they do (the bf16 kernel, a fraction of the work per byte, keeps
- * up with the hardware prefetchers alone; benchmarks/NOTES.md). */
+ * up with the hardware prefetchers alone at 1-2 rows; benchmarks/NOTES.md). */
 AVX512BF16_INLINE __m512i int8_to_bf16(const int8_t *p) {
     __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
     __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));

@@ -27,7 +27,8 @@
 #endif
 /* On Intel CPUs the AVX-512 decode kernels ask for their weights into L2 (_MM_HINT_T1), PF_L2_DIST
  * ahead, the bf16 matvec included; on AMD, into L1 PF_DIST ahead (the MXFP4 and int8 kernels; the
- * bf16 matvec keeps up without). Each measured best on its vendor's machines (benchmarks/NOTES.md). */
+ * bf16 matvec keeps up without with 1-2 rows, and with 3-4 asks for them into L2 as on Intel). Each
+ * measured best on its vendor's machines (benchmarks/NOTES.md). */
 #define PF_L2_DIST 16384
 extern int prefetch_to_l2; /* set at import: whether the CPU is Intel's */
 #define PREFETCH_WEIGHTS(p)                                                                        \
