@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     after_path = args.after or next(Path(ops.__file__).parent.glob("_native*.so"))
-    before, after = load_build(args.before, "before"), load_build(after_path, "after")
+    before, after = load_build(args.before, "before", masks=True), load_build(after_path, "after")
     builds = {"before": before, "after": after}
     ops.set_num_threads(1)
     for build in (before, after):
