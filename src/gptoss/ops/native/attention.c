@@ -448,8 +448,10 @@ AVX512BF16 static void attend_unit(const attention *a, int64_t b, int64_t kh, in
         kv_rows(w->kp, page, D, s0, m, rows);
         key_tile(rows, D, m < 16 ? m : 16, w->kt);
         key_tile(rows + 16, D, m > 16 ? m - 16 : 0, w->kt + D / 2);
-        for (int64_t r = 0; r < R; r++) /* (the heads of a token see alike) */
-            bits[r] = r % G ? bits[r - 1] : tile_sight(&seen[r], lo[r], hi[r], s0, m);
+        for (int64_t r = 0; r < R; r += G) { /* (the heads of a token see alike) */
+            uint32_t b = tile_sight(&seen[r], lo[r], hi[r], s0, m);
+            for (int64_t g = 0; g < G; g++) bits[r + g] = b;
+        }
         for (int64_t r = 0; r < R; r += 8) {
 #define SCORES(N) tile_scores(N, q + r, bits + r, scores + r, w->kt, D, s0, m, root)
             SWITCH_ROWS(R - r < 8 ? R - r : 8, SCORES);
