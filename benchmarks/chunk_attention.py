@@ -147,21 +147,24 @@ def main() -> None:
     )
     parser.add_argument("before", type=Path, help="a build of the native module that reads masks")
     parser.add_argument(
-        "--after", type=Path, default=None, help="a build reading positions (default: this tree's)"
-    )
+        "--after", type=Path, nargs="+", default=None,
+        help="builds reading positions (default: this tree's), named after, after2, ... in order",
+    )  # fmt: skip
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    after_path = args.after or next(Path(ops.__file__).parent.glob("_native*.so"))
-    before, after = load_build(args.before, "before", masks=True), load_build(after_path, "after")
-    builds = {"before": before, "after": after}
+    after_paths = args.after or [next(Path(ops.__file__).parent.glob("_native*.so"))]
+    builds = {"before": load_build(args.before, "before", masks=True)}
+    for i, path in enumerate(after_paths):
+        name = "after" if i == 0 else f"after{i + 1}"
+        builds[name] = load_build(path, name)
     ops.set_num_threads(1)
-    for build in (before, after):
+    for build in builds.values():
         build.num_threads(1)
     g = torch.Generator().manual_seed(0)
-    same = check_bits(before, after, g)
+    same = all(check_bits(builds["before"], build, g) for name, build in builds.items() if name != "before")
     print(f"bits equal on cache-shaped cases: {same}")
     sinks = torch.randn(HEADS, generator=g) * 2
     results = []
@@ -175,7 +178,7 @@ def main() -> None:
                 t_build, t_attn, outs[name] = turn(builds[name], name == "before", paged, q, sinks)
                 times[name]["build"].append(t_build)
                 times[name]["attention"].append(t_attn)
-        same &= torch.equal(outs["before"], outs["after"])
+        same &= all(torch.equal(outs["before"], out) for out in outs.values())
         flops = 4.0 * HEADS * DIM * sum(min(s + 1, context) for s in range(context - T, context))
         for name, t in times.items():
             build, attention = statistics.median(t["build"]), statistics.median(t["attention"])
