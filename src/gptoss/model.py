@@ -10,7 +10,7 @@ Caches, quantization, parallelism, compilation and the id map of a trimmed vocab
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -95,9 +95,16 @@ class Visibility:
     queries: Tensor  # (B or 1, T) int64
     keys: Tensor | None = None  # (B or 1, S) int64
     window: int | None = None
+    # masks built, by length: a cache shares one Visibility between the layers of a kind in a pass
+    _masks: dict[int, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def mask(self, length: int) -> Tensor:
-        """The (B or 1, 1, T, length) boolean mask, True where query t may see key s."""
+        """The (B or 1, 1, T, length) boolean mask, True where query t may see key s (built once)."""
+        if length not in self._masks:
+            self._masks[length] = self._build(length)
+        return self._masks[length]
+
+    def _build(self, length: int) -> Tensor:
         query = self.queries[:, None, :, None]
         keys = torch.arange(length, device=query.device) if self.keys is None else self.keys[:, None, None, :]
         distance = query - keys
