@@ -97,7 +97,7 @@ def attend(
         build.paged_attention(*head, mask.data_ptr(), mask.shape[0], sinks.data_ptr(), out.data_ptr())
     else:
         (visible,) = sight
-        queries, keys, window = ops.native_sight(visible, R, paged.keys)
+        queries, keys, window = ops.native_sight(visible, R, T, paged.keys)
         key_at = 0 if keys is None else keys.data_ptr()
         build.paged_attention(*head, queries.data_ptr(), key_at, window, sinks.data_ptr(), out.data_ptr())
     return out

@@ -391,14 +391,23 @@ def sink_attention(q: Tensor, k: Tensor, v: Tensor, visible: Visibility, sinks: 
 NO_WINDOW = 2**63 - 1  # the native kernels' window where a layer has none
 
 
-def native_sight(visible: Visibility, batch: int, keys: int) -> tuple[Tensor, Tensor | None, int]:
-    """What the native kernels read of `visible` for `batch` rows over `keys` keys: the query
-    positions (batch, T) and key positions (batch, keys) or None, contiguous int64, and the window."""
-    queries = visible.queries.to(torch.int64).expand(batch, -1).contiguous()
-    positions = visible.keys
-    if positions is not None:
-        positions = positions.to(torch.int64).expand(batch, keys).contiguous()
+def native_sight(
+    visible: Visibility, batch: int, tokens: int, keys: int
+) -> tuple[Tensor, Tensor | None, int]:
+    """What the native kernels read of `visible` for `batch` rows of `tokens` queries over `keys`
+    keys: the query positions (batch, tokens) and key positions (batch, keys) or None, contiguous
+    int64, and the window."""
+    queries = _int64_rows(visible.queries, batch, tokens)
+    positions = None if visible.keys is None else _int64_rows(visible.keys, batch, keys)
     return queries, positions, NO_WINDOW if visible.window is None else visible.window
+
+
+def _int64_rows(t: Tensor, batch: int, n: int) -> Tensor:
+    """t (batch or 1, n) as contiguous int64 (batch, n): itself when it is (a cache's positions, for
+    every layer of a pass)."""
+    if t.shape == (batch, n) and t.dtype == torch.int64 and t.is_contiguous():
+        return t
+    return t.to(torch.int64).expand(batch, n).contiguous()
 
 
 def _native_attention(q: Tensor, k: Tensor, v: Tensor, visible: Visibility, sinks: int, out: Tensor) -> None:
@@ -408,7 +417,7 @@ def _native_attention(q: Tensor, k: Tensor, v: Tensor, visible: Visibility, sink
     ka, va = _keys_layout(k), _keys_layout(v)
     if ka.stride()[:2] != va.stride()[:2]:
         ka, va = ka.contiguous(), va.contiguous()
-    queries, keys, window = native_sight(visible, B, k.shape[2])
+    queries, keys, window = native_sight(visible, B, T, k.shape[2])
     _native.sink_attention(
         q.data_ptr(), DTYPE_CODES[q.dtype], B, H, T, D,
         ka.data_ptr(), va.data_ptr(), DTYPE_CODES[va.dtype], k.shape[1], k.shape[2],

@@ -221,7 +221,7 @@ def step(
     if view is not None and plan.attention is not None:  # the usual step: one call to the experts
         h, logits = torch.empty_like(rows), torch.empty(B, plan.router.items[0][2], dtype=x.dtype)
         residual = torch.empty_like(rows)
-        queries, keys, window = native_sight(view.visible, B, view.attended)
+        queries, keys, window = native_sight(view.visible, B, 1, view.attended)
         _native.attention_step(
             plan.attention, rows.data_ptr(), code, B, c.data_ptr(), s.data_ptr(), view.keys.data_ptr(),
             view.values.data_ptr(), view.keys.shape[1], view.block_size, view.slots.data_ptr(),
@@ -268,7 +268,7 @@ def paged_attention(q: Tensor, view: CacheView, sinks: Tensor) -> Tensor:
     qa, s32 = q.detach().contiguous(), sinks.detach().float().contiguous()
     out = torch.empty(B, H, T, D, dtype=q.dtype)
     code = DTYPE_CODES[q.dtype]
-    queries, keys, window = native_sight(view.visible, B, view.attended)
+    queries, keys, window = native_sight(view.visible, B, T, view.attended)
     _native.paged_attention(
         qa.data_ptr(), code, B, H, T, D, view.keys.data_ptr(), view.values.data_ptr(), view.keys.shape[1],
         view.block_size, code, view.kv_heads, view.attended, queries.data_ptr(),
