@@ -123,9 +123,12 @@ def load_build(path: Path, label: str, masks: bool = False) -> object:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     build = module if hasattr(module, "isa") else _WithIsa(module)
-    if masks or "positions" in (module.sink_attention.__doc__ or ""):
-        return build
-    return _MasksFromPositions(build)
+    return build if masks or not reads_masks(build) else _MasksFromPositions(build)
+
+
+def reads_masks(build: object) -> bool:
+    """Whether a build's attention reads a (T, S) mask (one from before issue 33), not positions."""
+    return "positions" not in (build.sink_attention.__doc__ or "")
 
 
 @dataclass

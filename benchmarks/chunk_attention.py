@@ -1,17 +1,19 @@
-"""A prompt chunk's attention at a long context, two builds in one process: the (T, S) byte mask the
-cache built per pass (a build from before issue 33's positions) against the positions alone.
+"""A prompt chunk's attention at a long context, several builds of the native module in one process
+(this tree's first): builds whose attention reads positions, and builds from before issue 33 whose
+attention reads the (T, S) byte mask the cache built per pass.
 
-For each context length the builds take turns (each going first in every other round) on the same
+For each context length the builds take turns (going first in turn, round by round) on the same
 20b-shaped full layer (64 query heads over 8 key/value heads of 64 dims, bf16, a paged cache in
-blocks of 32): what the cache builds per pass for the kernels (before: the full and sliding layers'
-boolean masks, as `KVCache.begin` made them; after: the query positions and the sliding layers' key
-positions), then one full layer's paged attention of the chunk over the whole context. A chunk's
-cost is that build plus 12 such layers (the 20b's full layers; its sliding ones attend over 128 +
-T keys). Timed in CPU time (`time.process_time`) on one thread, so that a shared machine's other
-work shows less. Before timing, both builds run cache-shaped cases (rows at different starts, a
-wrapped ring, a decode step) and their outputs must agree bit for bit.
+blocks of 32): what the cache builds per pass for the kernels (the full and sliding layers' boolean
+masks, as `KVCache.begin` made them, or the query positions and the sliding layers' key positions,
+as it makes them now), then one full layer's paged attention of the chunk over the whole context.
+A chunk's cost is that build plus 12 such layers (the 20b's full layers; its sliding ones attend
+over 128 + T keys). Timed in CPU time (`time.process_time`) on one thread, so that a shared
+machine's other work shows less. Before timing, every build runs cache-shaped cases (rows at
+different starts, a wrapped ring, a decode step), and all outputs, these and the timed chunks',
+must agree bit for bit with this tree's.
 
-    python benchmarks/chunk_attention.py BEFORE.so [--contexts 8192 32768] [--json F]
+    python benchmarks/chunk_attention.py [OTHER.so ...] [--contexts 8192 32768] [--json F]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from ab_native import load_build  # (benchmarks/ is on sys.path when this script runs)
+from ab_native import load_build, reads_masks  # (benchmarks/ is on sys.path when this script runs)
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
@@ -74,9 +76,9 @@ def new_positions(starts: list[int], tokens: int) -> tuple[torch.Tensor, torch.T
 
 
 def attend(
-    build, paged: Paged, q: torch.Tensor, sinks: torch.Tensor, sight: tuple, old: bool
+    build, paged: Paged, q: torch.Tensor, sinks: torch.Tensor, sight: tuple, masks: bool
 ) -> torch.Tensor:
-    """One paged attention call of `build`: sight = (mask,) before, (visibility,) after."""
+    """One paged attention call of `build`: sight = (mask,) if it reads masks, else (visibility,)."""
     R, H, T, D = q.shape
     out = torch.empty_like(q)
     head = (
@@ -92,7 +94,7 @@ def attend(
         PAGE,
     )
     head += (BF16, KV_HEADS, paged.keys)
-    if old:
+    if masks:
         (mask,) = sight
         build.paged_attention(*head, mask.data_ptr(), mask.shape[0], sinks.data_ptr(), out.data_ptr())
     else:
@@ -103,9 +105,9 @@ def attend(
     return out
 
 
-def check_bits(before, after, g: torch.Generator) -> bool:
-    """Both builds on cache-shaped cases: full layers' chunks and decode steps over rows at different
-    starts, a sliding layer's ring (empty, partly filled, wrapped) and chunk."""
+def check_bits(builds: dict, g: torch.Generator) -> bool:
+    """Every build on cache-shaped cases (full layers' chunks and decode steps over rows at different
+    starts, a sliding layer's ring (empty, partly filled, wrapped) and chunk): the same bits."""
     sinks = torch.randn(HEADS, generator=g) * 2
     same = True
     for starts, tokens in [([0, 37, 300], 45), ([5, 130, 900], 1), ([700], 64), ([0, 1000], 17)]:
@@ -114,30 +116,31 @@ def check_bits(before, after, g: torch.Generator) -> bool:
         positions, ring = new_positions(starts, tokens)
         full = Paged(len(starts), max(starts) + tokens, g)
         sliding = Paged(len(starts), ring.shape[1], g)
-        same &= torch.equal(
-            attend(before, full, q, sinks, (full_mask,), True),
-            attend(after, full, q, sinks, (Visibility(positions),), False),
-        )
-        same &= torch.equal(
-            attend(before, sliding, q, sinks, (sliding_mask,), True),
-            attend(after, sliding, q, sinks, (Visibility(positions, ring, WINDOW),), False),
-        )
+        for paged, mask, visible in (
+            (full, full_mask, Visibility(positions)),
+            (sliding, sliding_mask, Visibility(positions, ring, WINDOW)),
+        ):
+            outs = [
+                attend(build, paged, q, sinks, (mask,) if masks else (visible,), masks)
+                for build, masks in builds.values()
+            ]
+            same &= all(torch.equal(outs[0], out) for out in outs)
     return bool(same)
 
 
 def turn(
-    build, old: bool, paged: Paged, q: torch.Tensor, sinks: torch.Tensor
+    build, masks: bool, paged: Paged, q: torch.Tensor, sinks: torch.Tensor
 ) -> tuple[float, float, torch.Tensor]:
     """One chunk of one build: CPU seconds of what the cache builds, of one full layer's attention;
     the attention's output. The chunk's queries are the context's last positions."""
     starts, T = [paged.keys - q.shape[2]], q.shape[2]
     start = time.process_time()
-    if old:
+    if masks:
         sight: tuple = (old_masks(starts, T)[0],)
     else:
         sight = (Visibility(new_positions(starts, T)[0]),)
     built = time.process_time()
-    out = attend(build, paged, q, sinks, sight, old)
+    out = attend(build, paged, q, sinks, sight, masks)
     return built - start, time.process_time() - built, out
 
 
@@ -145,26 +148,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("before", type=Path, help="a build of the native module that reads masks")
     parser.add_argument(
-        "--after", type=Path, nargs="+", default=None,
-        help="builds reading positions (default: this tree's), named after, after2, ... in order",
-    )  # fmt: skip
+        "others",
+        type=Path,
+        nargs="*",
+        help="other builds of the native module (_native*.so), named 1, 2, ...",
+    )
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    after_paths = args.after or [next(Path(ops.__file__).parent.glob("_native*.so"))]
-    builds = {"before": load_build(args.before, "before", masks=True)}
-    for i, path in enumerate(after_paths):
-        name = "after" if i == 0 else f"after{i + 1}"
-        builds[name] = load_build(path, name)
+    builds = {"this": (ops._native, False)}  # name: (module, whether its attention reads masks)
+    for i, path in enumerate(args.others, 1):
+        build = load_build(path, str(i), masks=True)
+        builds[str(i)] = (build, reads_masks(build))
+        print(f"{i}: {path} ({'masks' if builds[str(i)][1] else 'positions'})")
     ops.set_num_threads(1)
-    for build in builds.values():
+    for build, _ in builds.values():
         build.num_threads(1)
     g = torch.Generator().manual_seed(0)
-    same = all(check_bits(builds["before"], build, g) for name, build in builds.items() if name != "before")
+    same = check_bits(builds, g)
     print(f"bits equal on cache-shaped cases: {same}")
     sinks = torch.randn(HEADS, generator=g) * 2
     results = []
@@ -174,11 +178,12 @@ def main() -> None:
         times: dict[str, dict[str, list[float]]] = {n: {"build": [], "attention": []} for n in builds}
         outs = {}
         for r in tqdm(range(args.rounds), desc=f"{context} keys"):
-            for name in list(builds) if r % 2 == 0 else list(builds)[::-1]:
-                t_build, t_attn, outs[name] = turn(builds[name], name == "before", paged, q, sinks)
+            names = list(builds)
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                t_build, t_attn, outs[name] = turn(*builds[name], paged, q, sinks)
                 times[name]["build"].append(t_build)
                 times[name]["attention"].append(t_attn)
-        same &= all(torch.equal(outs["before"], out) for out in outs.values())
+        same &= all(torch.equal(outs["this"], out) for out in outs.values())
         flops = 4.0 * HEADS * DIM * sum(min(s + 1, context) for s in range(context - T, context))
         for name, t in times.items():
             build, attention = statistics.median(t["build"]), statistics.median(t["attention"])
