@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from gptoss import GptOss, ModelConfig
+from gptoss import GptOss, ModelConfig, ops
 from gptoss.trimmed_vocab import trim_vocabulary
 
 
@@ -103,9 +103,11 @@ def gptoss_serve(args: list[str], env: dict[str, str], log: Path) -> Iterator[in
 
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    """PyTorch on one thread for a whole test module (`pytestmark = pytest.mark.usefixtures(...)`):
-    training tests compare results bitwise, and stay fast beside other load."""
+    """PyTorch and the native kernels on one thread for a whole test module
+    (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models run fastest so (on a busy
+    machine, several times faster: each op's threads wait for one another), training tests compare
+    results bitwise, and no result depends on the thread count (tests that vary it set it)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    ops.set_num_threads(1)
     yield
-    torch.set_num_threads(before)
+    ops.set_num_threads(before)

@@ -20,6 +20,8 @@ from gptoss.inference import (
 )
 from gptoss.inference.runner import ATTENTION_SCORE_BUDGET, forward_hidden, prefill_chunk_length
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
+
 CONFIGS = {
     "moe-window5": tiny_config(),
     "dense": tiny_config(num_local_experts=0),

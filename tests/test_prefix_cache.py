@@ -3,6 +3,7 @@ that stored the entry would have (the same tokens through the same forward passe
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,8 @@ from gptoss.inference import SamplingParams
 from gptoss.inference.engine import Engine, SequenceRequest
 from gptoss.inference.prefix_cache import PrefixCache
 from gptoss.inference.runner import ModelRunner
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
 
 CAPACITY = 64
 VOCAB = 320

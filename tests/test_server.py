@@ -509,7 +509,7 @@ def test_gptoss_serve_command_runs_the_real_server(tmp_path):
     checkpoint = save_model(tiny_server_model(), tmp_path / MODEL)
     args = [str(checkpoint), "--max-batch", "2", "--max-model-len", "256"]
     args += ["--responses-db", str(tmp_path / "r.db")]
-    with gptoss_serve(args, os.environ | {"GPTOSS_API_KEY": "k3y"}) as port:
+    with gptoss_serve(args, os.environ | {"GPTOSS_API_KEY": "k3y"}, tmp_path / "serve.log") as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k3y", max_retries=0)
         reply = client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=5)
         assert reply.usage.completion_tokens >= 1 and reply.model == MODEL

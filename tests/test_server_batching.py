@@ -17,6 +17,8 @@ from gptoss.inference import AsyncEngine, ModelRunner, SamplingParams, SequenceR
 from gptoss.tokenizer import Tokenizer, get_tokenizer
 from test_server_support import MODEL, ScriptedRunner, harmony, live_server, model_server
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
+
 
 def test_model_runner_slots_equal_full_recomputation():
     """Sequences join (prefilled in a free row, moved to the end of the batch) and leave (the last

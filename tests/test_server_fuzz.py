@@ -18,7 +18,9 @@ from fuzz_server import fuzz  # noqa: E402  (a script of benchmarks/, shared wit
 
 def test_fuzzing_the_openapi_spec_gives_no_5xx(tmp_path):
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    with gptoss_serve(["--responses-db", str(tmp_path / "responses.sqlite3")], env) as port:
+    with gptoss_serve(
+        ["--responses-db", str(tmp_path / "responses.sqlite3")], env, tmp_path / "serve.log"
+    ) as port:
         url = f"http://127.0.0.1:{port}"
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         results = fuzz(url, model, examples=4, progress=False, derandomize=True)

@@ -34,6 +34,8 @@ from gptoss.inference.speculative import (
 )
 from gptoss.quant.mxfp4 import quantize_experts
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
+
 native = pytest.mark.skipif(
     not ops.native_available() and not os.environ.get("GPTOSS_REQUIRE_NATIVE"),
     reason="native kernels not built: bit-for-bit verification is a property of the native path",
@@ -137,16 +139,6 @@ def mxfp4(window: int = 12):
 
 
 MODELS = {"dense": dense_bf16(), "mxfp4": mxfp4()}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run fastest on one thread (on a busy machine, far faster: every kernel's
-    threads wait for each other); the numbers do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    ops.set_num_threads(1) if ops.native_available() else torch.set_num_threads(1)
-    yield
-    ops.set_num_threads(threads) if ops.native_available() else torch.set_num_threads(threads)
 
 
 def started(model, prompt, capacity):
