@@ -725,7 +725,9 @@ def _assert_tiles_match(q, k, v, visible: Visibility, sinks, rows) -> None:
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim"), [(8, 2, 64), (8, 8, 32), (16, 2, 128), (6, 1, 64)]
 )  # groups of 4, 1, 8, 6 query heads a key/value head
-@pytest.mark.parametrize(("tokens", "keys", "window"), [(1, 300, None), (40, 71, None), (37, 203, 16)])
+@pytest.mark.parametrize(
+    ("tokens", "keys", "window"), [(1, 300, None), (40, 71, None), (37, 203, 16), (7, 8300, None)]
+)  # 8300 keys: units of the fewest tokens (UNIT_MIN_TOKENS) and a tail
 def test_sink_attention_in_tiles(isa, heads, kv_heads, dim, tokens, keys, window):
     """bf16 attention over several tiles of 32 keys (the AVX-512 BF16 kernel takes the query heads
     of a key/value head together), tails, windows that skip whole tiles, batch rows at different

@@ -249,6 +249,10 @@ static void attend_row(const attention *a, const attention_steps *steps, int64_t
  * zeros). */
 #define KEY_TILE 32
 #define UNIT_SCORES (1 << 18) /* score floats a unit may hold (1 MiB): the tokens a unit takes */
+/* ... but at least this many tokens (while the unit's rows allow): every unit reads its head's keys
+ * and values once, so past 8k keys (a 20b head's 8 MiB at 32k) fewer, larger units read less than
+ * score rows kept in L2 save (benchmarks/NOTES.md, issue 33). */
+#define UNIT_MIN_TOKENS 4
 #define UNIT_ROWS 64
 
 /* Where key positions [s0, s0 + n) of the unit's head lie: pages of `page` positions (rows of D
@@ -506,7 +510,8 @@ static int tiled(const attention *a) {
 static int tiled_attention(const attention *a) {
     int64_t G = a->heads / a->kv_heads;
     int64_t tq = UNIT_SCORES / (G * a->keys);
-    tq = tq < 1 ? 1 : tq > UNIT_ROWS / G ? UNIT_ROWS / G : tq;
+    tq = tq < UNIT_MIN_TOKENS ? UNIT_MIN_TOKENS : tq;
+    tq = tq > UNIT_ROWS / G ? UNIT_ROWS / G : tq;
     tq = tq > a->tokens ? a->tokens : tq;
     int64_t blocks = (a->tokens + tq - 1) / tq, units = a->batch * a->kv_heads * blocks;
     size_t work_size = tiled_work_size(a, G * tq);
