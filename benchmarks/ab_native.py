@@ -23,6 +23,7 @@ else runs on it) out of the comparison, --cpu-time the preemptions by other work
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import json
 import statistics
@@ -39,6 +40,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from gptoss import ops
+from gptoss.model import Visibility
 from gptoss.ops import decode
 
 HIDDEN = INTER = 2880
@@ -59,10 +61,62 @@ class _WithIsa:
         return getattr(self._module, name)
 
 
-def load_build(path: Path, label: str) -> object:
+class _MasksFromPositions:
+    """A build from before the attention read positions (issue 33), whose attention entry points take
+    a (batch, 1, tokens, keys) byte mask: this tree's calls (query positions, key positions or 0,
+    window) handed to it with the mask those positions give, built once per pass and kind of layer
+    as the cache built it then (the last two, full and sliding, kept by content)."""
+
+    def __init__(self, module: object) -> None:
+        self._module = module
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._module, name)
+
+    def _mask(self, batch: int, tokens: int, keys: int, q_pos: int, k_pos: int, window: int) -> torch.Tensor:
+        def read(address: int, n: int) -> torch.Tensor:
+            return torch.frombuffer((ctypes.c_int64 * n).from_address(address), dtype=torch.int64).clone()
+
+        queries = read(q_pos, batch * tokens).view(batch, tokens)
+        positions = read(k_pos, batch * keys).view(batch, keys) if k_pos else None
+        key = (
+            queries.numpy().tobytes(),
+            None if positions is None else positions.numpy().tobytes(),
+            window,
+            keys,
+        )
+        if key not in self._masks:
+            if len(self._masks) == 2:
+                del self._masks[next(iter(self._masks))]
+            visible = Visibility(queries, positions, None if window == ops.NO_WINDOW else window)
+            self._masks[key] = visible.mask(keys).contiguous()
+        return self._masks[key]
+
+    def sink_attention(self, *args: object) -> None:
+        *head, q_pos, k_pos, window, sinks, out = args
+        batch, tokens, keys = head[2], head[4], head[10]
+        mask = self._mask(batch, tokens, keys, q_pos, k_pos, window)
+        self._module.sink_attention(*head, mask.data_ptr(), batch, sinks, out)
+
+    def paged_attention(self, *args: object) -> None:
+        *head, q_pos, k_pos, window, sinks, out = args
+        batch, tokens, keys = head[2], head[4], head[12]
+        mask = self._mask(batch, tokens, keys, q_pos, k_pos, window)
+        self._module.paged_attention(*head, mask.data_ptr(), batch, sinks, out)
+
+    def attention_step(self, *args: object) -> None:
+        *head, q_pos, k_pos, window, rows, h, logits = args
+        batch, keys = head[3], head[11]
+        mask = self._mask(batch, 1, keys, q_pos, k_pos, window)
+        self._module.attention_step(*head, mask.data_ptr(), batch, rows, h, logits)
+
+
+def load_build(path: Path, label: str, masks: bool = False) -> object:
     """The extension at path as its own module. Under a name of its own: loaded as
     gptoss.ops._native, a build Python has already imported under that name comes back as the
-    module loaded last, its functions replaced (CPython reuses single-phase extension modules)."""
+    module loaded last, its functions replaced (CPython reuses single-phase extension modules).
+    A build whose attention reads masks is given this tree's positions as masks (unless `masks`)."""
     spec = importlib.util.spec_from_file_location(f"ab_native_{label}._native", path)
     if spec is None or spec.loader is None:
         raise SystemExit(
@@ -70,7 +124,13 @@ def load_build(path: Path, label: str) -> object:
         )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module if hasattr(module, "isa") else _WithIsa(module)
+    build = module if hasattr(module, "isa") else _WithIsa(module)
+    return build if masks or not reads_masks(build) else _MasksFromPositions(build)
+
+
+def reads_masks(build: object) -> bool:
+    """Whether a build's attention reads a (T, S) mask (one from before issue 33), not positions."""
+    return "positions" not in (build.sink_attention.__doc__ or "")
 
 
 @dataclass

@@ -109,8 +109,13 @@ class OpTimer:
             rows, w = args[0].numel() // args[0].shape[-1], args[1]
             return self._linear_kind(w.shape[0]), 2.0 * rows * w.shape[0] * w.shape[1]
         if name in ("sink_attention", "paged_attention"):  # (paged: a full layer's chunk over its blocks)
-            q, mask = args[0], args[3] if name == "sink_attention" else args[1].mask
-            pairs = mask.expand(q.shape[0], 1, q.shape[2], mask.shape[-1]).sum().item()
+            q = args[0]
+            visible, keys = (
+                (args[3], args[1].shape[2])
+                if name == "sink_attention"
+                else (args[1].visible, args[1].attended)
+            )
+            pairs = visible.mask(keys).expand(q.shape[0], 1, q.shape[2], keys).sum().item()
             return "attention", 4.0 * q.shape[1] * q.shape[3] * pairs
         if name == "mxfp4_moe":
             tokens = args[1].numel()

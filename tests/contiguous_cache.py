@@ -1,11 +1,12 @@
 """A reference KV cache for tests: every row preallocated to its capacity, contiguous (the layout the
-paged `gptoss.inference.KVCache` replaced), with the same masks and the same sliding-layer rings, so
+paged `gptoss.inference.KVCache` replaced), with the same positions and the same sliding-layer rings, so
 that the paged cache's results can be compared with it bit for bit."""
 
 import torch
 from torch import Tensor
 
 from gptoss.config import SLIDING
+from gptoss.model import Visibility
 
 
 class ContiguousCache:
@@ -26,38 +27,34 @@ class ContiguousCache:
         starts = self.lengths[rows]
         start = torch.tensor(starts)[:, None]
         positions = start + torch.arange(num_tokens)
-        query = positions[:, None, :, None]
         full_len = max(starts) + num_tokens
-        full_mask = torch.arange(full_len) <= query
         slot = torch.arange(self.ring)
         newest = start - 1 + (num_tokens == 1)
         ring_positions = slot + self.ring * torch.div(newest - slot, self.ring, rounding_mode="floor")
         if num_tokens > 1:
             ring_positions = torch.cat([ring_positions, positions], dim=1)
-        key_positions = ring_positions[:, None, None, :]
-        distance = query - key_positions
-        sliding_mask = (key_positions >= 0) & (distance >= 0) & (distance < self.window)
-        self._step = (rows, positions, full_len, full_mask, sliding_mask)
+        full, sliding = Visibility(positions), Visibility(positions, ring_positions, self.window)
+        self._step = (rows, positions, full_len, full, sliding)
         return positions
 
-    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        rows, positions, full_len, full_mask, sliding_mask = self._step
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Visibility]:
+        rows, positions, full_len, full, sliding = self._step
         cached_k, cached_v = self.keys[layer_idx][rows], self.values[layer_idx][rows]
         T = k.shape[2]
         if not self.sliding[layer_idx]:
             _write(cached_k, positions, k)
             _write(cached_v, positions, v)
-            return cached_k[:, :, :full_len], cached_v[:, :, :full_len], full_mask
+            return cached_k[:, :, :full_len], cached_v[:, :, :full_len], full
         ring_slots = positions % self.ring
         if T == 1:
             _write(cached_k, ring_slots, k)
             _write(cached_v, ring_slots, v)
-            return cached_k, cached_v, sliding_mask
+            return cached_k, cached_v, sliding
         keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
         last = min(T, self.ring)
         _write(cached_k, ring_slots[:, -last:], k[:, :, -last:])
         _write(cached_v, ring_slots[:, -last:], v[:, :, -last:])
-        return keys, values, sliding_mask
+        return keys, values, sliding
 
     def end(self) -> None:
         rows, positions = self._step[0], self._step[1]

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from conftest import random_model, tiny_config
 from contiguous_cache import ContiguousCache
 from gptoss import ops
+from gptoss.config import FULL, SLIDING
 from gptoss.inference import KVCache, SamplingParams
 from gptoss.inference.engine import Engine, SequenceFailure, SequenceRequest, TokenEvent
 from gptoss.inference.optimize import prepare_for_inference
@@ -129,9 +130,9 @@ def test_paged_attention_over_many_rows_equals_the_kernel_over_a_gathered_copy(d
         k, v = torch.randn(2, 12, kv_heads, 1, dim, generator=gen).to(dtype)
         cache.store(layer, k, v)
         ours = decode.paged_attention(q, view, sinks)
-        gathered_k, gathered_v, mask = cache.update(layer, k, v)  # (writes the same values again)
+        gathered_k, gathered_v, visible = cache.update(layer, k, v)  # (writes the same values again)
         theirs = torch.empty_like(ours)
-        ops._native_attention(q, gathered_k, gathered_v, mask, sinks.float().data_ptr(), theirs)
+        ops._native_attention(q, gathered_k, gathered_v, visible, sinks.float().data_ptr(), theirs)
         assert torch.equal(ours, theirs)
     cache.end()
 
@@ -216,3 +217,26 @@ def test_a_prompt_larger_than_the_whole_budget_fails_at_once():
     tokens, failures, _ = _drive(_budgeted_engine(6), [_request(list(range(2, 42)), 4)])
     (message,) = failures.values()
     assert "needs more KV-cache memory" in message and not any(tokens.values())
+
+
+def test_a_pass_at_a_long_context_hands_attention_positions_not_a_mask():
+    """What a 64-token pass after 4,032 tokens gives attention grows with T + S, not T·S: the
+    queries' positions (a full layer's keys are at their own positions) and a sliding layer's key
+    positions (ring + T); the mask PyTorch's attention builds from them is the causal window's."""
+    config = tiny_config(sliding_window=5)
+    full, sliding = config.layer_types.index(FULL), config.layer_types.index(SLIDING)
+    context, T = 4032, 64
+    cache = KVCache(config, 1, capacity=context + T)
+    cache.begin(slice(0, 1), context)
+    cache.end()
+    positions = cache.begin(slice(0, 1), T)
+    heads, dim = config.num_key_value_heads, config.head_dim
+    _, _, seen_full = cache.update(full, torch.zeros(1, heads, T, dim), torch.zeros(1, heads, T, dim))
+    _, _, seen_sliding = cache.update(sliding, torch.zeros(1, heads, T, dim), torch.zeros(1, heads, T, dim))
+    cache.end()
+    assert torch.equal(seen_full.queries, positions) and seen_full.keys is None
+    assert seen_sliding.keys.shape == (1, cache.ring + T) and seen_sliding.window == config.sliding_window
+    query, key = positions[0, :, None], torch.arange(context + T)
+    assert torch.equal(seen_full.mask(context + T)[0, 0], key <= query)
+    window = (seen_sliding.keys[0] <= query) & (seen_sliding.keys[0] > query - config.sliding_window)
+    assert torch.equal(seen_sliding.mask(cache.ring + T)[0, 0], window)

@@ -154,7 +154,7 @@ def test_cache_memory_follows_the_tokens_held_and_sliding_layers_keep_only_the_w
 
 
 def test_decode_view_names_what_update_writes_and_returns_for_one_token_steps():
-    """A one-token pass over any rows at any lengths: the blocks, slots and mask that `update` writes
+    """A one-token pass over any rows at any lengths: the blocks, slots and positions that `update` writes
     and attends over; a pass of several tokens gets None."""
     config = tiny_config(sliding_window=3)
     kinds = list(config.layer_types)
@@ -172,8 +172,8 @@ def test_decode_view_names_what_update_writes_and_returns_for_one_token_steps():
         for layer in (full, sliding):
             view = cache.decode_view(layer)
             new = torch.randn(len(rows), heads, 1, dim)
-            got_k, got_v, got_mask = cache.update(layer, new, new + 1)
-            assert got_k.shape[2] == view.attended and torch.equal(got_mask, view.mask)
+            got_k, got_v, got_visible = cache.update(layer, new, new + 1)
+            assert got_k.shape[2] == view.attended and got_visible is view.visible
             for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
                 slot = int(view.slots[i])
                 if layer == full:

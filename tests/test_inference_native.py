@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from conftest import random_model, tiny_config
 from gptoss import ops
@@ -82,3 +83,46 @@ def test_prompt_chunks_attend_over_the_blocks_as_over_a_gathered_copy(monkeypatc
     monkeypatch.setattr(KVCache, "prompt_view", lambda self, layer_idx: None)
     gathered = run()
     assert all(torch.equal(p, g) for p, g in zip(paged, gathered, strict=True))
+
+
+class _LargestTensor(TorchFunctionMode):
+    """The most elements of any tensor a torch function returns while the mode is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@requires_native
+@pytest.mark.skipif(
+    not ops.prompt_attention_in_place(torch.device("cpu"), torch.bfloat16),
+    reason="PyTorch's attention serves prompts on this CPU (it builds its mask from the positions)",
+)
+def test_a_chunk_at_a_long_context_makes_nothing_of_its_tokens_times_its_keys():
+    """A 64-token prompt chunk after 4,032 tokens through the native kernels: which keys each query
+    sees goes to the kernels as positions, so nothing the pass makes (in the cache, the blocks or
+    attention) holds T·S elements: a (T, S) mask built per pass and read by every full layer was
+    64 MB a chunk at 128k."""
+    from gptoss.inference.cache import KVCache
+    from gptoss.inference.runner import forward_hidden
+
+    config = tiny_config(head_dim=64, num_hidden_layers=2)  # a sliding and a full layer
+    model = native_modules.use_native_kernels(random_model(config).to(torch.bfloat16))
+    context, T = 4032, 64
+    cache = KVCache(config, 1, capacity=context + T, dtype=torch.bfloat16)
+    ids = torch.randint(0, config.vocab_size, (1, context + T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for start in range(0, context, 512):
+            forward_hidden(model, cache, ids[:, start : min(start + 512, context)], slice(0, 1))
+        with _LargestTensor() as largest:
+            hidden = forward_hidden(model, cache, ids[:, context:], slice(0, 1))
+    assert hidden.shape == (1, T, config.hidden_size) and torch.isfinite(hidden.float()).all()
+    # (the largest left are the experts' activations of the chunk's T rows: T·S/8 here)
+    assert largest.numel < T * (context + T) // 4, largest.numel

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from gptoss import ops
+from gptoss.model import Visibility
 from gptoss.quant.mxfp4 import pack, unpack
 
 native = pytest.mark.skipif(
@@ -686,12 +687,20 @@ def test_rms_norm(isa, dtype, dim):
     torch.testing.assert_close(y.float(), ref.float(), atol=tolerance, rtol=tolerance)
 
 
+def _scattered(batch: int, tokens: int, keys: int, window: int | None, g: torch.Generator) -> Visibility:
+    """Keys at distinct scattered positions 1 .. keys + 6 (a fifth of the slots empty) and queries
+    anywhere: what a query sees is no span of the keys."""
+    positions = torch.stack([torch.randperm(keys + 6, generator=g)[:keys] + 1 for _ in range(batch)])
+    positions[torch.rand(batch, keys, generator=g) < 0.2] = -1
+    return Visibility(torch.randint(0, keys + 8, (batch, tokens), generator=g), positions, window)
+
+
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [16, 20, 64])  # 20: not a multiple of the vector width
 @pytest.mark.parametrize("tokens", [1, 3, 20])  # 20: a prompt's queries (native with AVX-512)
-@pytest.mark.parametrize("keys", [11, 37])  # vector steps of 16 with a tail
-def test_sink_attention_over_a_cache(isa, dtype, dim, tokens, keys):
+@pytest.mark.parametrize(("keys", "window"), [(11, None), (37, 9)])  # vector steps of 16 with a tail
+def test_sink_attention_over_a_cache(isa, dtype, dim, tokens, keys, window):
     from gptoss.model import sink_attention
 
     g = torch.Generator().manual_seed(dim * 10 + tokens)
@@ -700,56 +709,87 @@ def test_sink_attention_over_a_cache(isa, dtype, dim, tokens, keys):
     cache_v = torch.randn(batch, kv_heads, keys + 5, dim, generator=g).to(dtype)
     k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]  # the cache's strided view, as attention gets it
     q = (torch.randn(batch, heads, tokens, dim, generator=g) * 2).to(dtype)
-    mask = torch.rand(batch, 1, tokens, keys, generator=g) < 0.7
-    mask[1, 0, 0] = False  # a query that sees no key: all its weight goes to the sink
+    visible = _scattered(batch, tokens, keys, window, g)
+    visible.queries[1, 0] = 0  # a query that sees no key (none at 0): all its weight goes to the sink
     sinks = torch.randn(heads, generator=g)
-    out, ref = ops.sink_attention(q, k, v, mask, sinks), sink_attention(q, k, v, mask, sinks)
+    out, ref = ops.sink_attention(q, k, v, visible, sinks), sink_attention(q, k, v, visible, sinks)
     assert out.dtype == dtype and out.shape == (batch, heads, tokens, dim)
     assert torch.all(out[1, :, 0] == 0)
     # bf16: probabilities and outputs round to bf16 in both; fp32 sums in another order may put
     # one of them on the neighbouring value
     tolerance = 2**-6 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out.float(), ref.float(), atol=tolerance, rtol=tolerance)
-    shared = ops.sink_attention(q, k, v, mask[:1], sinks)  # one mask for every row
+    shared = Visibility(visible.queries[:1], visible.keys[:1], window)  # one row's positions for every row
     torch.testing.assert_close(
-        shared.float(), sink_attention(q, k, v, mask[:1], sinks).float(), atol=tolerance, rtol=tolerance
+        ops.sink_attention(q, k, v, shared, sinks).float(),
+        sink_attention(q, k, v, shared, sinks).float(),
+        atol=tolerance,
+        rtol=tolerance,
     )
 
 
-def _window_mask(batch: int, tokens: int, keys: int, window: int | None, starts: list[int]) -> torch.Tensor:
-    """(batch, 1, tokens, keys): row b's queries at positions starts[b] + t, causal over the keys
-    at positions 0 .. keys-1, at most `window` back."""
-    query = torch.tensor(starts)[:, None, None, None] + torch.arange(tokens)[None, None, :, None]
-    distance = query - torch.arange(keys)
-    return (distance >= 0) & (distance < (window or keys + tokens))
+def _assert_tiles_match(q, k, v, visible: Visibility, sinks, rows) -> None:
+    """ops.sink_attention against the reference, and each (b, t) of `rows` computed alone: the same
+    bits, as decoding and a speculative verify pass need."""
+    from gptoss.model import sink_attention
+
+    out, ref = ops.sink_attention(q, k, v, visible, sinks), sink_attention(q, k, v, visible, sinks)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2**-6, rtol=2**-6)
+    for b, t in rows:
+        keys = None if visible.keys is None else visible.keys[b : b + 1]
+        alone = ops.sink_attention(
+            q[b : b + 1, :, t : t + 1],
+            k[b : b + 1],
+            v[b : b + 1],
+            Visibility(visible.queries[b : b + 1, t : t + 1], keys, visible.window),
+            sinks,
+        )
+        assert torch.equal(alone[0, :, 0], out[b, :, t])
 
 
 @native
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim"), [(8, 2, 64), (8, 8, 32), (16, 2, 128), (6, 1, 64)]
 )  # groups of 4, 1, 8, 6 query heads a key/value head
-@pytest.mark.parametrize(("tokens", "keys", "window"), [(1, 300, None), (40, 71, None), (37, 203, 16)])
+@pytest.mark.parametrize(
+    ("tokens", "keys", "window"), [(1, 300, None), (40, 71, None), (37, 203, 16), (7, 8300, None)]
+)  # 8300 keys: units of the fewest tokens (UNIT_MIN_TOKENS) and a tail
 def test_sink_attention_in_tiles(isa, heads, kv_heads, dim, tokens, keys, window):
     """bf16 attention over several tiles of 32 keys (the AVX-512 BF16 kernel takes the query heads
     of a key/value head together), tails, windows that skip whole tiles, batch rows at different
-    positions, against the reference; and every query row's numbers are the same bits when it is
-    computed alone, as decoding and a speculative verify pass need."""
-    from gptoss.model import sink_attention
-
+    positions over a full layer's keys (key s at position s), against the reference; and every query
+    row's numbers are the same bits when it is computed alone."""
     g = torch.Generator().manual_seed(heads * dim + tokens)
     batch = 2
     q = (torch.randn(batch, heads, tokens, dim, generator=g) * 2).bfloat16()
     k = torch.randn(batch, kv_heads, keys, dim, generator=g).bfloat16()
     v = torch.randn(batch, kv_heads, keys, dim, generator=g).bfloat16()
-    mask = _window_mask(batch, tokens, keys, window, [keys - tokens, keys // 2])
+    starts = torch.tensor([keys - tokens, keys // 2])[:, None]
+    visible = Visibility(starts + torch.arange(tokens), None, window)
     sinks = torch.randn(heads, generator=g) * 3
-    out, ref = ops.sink_attention(q, k, v, mask, sinks), sink_attention(q, k, v, mask, sinks)
-    torch.testing.assert_close(out.float(), ref.float(), atol=2**-6, rtol=2**-6)
-    for b, t in [(0, 0), (1, tokens - 1), (1, tokens // 2)]:
-        alone = ops.sink_attention(
-            q[b : b + 1, :, t : t + 1], k[b : b + 1], v[b : b + 1], mask[b : b + 1, :, t : t + 1], sinks
-        )
-        assert torch.equal(alone[0, :, 0], out[b, :, t])
+    _assert_tiles_match(q, k, v, visible, sinks, [(0, 0), (1, tokens - 1), (1, tokens // 2)])
+
+
+@native
+@pytest.mark.parametrize(("ring", "tokens", "starts"), [(37, 45, [0, 5, 37, 100]), (48, 1, [0, 47, 48, 130])])
+def test_sink_attention_in_tiles_over_a_ring(isa, ring, tokens, starts):
+    """A sliding layer's keys as the cache hands them over: the ring (slot s holds the latest
+    position ≡ s mod ring before the chunk, empty slots at negative positions), then the chunk's own
+    keys; rows at different starts (an empty ring, one partly filled, one wrapped), an odd window."""
+    g = torch.Generator().manual_seed(ring + tokens)
+    batch, heads, kv_heads, dim = len(starts), 8, 2, 64
+    start = torch.tensor(starts)[:, None]
+    positions = start + torch.arange(tokens)  # (B, T)
+    slot = torch.arange(ring)
+    newest = start - 1 + (tokens == 1)  # (a decode step's ring holds its own token already)
+    ring_positions = slot + ring * torch.div(newest - slot, ring, rounding_mode="floor")
+    keys = ring_positions if tokens == 1 else torch.cat([ring_positions, positions], dim=1)
+    q = (torch.randn(batch, heads, tokens, dim, generator=g) * 2).bfloat16()
+    k = torch.randn(batch, kv_heads, keys.shape[1], dim, generator=g).bfloat16()
+    v = torch.randn(batch, kv_heads, keys.shape[1], dim, generator=g).bfloat16()
+    visible = Visibility(positions, keys, ring)
+    sinks = torch.randn(heads, generator=g) * 3
+    _assert_tiles_match(q, k, v, visible, sinks, [(0, 0), (1, tokens - 1), (2, tokens // 2), (3, 0)])
 
 
 def test_prefill_attention_in_bf16_weights_fp32_values(monkeypatch):
@@ -763,18 +803,18 @@ def test_prefill_attention_in_bf16_weights_fp32_values(monkeypatch):
     q = (torch.randn(1, heads, tokens, dim, generator=g) * 2).bfloat16()
     k = torch.randn(1, kv_heads, keys, dim, generator=g).bfloat16()
     v = torch.randn(1, kv_heads, keys, dim, generator=g).bfloat16()
-    mask = torch.rand(1, 1, tokens, keys, generator=g) < 0.7
+    visible = _scattered(1, tokens, keys, None, g)
     sinks = torch.randn(heads, generator=g)
     monkeypatch.setattr(ops, "BF16_GEMM_IN_HARDWARE", False)
     monkeypatch.setattr(ops, "_native_prompt_attention", lambda: False)  # (AVX2: not for prompts)
     with torch.no_grad():
-        out = ops.sink_attention(q, k, v, mask, sinks)
-    ref = sink_attention(q, k, v.float(), mask, sinks, probs_dtype=torch.bfloat16)  # fp32 out
+        out = ops.sink_attention(q, k, v, visible, sinks)
+    ref = sink_attention(q, k, v.float(), visible, sinks, probs_dtype=torch.bfloat16)  # fp32 out
     assert out.dtype == torch.bfloat16 and out.shape == (1, heads, tokens, dim)
     assert torch.equal(out, ref.to(torch.bfloat16))  # what sink_attention takes on such CPUs
     bound = 1e-5 + 2**-8 * ref.abs()  # one bf16 rounding (2^-9) and the reference's own
     assert torch.all((out.float() - ref).abs() <= bound)
-    torch.testing.assert_close(out, sink_attention(q, k, v, mask, sinks), atol=2**-6, rtol=2**-6)
+    torch.testing.assert_close(out, sink_attention(q, k, v, visible, sinks), atol=2**-6, rtol=2**-6)
 
 
 @native

@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from gptoss.model import Attention, Experts, GptOss, MoE, grouped_matmul, sink_attention
+from gptoss.model import Attention, Experts, GptOss, MoE, Visibility, grouped_matmul, sink_attention
 from gptoss.swap import rebuilt
 
 
@@ -185,8 +185,8 @@ class HeadParallelAttention(Attention):
     """Attention over this rank's heads: q/k/v projections are column-sharded DTensors whose local
     output holds the rank's heads, and the sinks a DTensor sharded with them."""
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        return sink_attention(q, k, v, mask, local(self.sinks))
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, visible: Visibility) -> Tensor:
+        return sink_attention(q, k, v, visible, local(self.sinks))
 
 
 def apply_tensor_parallel(model: GptOss, tp_mesh: DeviceMesh) -> None:

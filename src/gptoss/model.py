@@ -10,6 +10,7 @@ Caches, quantization, parallelism, compilation and the id map of a trimmed vocab
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -84,26 +85,52 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------- attention
+@dataclass(frozen=True)
+class Visibility:
+    """Which keys each query may attend to, from positions alone (no (T, S) object until PyTorch's
+    attention asks for its mask): query t of row b sits at position queries[b, t]; key s at
+    keys[b, s] (negative: an empty slot), or at position s when keys is None. A query at position q
+    sees a key at p >= 0 when 0 <= q - p < window (no window: every earlier key)."""
+
+    queries: Tensor  # (B or 1, T) int64
+    keys: Tensor | None = None  # (B or 1, S) int64
+    window: int | None = None
+    # masks built, by length: a cache shares one Visibility between the layers of a kind in a pass
+    _masks: dict[int, Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def mask(self, length: int) -> Tensor:
+        """The (B or 1, 1, T, length) boolean mask, True where query t may see key s (built once)."""
+        if length not in self._masks:
+            self._masks[length] = self._build(length)
+        return self._masks[length]
+
+    def _build(self, length: int) -> Tensor:
+        query = self.queries[:, None, :, None]
+        keys = torch.arange(length, device=query.device) if self.keys is None else self.keys[:, None, None, :]
+        distance = query - keys
+        seen = distance >= 0
+        if self.keys is not None:
+            seen = seen & (keys >= 0)
+        if self.window is not None:
+            seen = seen & (distance < self.window)
+        return seen
+
+
 class KVCache(Protocol):
     """What attention needs from a cache (the inference engine provides implementations)."""
 
-    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Visibility]:
         """Store the new keys/values (B, KVH, T, D) of layer `layer_idx`.
 
-        Returns the keys and values to attend over (B, KVH, S, D) and a boolean mask (B, 1, T, S),
-        True where query t may attend to key s (causality and the layer's window applied).
+        Returns the keys and values to attend over (B, KVH, S, D) and which of them each query may
+        see (causality and the layer's window applied).
         """
         ...
 
 
-def causal_mask(length: int, window: int | None, device: torch.device) -> Tensor:
-    """(1, 1, T, T) boolean mask: each token sees itself and earlier ones, at most `window` in all."""
-    pos = torch.arange(length, device=device)
-    distance = pos[:, None] - pos[None, :]
-    allowed = distance >= 0
-    if window is not None:
-        allowed &= distance < window
-    return allowed[None, None]
+def causal(length: int, window: int | None, device: torch.device) -> Visibility:
+    """Each of `length` tokens sees itself and earlier ones, at most `window` in all."""
+    return Visibility(torch.arange(length, device=device)[None], None, window)
 
 
 class Attention(nn.Module):
@@ -131,10 +158,10 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, KVH, T, D)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if cache is None:
-            mask = causal_mask(T, self.window, x.device)
+            visible = causal(T, self.window, x.device)
         else:
-            k, v, mask = cache.update(self.layer_idx, k, v)
-        out = self.attend(q, k, v, mask)  # (B, H, T, D)
+            k, v, visible = cache.update(self.layer_idx, k, v)
+        out = self.attend(q, k, v, visible)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -145,18 +172,23 @@ class Attention(nn.Module):
         """Rotary embedding of queries and keys (B, T, heads, D) (what decode kernels replace)."""
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, visible: Visibility) -> Tensor:
         """Queries over keys and values with this layer's sinks (what decode kernels replace)."""
-        return sink_attention(q, k, v, mask, self.sinks)
+        return sink_attention(q, k, v, visible, self.sinks)
 
 
 def sink_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor, probs_dtype: torch.dtype | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    visible: Visibility,
+    sinks: Tensor,
+    probs_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Grouped-query attention with a per-head sink column, softmax in fp32, the probabilities
     rounded to `probs_dtype` (default: v's) before they weight the values.
 
-    q (B, H, T, D); k, v (B, KVH, S, D); mask (B or 1, 1, T, S) boolean; sinks (H,).
+    q (B, H, T, D); k, v (B, KVH, S, D); which keys each query sees (B or 1 rows); sinks (H,).
     """
     B, H, T, D = q.shape
     kv_heads, S = k.shape[1], k.shape[2]
@@ -166,7 +198,7 @@ def sink_attention(
     # or blocks gathered with padding), and fp32 BLAS rounds differently for different strides; the
     # numbers must not depend on where a cache keeps them.
     scores = torch.einsum("bkgtd,bksd->bkgts", qg.float(), k.float().contiguous()) / math.sqrt(D)
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    scores = scores.masked_fill(~visible.mask(S)[:, :, None], float("-inf"))
     sink = sinks.float().view(1, kv_heads, group, 1, 1).expand(B, -1, -1, T, 1)
     probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :S]
     out = torch.einsum("bkgts,bksd->bkgtd", probs.to(probs_dtype or v.dtype).to(v.dtype), v.contiguous())

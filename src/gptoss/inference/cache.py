@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from gptoss.config import SLIDING, ModelConfig
+from gptoss.model import Visibility
 
 DEFAULT_BLOCK_SIZE = 32
 
@@ -49,11 +50,11 @@ class BlockPool:
         self._free_ids: list[int] = []
         self._next_id = 0
         # What tables pad with: rows of one step have different block counts, and a kernel reads a
-        # rectangular table (the pad's positions are masked, so its contents are never used).
+        # rectangular table (no query sees the pad's positions, so its contents are never used).
         self.pad = self._new()
 
     def _new(self) -> Tensor:
-        # Zeros, not empty: attention multiplies a masked position's value by a zero probability,
+        # Zeros, not empty: attention multiplies an unseen position's value by a zero probability,
         # and uninitialised memory may hold NaN (0 · NaN = NaN).
         return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
 
@@ -101,8 +102,8 @@ class _Step:
     ring_slots: Tensor  # (R, T) the sliding layers' ring slot of every new token
     ring_start: int | None  # the ring slot of the rows' common start, if they share one
     full_len: int  # full layers attend over positions [0, full_len)
-    full_mask: Tensor  # (R, 1, T, full_len)
-    sliding_mask: Tensor  # (R, 1, T, ring + T), or (R, 1, 1, ring) for one token (see begin)
+    full: Visibility  # the queries' positions; key s at position s
+    sliding: Visibility  # the positions of the ring's keys (R, ring), then the new ones for T > 1
     tables: Tensor | None = None  # (full layers, 2, R, blocks) block addresses, built for decode_view
 
 
@@ -111,7 +112,7 @@ class DecodeView:
     """Where a one-token pass's layer reads and writes, for a kernel that does both (`ops.decode`):
     each row's blocks of `block_size` positions as byte addresses (R, blocks) int64 of keys and of
     values, each block (KVH, block_size, D); the position (R,) int64 each row's new token goes to;
-    how many positions the queries attend over; and the mask (R, 1, 1, keys)."""
+    how many positions the queries attend over; and which of them each query sees."""
 
     keys: Tensor
     values: Tensor
@@ -119,7 +120,7 @@ class DecodeView:
     kv_heads: int
     slots: Tensor
     attended: int
-    mask: Tensor
+    visible: Visibility
 
 
 class KVCache:
@@ -221,8 +222,10 @@ class KVCache:
     def begin(self, rows: slice, num_tokens: int) -> Tensor:
         """Start a forward pass of `num_tokens` new tokens for each row in `rows`.
 
-        Returns their positions (R, T), which the model needs for rotary embeddings. Masks are
-        built here once per pass and shared by every layer of the same kind. Raises
+        Returns their positions (R, T), which the model needs for rotary embeddings. Which keys a
+        query sees is described here once per pass, from positions ((R, T) and a sliding layer's
+        (R, ring + T)), and shared by every layer of the same kind: no (T, S) object, only
+        PyTorch's attention builds its mask from them when it runs. Raises
         `CacheFullError` (and changes nothing) when the rows need more blocks than the budget has.
         """
         first, stop, stride = rows.indices(self.batch_size)
@@ -250,10 +253,7 @@ class KVCache:
         device = self.pool.device
         start = torch.tensor(starts, device=device)[:, None]  # (R, 1)
         positions = start + torch.arange(num_tokens, device=device)  # (R, T)
-        query = positions[:, None, :, None]  # (R, 1, T, 1)
-
         full_len = max(starts) + num_tokens
-        full_mask = torch.arange(full_len, device=device) <= query  # causal
 
         # Sliding layers attend over the ring as it was before this pass, then the new tokens:
         # a chunk longer than the window would otherwise overwrite keys its first tokens need. One
@@ -263,18 +263,22 @@ class KVCache:
         newest = start - 1 + (num_tokens == 1)  # the latest position in the ring the pass reads
         ring_positions = slot + self.ring * torch.div(newest - slot, self.ring, rounding_mode="floor")
         if num_tokens > 1:
-            ring_positions = torch.cat([ring_positions, positions], dim=1)
-        key_positions = ring_positions[:, None, None, :]  # (R, 1, 1, ring [+ T])
-        distance = query - key_positions
-        sliding_mask = (key_positions >= 0) & (distance >= 0) & (distance < self.window)
+            ring_positions = torch.cat([ring_positions, positions], dim=1)  # (R, ring [+ T])
 
         ring_start = starts[0] % self.ring if len(set(starts)) == 1 else None
         self._step = _Step(
-            indices, positions, starts, positions % self.ring, ring_start, full_len, full_mask, sliding_mask
+            indices,
+            positions,
+            starts,
+            positions % self.ring,
+            ring_start,
+            full_len,
+            Visibility(positions),
+            Visibility(positions, ring_positions, self.window),
         )
         return positions
 
-    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Visibility]:
         """Store new keys/values (R, KVH, T, D); return what layer `layer_idx` attends over."""
         step = self._step
         if step is None:
@@ -282,21 +286,21 @@ class KVCache:
         if not self.sliding[layer_idx]:
             j = self.full_index[layer_idx]
             self._write_blocks(j, step, k, v)
-            return (*self._gather(j, step), step.full_mask)
+            return (*self._gather(j, step), step.full)
         ring_k, ring_v = self.rings[layer_idx]
         cached_k, cached_v = _rows_of(ring_k, step.rows), _rows_of(ring_v, step.rows)
         T = k.shape[2]
         if T == 1:
             _write(cached_k, step.ring_slots, step.ring_start, k)
             _write(cached_v, step.ring_slots, step.ring_start, v)
-            return cached_k, cached_v, step.sliding_mask
+            return cached_k, cached_v, step.sliding
         keys = torch.cat([cached_k, k], dim=2)  # (R, KVH, ring + T, D)
         values = torch.cat([cached_v, v], dim=2)
         last = min(T, self.ring)  # only the newest `ring` tokens stay
         slots = step.ring_slots[:, -last:]
         _write(cached_k, slots, None, k[:, :, -last:])
         _write(cached_v, slots, None, v[:, :, -last:])
-        return keys, values, step.sliding_mask
+        return keys, values, step.sliding
 
     def _write_blocks(self, j: int, step: _Step, k: Tensor, v: Tensor) -> None:
         """Full layer j's new keys and values (R, KVH, T, D) into each row's blocks."""
@@ -313,7 +317,7 @@ class KVCache:
 
     def _gather(self, j: int, step: _Step) -> tuple[Tensor, Tensor]:
         """Full layer j's keys and values (R, KVH, full_len, D) of the pass's rows, copied out of
-        their blocks (positions a row does not hold are zeros, and masked)."""
+        their blocks (positions a row does not hold are zeros, and seen by none of its queries)."""
         n = self.blocks_for(step.full_len)
         blocks = self.pool.blocks
         _, _, heads, bs, dim = self.pool.shape
@@ -334,13 +338,13 @@ class KVCache:
             k, v = self._ring_tables[layer_idx]
             rows = slice(step.rows[0], step.rows[-1] + 1)
             return DecodeView(
-                k[rows], v[rows], self.ring, self.kv_heads, step.ring_slots, self.ring, step.sliding_mask
+                k[rows], v[rows], self.ring, self.kv_heads, step.ring_slots, self.ring, step.sliding
             )
         return self._full_view(step, layer_idx)
 
     def prompt_view(self, layer_idx: int) -> DecodeView | None:
         """During a pass of several tokens, full layer `layer_idx`'s blocks as a `DecodeView`
-        (positions (R, T), the (R, 1, T, keys) mask), for a kernel that attends over them where
+        (positions (R, T), keys at their own positions), for a kernel that attends over them where
         they lie once `store` has written the pass's keys and values; None for a sliding layer (its
         chunk attends over the ring as it was and the new keys, a copy `update` makes)."""
         step = self._step
@@ -367,7 +371,7 @@ class KVCache:
             self.kv_heads,
             step.positions,
             step.full_len,
-            step.full_mask,
+            step.full,
         )
 
     def store(self, layer_idx: int, k: Tensor, v: Tensor) -> None:
@@ -405,8 +409,8 @@ class KVCache:
 
     # ------------------------------------------------------------------ rows
     def clear_row(self, row: int) -> None:
-        """Forget the sequence of `row`: its blocks go back to the pool (stale ring slots are masked
-        until overwritten)."""
+        """Forget the sequence of `row`: its blocks go back to the pool (stale ring slots lie at
+        positions its queries do not see until they are overwritten)."""
         self.truncate(row, 0)
         self.broken.discard(row)
 

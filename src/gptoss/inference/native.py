@@ -30,7 +30,7 @@ from torch.nn.modules.module import (
 from gptoss import ops
 from gptoss.inference.cache import KVCache
 from gptoss.inference.verify import QueryRows
-from gptoss.model import Attention, Block, RMSNorm, Router
+from gptoss.model import Attention, Block, RMSNorm, Router, Visibility
 from gptoss.model import KVCache as CacheProtocol
 from gptoss.ops import decode
 from gptoss.quant.int8 import Int8Linear
@@ -73,8 +73,8 @@ class NativeAttention(Attention):
             return super().rotate(q, k, cos, sin)
         return ops.rotary_(q, k, cos, sin)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        return ops.sink_attention(q, k, v, mask, self.sinks)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, visible: Visibility) -> Tensor:
+        return ops.sink_attention(q, k, v, visible, self.sinks)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheProtocol | None = None) -> Tensor:
         """`Attention.forward`; a decode step over a paged `KVCache` (any number of rows), and a
@@ -203,7 +203,7 @@ class NativeBlock(Block):
         assert isinstance(cache, KVCache | QueryRows)  # (checked by _decode_plan)
         layer = self.self_attn.layer_idx
 
-        def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Visibility]:
             return cache.update(layer, k, v)
 
         return decode.step(plan, x, cos, sin, cache.decode_view(layer), update)

@@ -9,14 +9,14 @@ token of the same sequence at its own position, the dense and expert kernels com
 they compute a decode step's (at most `EXACT_ROWS` rows a call, where their per-row sums do not
 depend on the row count), and attention gives each row the keys decoding would have given it:
 
-- full layers: the sequence's keys up to the row's position (later slots masked: a masked key adds
-  an exact zero to the softmax and is skipped in the weighted sum, so the result equals attending
-  over the shorter cache);
+- full layers: the sequence's keys up to the row's position (the row does not see later slots: an
+  unseen key adds an exact zero to the softmax and is skipped in the weighted sum, so the result
+  equals attending over the shorter cache);
 - sliding layers: the ring as it stands after that row's token was written, slot for slot (one
   small copy of the ring per row), so that the softmax sums its terms in decoding's order.
 
 Rejected tokens are then taken back (`RingSave.restore`): full layers give back the blocks past the
-kept tokens (positions past a sequence's length are masked until overwritten), sliding layers get
+kept tokens (positions past a sequence's length are not seen until overwritten), sliding layers get
 back the ring slots the pass overwrote, saved before it.
 """
 
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from gptoss.inference.cache import ContextFullError, KVCache
 from gptoss.inference.speculative import EXACT_ROWS
-from gptoss.model import GptOss
+from gptoss.model import GptOss, Visibility
 
 
 class QueryRows:
@@ -42,19 +42,19 @@ class QueryRows:
         self.dtype = cache.dtype
         device = cache.pool.device
         self.positions = start + torch.arange(n, device=device)  # (n,)
-        query = self.positions[:, None, None, None]  # (n, 1, 1, 1)
-        self.full_mask = torch.arange(start + n, device=device) <= query  # (n, 1, 1, start + n)
+        query = self.positions[:, None]  # (n, 1): one token a row
+        self.full = Visibility(query)  # keys at positions 0 .. start + n - 1
         # Each row's ring as decoding reads it: slot s holds the latest position ≡ s (mod ring)
-        # up to the row's own, masked if that lies outside the window or before the sequence.
+        # up to the row's own, unseen if that lies outside the window or before the sequence.
         slot = torch.arange(cache.ring, device=device)
         key_positions = slot + cache.ring * torch.div(query - slot, cache.ring, rounding_mode="floor")
-        self.sliding_mask = (key_positions >= 0) & (query - key_positions < cache.window)
+        self.sliding = Visibility(query, key_positions, cache.window)  # (n, ring)
         self.ring_slots = self.positions % cache.ring
 
     def decode_view(self, layer_idx: int) -> None:
         return None  # (the rows are one sequence's: a decode step's view of every row does not apply)
 
-    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Visibility]:
         """Store the rows' keys and values (n, KVH, 1, D); return what each row attends over."""
         new_k, new_v = k[:, :, 0].transpose(0, 1), v[:, :, 0].transpose(0, 1)  # (KVH, n, D)
         if not self.cache.sliding[layer_idx]:
@@ -62,7 +62,7 @@ class QueryRows:
             self.cache.write_layer(layer_idx, self.row, self.start, new_k, new_v)
             keys, values = self.cache.read_layer(layer_idx, self.row, end)
             shape = (self.n, -1, -1, -1)
-            return keys[None].expand(shape), values[None].expand(shape), self.full_mask
+            return keys[None].expand(shape), values[None].expand(shape), self.full
         ring_k, ring_v = self.cache.rings[layer_idx]
         keys, values = ring_k[self.row], ring_v[self.row]
         rings_k = keys.expand(self.n, -1, -1, -1).clone()  # (n, KVH, ring, D)
@@ -72,7 +72,7 @@ class QueryRows:
             rings_v[j:, :, slot] = new_v[:, j]
         keys[:, self.ring_slots] = new_k
         values[:, self.ring_slots] = new_v
-        return rings_k, rings_v, self.sliding_mask
+        return rings_k, rings_v, self.sliding
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch import Tensor
 
 # The reference math is the model file's own functions (functions only: no module class here, so
 # the model, the quantized formats and the inference engine all build on this layer, not around it).
-from gptoss.model import apply_rotary, clamped_swiglu
+from gptoss.model import Visibility, apply_rotary, clamped_swiglu
 from gptoss.model import rms_norm as reference_rms_norm
 from gptoss.model import sink_attention as reference_sink_attention
 from gptoss.ops.formats import unpack
@@ -375,13 +375,15 @@ def prompt_attention_in_place(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in DTYPE_CODES and _native_prompt_attention()
 
 
-def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:
+def sink_attention(q: Tensor, k: Tensor, v: Tensor, visible: Visibility, sinks: Tensor) -> Tensor:
     """`gptoss.model.sink_attention`; natively for decode-sized queries (up to `MAX_ROWS` tokens),
     and with AVX-512 for longer ones too, straight from the cache's memory. Softmax in fp32,
     probabilities rounded to the values' dtype and the weighted sum accumulated in fp32, as the
     reference does. Longer bf16 queries on a CPU without bf16 dot products weight fp32 copies of
     the values by the rounded probabilities: the same products and fp32 sums as PyTorch's bf16
-    matmul, which ran ~27x slower there (a 20b layer's 128-token prefill: 45 against 1.6 ms)."""
+    matmul, which ran ~27x slower there (a 20b layer's 128-token prefill: 45 against 1.6 ms).
+    The native kernels read which keys a query sees from the positions in `visible`; only PyTorch's
+    attention builds its (T, S) mask, when it runs."""
     B, H, T, D = q.shape
     if (
         _native_ok(q, k, v, sinks, max_rows=MAX_ROWS)
@@ -392,23 +394,46 @@ def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor)
     ):
         qa, s32 = q.detach().contiguous(), sinks.detach().float().contiguous()
         out = torch.empty(B, H, T, D, dtype=v.dtype)
-        _native_attention(qa, k.detach(), v.detach(), mask, s32.data_ptr(), out)
+        _native_attention(qa, k.detach(), v.detach(), visible, s32.data_ptr(), out)
         return out
     if _fp32_gemm_wanted(v, q, k, sinks):
-        return reference_sink_attention(q, k, v.float(), mask, sinks, probs_dtype=v.dtype).to(v.dtype)
-    return reference_sink_attention(q, k, v, mask, sinks)
+        return reference_sink_attention(q, k, v.float(), visible, sinks, probs_dtype=v.dtype).to(v.dtype)
+    return reference_sink_attention(q, k, v, visible, sinks)
 
 
-def _native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: int, out: Tensor) -> None:
+NO_WINDOW = 2**63 - 1  # the native kernels' window where a layer has none
+
+
+def native_sight(
+    visible: Visibility, batch: int, tokens: int, keys: int
+) -> tuple[Tensor, Tensor | None, int]:
+    """What the native kernels read of `visible` for `batch` rows of `tokens` queries over `keys`
+    keys: the query positions (batch, tokens) and key positions (batch, keys) or None, contiguous
+    int64, and the window."""
+    queries = _int64_rows(visible.queries, batch, tokens)
+    positions = None if visible.keys is None else _int64_rows(visible.keys, batch, keys)
+    return queries, positions, NO_WINDOW if visible.window is None else visible.window
+
+
+def _int64_rows(t: Tensor, batch: int, n: int) -> Tensor:
+    """t (batch or 1, n) as contiguous int64 (batch, n): itself when it is (a cache's positions, for
+    every layer of a pass)."""
+    if t.shape == (batch, n) and t.dtype == torch.int64 and t.is_contiguous():
+        return t
+    return t.to(torch.int64).expand(batch, n).contiguous()
+
+
+def _native_attention(q: Tensor, k: Tensor, v: Tensor, visible: Visibility, sinks: int, out: Tensor) -> None:
     """The native sink attention of contiguous queries q (B, H, T, D) into out, over k and v as
     `sink_attention` takes them; `sinks`: the address of the heads' fp32 sink logits."""
     B, H, T, D = q.shape
     ka, va = _keys_layout(k), _keys_layout(v)
     if ka.stride()[:2] != va.stride()[:2]:
         ka, va = ka.contiguous(), va.contiguous()
-    m = mask.to(torch.bool).expand(-1, 1, T, k.shape[2]).contiguous()
+    queries, keys, window = native_sight(visible, B, T, k.shape[2])
     _native.sink_attention(
         q.data_ptr(), DTYPE_CODES[q.dtype], B, H, T, D,
         ka.data_ptr(), va.data_ptr(), DTYPE_CODES[va.dtype], k.shape[1], k.shape[2],
-        ka.stride(0), ka.stride(1), m.data_ptr(), m.shape[0], sinks, out.data_ptr(),
+        ka.stride(0), ka.stride(1), queries.data_ptr(), 0 if keys is None else keys.data_ptr(), window,
+        sinks, out.data_ptr(),
     )  # fmt: skip

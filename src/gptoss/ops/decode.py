@@ -25,7 +25,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from gptoss.ops import DTYPE_CODES, DenseWeights, _native, _native_attention
+from gptoss.model import Visibility
+from gptoss.ops import DTYPE_CODES, DenseWeights, _native, _native_attention, native_sight
 
 _DENSE_KIND = {False: 1, True: 2}  # int8 or not → the native module's BF16W / INT8W
 
@@ -45,11 +46,12 @@ class CacheView(Protocol):
     kv_heads: int
     slots: Tensor  # (B,) int64: the position each row's new token goes to
     attended: int  # positions the queries attend over
-    mask: Tensor  # (B, 1, 1, attended) bool
+    visible: Visibility  # which of them each query sees
 
 
-# the cache's update of one layer: new keys and values (B, KVH, 1, D) → keys, values, mask to attend
-CacheUpdate = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+# the cache's update of one layer: new keys and values (B, KVH, 1, D) → keys, values and which of
+# them each query sees
+CacheUpdate = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Visibility]]
 
 
 @dataclass(frozen=True)
@@ -219,10 +221,11 @@ def step(
     if view is not None and plan.attention is not None:  # the usual step: one call to the experts
         h, logits = torch.empty_like(rows), torch.empty(B, plan.router.items[0][2], dtype=x.dtype)
         residual = torch.empty_like(rows)
+        queries, keys, window = native_sight(view.visible, B, 1, view.attended)
         _native.attention_step(
             plan.attention, rows.data_ptr(), code, B, c.data_ptr(), s.data_ptr(), view.keys.data_ptr(),
             view.values.data_ptr(), view.keys.shape[1], view.block_size, view.slots.data_ptr(),
-            view.attended, view.mask.data_ptr(), view.mask.shape[0],
+            view.attended, queries.data_ptr(), 0 if keys is None else keys.data_ptr(), window,
             residual.data_ptr(), h.data_ptr(), logits.data_ptr(),
         )  # fmt: skip
     else:
@@ -248,11 +251,11 @@ def _attention(
     q, k, v = _matmul(plan.qkv, _rms_norm(plan.norms[0], rows, code), code)
     _native.rotary(q.data_ptr(), code, B, heads, dim, c.data_ptr(), s.data_ptr())
     _native.rotary(k.data_ptr(), code, B, kv_heads, dim, c.data_ptr(), s.data_ptr())
-    keys, values, mask = update(
+    keys, values, visible = update(
         k.view(B, 1, kv_heads, dim).transpose(1, 2), v.view(B, 1, kv_heads, dim).transpose(1, 2)
     )
     out = torch.empty(B, heads * dim, dtype=rows.dtype)  # (B, heads, 1, dim) as o_proj reads it
-    _native_attention(q.view(B, heads, 1, dim), keys, values, mask, plan.sinks, out)
+    _native_attention(q.view(B, heads, 1, dim), keys, values, visible, plan.sinks, out)
     return out
 
 
@@ -265,9 +268,10 @@ def paged_attention(q: Tensor, view: CacheView, sinks: Tensor) -> Tensor:
     qa, s32 = q.detach().contiguous(), sinks.detach().float().contiguous()
     out = torch.empty(B, H, T, D, dtype=q.dtype)
     code = DTYPE_CODES[q.dtype]
+    queries, keys, window = native_sight(view.visible, B, T, view.attended)
     _native.paged_attention(
         qa.data_ptr(), code, B, H, T, D, view.keys.data_ptr(), view.values.data_ptr(), view.keys.shape[1],
-        view.block_size, code, view.kv_heads, view.attended, view.mask.data_ptr(), view.mask.shape[0],
-        s32.data_ptr(), out.data_ptr(),
+        view.block_size, code, view.kv_heads, view.attended, queries.data_ptr(),
+        0 if keys is None else keys.data_ptr(), window, s32.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     return out

@@ -179,27 +179,38 @@ static PyObject *py_rotary(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Which keys the queries see (`attention`): q_pos (batch, tokens) int64, k_pos (batch, keys) int64
+ * or 0 (key s at position s), window >= 1 (INT64_MAX: none). 1, or 0 with an exception set. */
+static int set_sight(attention *a, unsigned long long q_pos, unsigned long long k_pos, long long window) {
+    if (!q_pos || window < 1) {
+        PyErr_Format(PyExc_ValueError, "attention needs query positions and a window of at least 1, got %lld",
+                     window);
+        return 0;
+    }
+    a->q_pos = (const int64_t *)q_pos, a->k_pos = (const int64_t *)k_pos, a->window = window;
+    return 1;
+}
+
 /* sink_attention(q, q_dt, batch, heads, tokens, dim, k, v, kv_dt, kv_heads, keys, kv_batch_stride,
- *                kv_head_stride, mask, mask_batch, sinks, out) */
+ *                kv_head_stride, q_pos, k_pos, window, sinks, out) */
 static PyObject *py_sink_attention(PyObject *self, PyObject *args) {
     attention a;
-    unsigned long long qp, kp, vp, mp, sp, op;
-    long long batch, heads, tokens, dim, kv_heads, keys, kv_batch_stride, kv_head_stride, mask_batch;
-    if (!PyArg_ParseTuple(args, "KiLLLLKKiLLLLKLKK", &qp, &a.q_dt, &batch, &heads, &tokens, &dim, &kp,
-                          &vp, &a.kv_dt, &kv_heads, &keys, &kv_batch_stride, &kv_head_stride, &mp,
-                          &mask_batch, &sp, &op))
+    unsigned long long qp, kp, vp, qpos, kpos, sp, op;
+    long long batch, heads, tokens, dim, kv_heads, keys, kv_batch_stride, kv_head_stride, window;
+    if (!PyArg_ParseTuple(args, "KiLLLLKKiLLLLKKLKK", &qp, &a.q_dt, &batch, &heads, &tokens, &dim, &kp,
+                          &vp, &a.kv_dt, &kv_heads, &keys, &kv_batch_stride, &kv_head_stride, &qpos,
+                          &kpos, &window, &sp, &op))
         return NULL;
     if (!check_sizes(batch * heads * tokens, dim, keys) || !check_dtypes(a.q_dt, a.kv_dt, F32)) return NULL;
     if (kv_heads < 1 || heads % kv_heads)
         return PyErr_Format(PyExc_ValueError, "%lld query heads cannot share %lld key/value heads",
                             heads, kv_heads);
-    if (mask_batch != 1 && mask_batch != batch)
-        return PyErr_Format(PyExc_ValueError, "mask batch %lld is neither 1 nor %lld", mask_batch, batch);
+    if (!set_sight(&a, qpos, kpos, window)) return NULL;
     a.batch = batch, a.heads = heads, a.kv_heads = kv_heads, a.tokens = tokens, a.keys = keys, a.dim = dim;
     a.q = (const void *)qp, a.k = (const void *)kp, a.v = (const void *)vp;
     a.kv_batch_stride = kv_batch_stride, a.kv_head_stride = kv_head_stride;
     a.k_pages = a.v_pages = NULL, a.pages = a.page = 0;
-    a.mask = (const uint8_t *)mp, a.mask_batch = mask_batch, a.sinks = (const float *)sp;
+    a.sinks = (const float *)sp;
     a.out = (void *)op;
     int status;
     Py_BEGIN_ALLOW_THREADS;
@@ -210,27 +221,28 @@ static PyObject *py_sink_attention(PyObject *self, PyObject *args) {
 }
 
 /* paged_attention(q, q_dt, batch, heads, tokens, dim, k_pages, v_pages, pages, page, kv_dt, kv_heads,
- *                 keys, mask, mask_batch, sinks, out): sink_attention of `tokens` query tokens a row
+ *                 keys, q_pos, k_pos, window, sinks, out): sink_attention of `tokens` query tokens a row
  * (a decode step's one, or a prompt chunk's) over a cache in blocks of `page` positions, row b's block i at byte addresses k_pages[b·pages + i] and
  * v_pages[...] (int64 (batch, pages)), each (kv_heads, page, dim) in kv_dt. */
 static PyObject *py_paged_attention(PyObject *self, PyObject *args) {
     attention a;
-    unsigned long long qp, kpp, vpp, mp, sp, op;
-    long long batch, heads, tokens, dim, pages, page, kv_heads, keys, mask_batch;
-    if (!PyArg_ParseTuple(args, "KiLLLLKKLLiLLKLKK", &qp, &a.q_dt, &batch, &heads, &tokens, &dim, &kpp, &vpp,
-                          &pages, &page, &a.kv_dt, &kv_heads, &keys, &mp, &mask_batch, &sp, &op))
+    unsigned long long qp, kpp, vpp, qpos, kpos, sp, op;
+    long long batch, heads, tokens, dim, pages, page, kv_heads, keys, window;
+    if (!PyArg_ParseTuple(args, "KiLLLLKKLLiLLKKLKK", &qp, &a.q_dt, &batch, &heads, &tokens, &dim, &kpp, &vpp,
+                          &pages, &page, &a.kv_dt, &kv_heads, &keys, &qpos, &kpos, &window, &sp, &op))
         return NULL;
     if (!check_sizes(batch * heads * tokens, dim, keys) || !check_dtypes(a.q_dt, a.kv_dt, F32)) return NULL;
     if (kv_heads < 1 || heads % kv_heads)
         return PyErr_Format(PyExc_ValueError, "%lld query heads cannot share %lld key/value heads",
                             heads, kv_heads);
-    if (page < 1 || pages < 1 || keys > pages * page || (mask_batch != 1 && mask_batch != batch))
-        return PyErr_Format(PyExc_ValueError, "bad paged attention: keys %lld of %lld blocks of %lld, mask "
-                            "batch %lld of %lld", keys, pages, page, mask_batch, batch);
+    if (page < 1 || pages < 1 || keys > pages * page)
+        return PyErr_Format(PyExc_ValueError, "bad paged attention: keys %lld of %lld blocks of %lld", keys,
+                            pages, page);
+    if (!set_sight(&a, qpos, kpos, window)) return NULL;
     a.batch = batch, a.heads = heads, a.kv_heads = kv_heads, a.tokens = tokens, a.keys = keys, a.dim = dim;
     a.q = (const void *)qp, a.k = a.v = NULL, a.kv_batch_stride = a.kv_head_stride = 0;
     a.k_pages = (const int64_t *)kpp, a.v_pages = (const int64_t *)vpp, a.pages = pages, a.page = page;
-    a.mask = (const uint8_t *)mp, a.mask_batch = mask_batch, a.sinks = (const float *)sp;
+    a.sinks = (const float *)sp;
     a.out = (void *)op;
     int status;
     Py_BEGIN_ALLOW_THREADS;
@@ -294,28 +306,30 @@ static PyObject *py_attention_plan(PyObject *self, PyObject *args) {
     return capsule;
 }
 
-/* attention_step(plan, x, dt, batch, cos, sin, k_pages, v_pages, pages, page, slots, keys, mask,
- *                mask_batch, rows, h, logits): x (batch, width) in dt, one token a row; cos, sin fp32
+/* attention_step(plan, x, dt, batch, cos, sin, k_pages, v_pages, pages, page, slots, keys, q_pos,
+ *                k_pos, window, rows, h, logits): x (batch, width) in dt, one token a row; cos, sin fp32
  * (batch, dim/2) of each row's position; the layer's cache in blocks of `page` positions, row b's
  * block i at byte addresses k_pages[b·pages + i], v_pages[...] (int64 (batch, pages)), each block
  * (kv_heads, page, dim) in dt; row b's new k and v written at position slots[b] (int64 (batch,)),
- * the queries attending their first `keys` positions under mask (mask_batch, 1, 1, keys). Out, in
+ * the queries (at positions q_pos (batch,)) attending their first `keys` positions, seen as
+ * `attention` says (k_pos (batch, keys) int64 or 0, window). Out, in
  * dt: rows = x + o(attention), h = RMSNorm2(rows), logits = router(h). */
 static PyObject *py_attention_step(PyObject *self, PyObject *args) {
     PyObject *capsule;
-    unsigned long long xp, cp, sp, kpp, vpp, slotsp, mp, rowsp, hp, logitsp;
-    long long batch, pages, page, keys, mask_batch;
+    unsigned long long xp, cp, sp, kpp, vpp, slotsp, qpos, kpos, rowsp, hp, logitsp;
+    long long batch, pages, page, keys, window;
     int dt;
-    if (!PyArg_ParseTuple(args, "OKiLKKKKLLKLKLKKK", &capsule, &xp, &dt, &batch, &cp, &sp, &kpp, &vpp, &pages,
-                          &page, &slotsp, &keys, &mp, &mask_batch, &rowsp, &hp, &logitsp))
+    if (!PyArg_ParseTuple(args, "OKiLKKKKLLKLKKLKKK", &capsule, &xp, &dt, &batch, &cp, &sp, &kpp, &vpp, &pages,
+                          &page, &slotsp, &keys, &qpos, &kpos, &window, &rowsp, &hp, &logitsp))
         return NULL;
     const attention_plan *p = PyCapsule_GetPointer(capsule, PLAN_CAPSULE);
     if (!p || !check_sizes(batch, 1, keys) || !check_dtypes(dt, dt, dt)) return NULL;
     const int64_t *slots = (const int64_t *)slotsp;
-    if (page < 1 || pages < 1 || keys > pages * page || (mask_batch != 1 && mask_batch != batch))
-        return PyErr_Format(PyExc_ValueError,
-                            "bad decode step: keys %lld of %lld blocks of %lld, mask batch %lld of %lld",
-                            keys, pages, page, mask_batch, batch);
+    if (page < 1 || pages < 1 || keys > pages * page)
+        return PyErr_Format(PyExc_ValueError, "bad decode step: keys %lld of %lld blocks of %lld", keys, pages,
+                            page);
+    if (!qpos || window < 1)
+        return PyErr_Format(PyExc_ValueError, "bad decode step: no query positions, or window %lld", window);
     for (int64_t b = 0; b < batch; b++)
         if (slots[b] < 0 || slots[b] >= keys)
             return PyErr_Format(PyExc_ValueError, "bad decode step: row %lld writes position %lld of %lld",
@@ -324,7 +338,8 @@ static PyObject *py_attention_step(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS;
     status = attention_step(p, (const void *)xp, dt, batch, (const float *)cp, (const float *)sp,
                             (const int64_t *)kpp, (const int64_t *)vpp, pages, page, slots, keys,
-                            (const uint8_t *)mp, mask_batch, (void *)rowsp, (void *)hp, (void *)logitsp);
+                            (const int64_t *)qpos, (const int64_t *)kpos, window, (void *)rowsp, (void *)hp,
+                            (void *)logitsp);
     Py_END_ALLOW_THREADS;
     if (status) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -359,8 +374,10 @@ static PyMethodDef METHODS[] = {
     {"attention_step", py_attention_step, METH_VARARGS, "a block's decode step up to its experts, in one call"},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows, fp32 inside"},
     {"rotary", py_rotary, METH_VARARGS, "NeoX rotary embedding of (tokens, heads, dim) rows, in place"},
-    {"sink_attention", py_sink_attention, METH_VARARGS, "attention with per-head sinks over a KV cache"},
-    {"paged_attention", py_paged_attention, METH_VARARGS, "sink attention of one token a row over cache blocks"},
+    {"sink_attention", py_sink_attention, METH_VARARGS,
+     "attention with per-head sinks over a KV cache, the keys seen by their positions"},
+    {"paged_attention", py_paged_attention, METH_VARARGS,
+     "sink attention over cache blocks, the keys seen by their positions"},
     {"set_isa", py_set_isa, METH_VARARGS, "choose 'best', 'amx', 'avx512bf16', 'avx512', 'avx2' or 'c'"},
     {"isa", py_isa, METH_NOARGS, "the instruction set in use"},
     {"num_threads", py_num_threads, METH_VARARGS, "get (or set) the kernels' thread count"},

@@ -33,8 +33,26 @@ void rms_norm(const void *x, int dt, int64_t rows, int64_t dim, const void *w, i
 }
 
 
+/* What one query row sees: the keys at positions p >= 0 with 0 <= q - p < window, key s at keys[s],
+ * or at position s when keys is NULL (see `attention`). */
+typedef struct {
+    int64_t q;
+    const int64_t *keys;
+    int64_t window;
+} sight;
+
+INLINE int sees(const sight *v, int64_t s) {
+    int64_t p = v->keys ? v->keys[s] : s, d = v->q - p;
+    return p >= 0 && d >= 0 && d < v->window;
+}
+
+/* The sight of query token t of batch row b. */
+INLINE sight sight_of(const attention *a, int64_t b, int64_t t) {
+    return (sight){a->q_pos[b * a->tokens + t], a->k_pos ? a->k_pos + b * a->keys : NULL, a->window};
+}
+
 /* The three steps of one query row, portable and AVX-512 (dim a multiple of 16): the scores of
- * query q (fp32) against the keys the mask allows (the others -inf); the softmax beside the head's
+ * query q (fp32) against the keys it sees (the others -inf); the softmax beside the head's
  * sink, its probabilities rounded to bf16 when the values are bf16 (the reference multiplies in
  * their dtype); and acc = Σ p[s] · v[s], accumulated in fp32. A head's keys and values come in
  * pages of `page` positions, page i at pages[i] (rows of dim): a contiguous cache is one page, a
@@ -42,20 +60,21 @@ void rms_norm(const void *x, int dt, int64_t rows, int64_t dim, const void *w, i
  * the same numbers either way. */
 typedef struct {
     void (*scores)(const float *q, const char *const *pages, int64_t page, int kv_dt, int64_t keys,
-                   int64_t dim, const uint8_t *mask, float root, float *scores);
+                   int64_t dim, const sight *seen, float root, float *scores);
     void (*softmax)(float *p, int64_t keys, float sink, int round_bf16);
     void (*weighted)(const float *p, const char *const *pages, int64_t page, int kv_dt, int64_t keys,
                      int64_t dim, float *acc);
 } attention_steps;
 
 static void key_scores_c(const float *q, const char *const *pages, int64_t page, int kv_dt, int64_t keys,
-                         int64_t dim, const uint8_t *mask, float root, float *scores) {
+                         int64_t dim, const sight *seen, float root, float *scores) {
     for (int64_t first = 0, i = 0; first < keys; first += page, i++) {
         int64_t n = keys - first < page ? keys - first : page;
         for (int64_t s = 0; s < n; s++) {
+            int visible = sees(seen, first + s);
             float dot = 0.0f;
-            for (int64_t d = 0; d < dim && mask[first + s]; d++) dot += q[d] * load_val(pages[i], kv_dt, s * dim + d);
-            scores[first + s] = mask[first + s] ? dot / root : -INFINITY;
+            for (int64_t d = 0; d < dim && visible; d++) dot += q[d] * load_val(pages[i], kv_dt, s * dim + d);
+            scores[first + s] = visible ? dot / root : -INFINITY;
         }
     }
 }
@@ -90,14 +109,14 @@ AVX512_INLINE __m512 load16_f32(const void *p, int dt, int64_t i) {
 
 /* D: the head size, a compile-time 64 (every gpt-oss member) or 0 for `dim` at run time. */
 AVX512_INLINE void key_scores_avx512_d(const int D, const float *q, const char *const *pages, int64_t page,
-                                       int kv_dt, int64_t keys, int64_t dim, const uint8_t *mask,
+                                       int kv_dt, int64_t keys, int64_t dim, const sight *seen,
                                        float root, float *scores) {
     if (D) dim = D;
     for (int64_t first = 0, i = 0; first < keys; first += page, i++) {
         int64_t n = keys - first < page ? keys - first : page;
         const void *k = pages[i];
         for (int64_t s = 0; s < n; s++) {
-            if (!mask[first + s]) {
+            if (!sees(seen, first + s)) {
                 scores[first + s] = -INFINITY;
                 continue;
             }
@@ -110,10 +129,10 @@ AVX512_INLINE void key_scores_avx512_d(const int D, const float *q, const char *
 }
 
 AVX512 static void key_scores_avx512(const float *q, const char *const *pages, int64_t page, int kv_dt,
-                                     int64_t keys, int64_t dim, const uint8_t *mask, float root,
+                                     int64_t keys, int64_t dim, const sight *seen, float root,
                                      float *scores) {
-    if (dim == 64) key_scores_avx512_d(64, q, pages, page, kv_dt, keys, dim, mask, root, scores);
-    else key_scores_avx512_d(0, q, pages, page, kv_dt, keys, dim, mask, root, scores);
+    if (dim == 64) key_scores_avx512_d(64, q, pages, page, kv_dt, keys, dim, seen, root, scores);
+    else key_scores_avx512_d(0, q, pages, page, kv_dt, keys, dim, seen, root, scores);
 }
 
 AVX512 static void softmax_avx512(float *p, int64_t keys, float sink, int round_bf16) {
@@ -205,8 +224,8 @@ static void attend_row(const attention *a, const attention_steps *steps, int64_t
         kp[0] = (const char *)a->k + offset;
         vp[0] = (const char *)a->v + offset;
     }
-    const uint8_t *mask = a->mask + ((a->mask_batch > 1 ? b : 0) * a->tokens + t) * S;
-    steps->scores(q, kp, page, a->kv_dt, S, D, mask, sqrtf((float)D), scores);
+    sight seen = sight_of(a, b, t);
+    steps->scores(q, kp, page, a->kv_dt, S, D, &seen, sqrtf((float)D), scores);
     steps->softmax(scores, S, a->sinks[h], a->kv_dt == BF16);
     for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
     steps->weighted(scores, vp, page, a->kv_dt, S, D, acc);
@@ -230,6 +249,10 @@ static void attend_row(const attention *a, const attention_steps *steps, int64_t
  * zeros). */
 #define KEY_TILE 32
 #define UNIT_SCORES (1 << 18) /* score floats a unit may hold (1 MiB): the tokens a unit takes */
+/* ... but at least this many tokens (while the unit's rows allow): every unit reads its head's keys
+ * and values once, so past 8k keys (a 20b head's 8 MiB at 32k) fewer, larger units read less than
+ * score rows kept in L2 save (benchmarks/NOTES.md, issue 33). */
+#define UNIT_MIN_TOKENS 4
 #define UNIT_ROWS 64
 
 /* Where key positions [s0, s0 + n) of the unit's head lie: pages of `page` positions (rows of D
@@ -269,8 +292,9 @@ AVX512BF16_INLINE void key_tile(const uint16_t *const *rows, int64_t D, int64_t 
 }
 
 /* Scores of N rows (their queries as D/2 bf16 pairs) against the two halves of a key tile, divided
- * by root, -inf where a row's mask forbids; into score rows at the tile's positions. */
-AVX512BF16_INLINE void tile_scores(const int N, const uint32_t *const *q, const uint8_t *const *mask,
+ * by root, -inf for the keys a row does not see (bit j of seen[r] clear for key s0 + j); into score
+ * rows at the tile's positions. */
+AVX512BF16_INLINE void tile_scores(const int N, const uint32_t *const *q, const uint32_t *seen,
                                    float *const *scores, const __m512i *kt, int64_t D, int64_t s0,
                                    int64_t n, float root) {
     __m512 acc[2][8];
@@ -290,9 +314,8 @@ AVX512BF16_INLINE void tile_scores(const int N, const uint32_t *const *q, const 
         for (int h = 0; h < 2 && 16 * h < n; h++) {
             int64_t m = n - 16 * h >= 16 ? 16 : n - 16 * h;
             __mmask16 live = (__mmask16)((1u << m) - 1);
-            __mmask16 seen = _mm_mask_test_epi8_mask(live, _mm_maskz_loadu_epi8(live, mask[r] + s0 + 16 * h),
-                                                     _mm_set1_epi8(1));
-            __m512 v = _mm512_mask_div_ps(none, seen, acc[h][r], div);
+            __mmask16 visible = (__mmask16)(seen[r] >> (16 * h)) & live;
+            __m512 v = _mm512_mask_div_ps(none, visible, acc[h][r], div);
             _mm512_mask_storeu_ps(scores[r] + s0 + 16 * h, live, v);
         }
 }
@@ -326,12 +349,41 @@ AVX512BF16_INLINE void tile_values(const int N, const __m512i *vp, const uint32_
     }
 }
 
-/* The first and one past the last position a mask row lets a query see ([0, 0) for none). */
-static void visible_span(const uint8_t *mask, int64_t keys, int64_t *lo, int64_t *hi) {
+/* The first and one past the last of `keys` keys a query sees ([0, 0) for none). A full layer's
+ * keys (positions 0 .. keys-1) give it by arithmetic, every key between the two seen; explicit
+ * positions (a sliding layer's ring, then a chunk's new keys: a few hundred) are scanned, once per
+ * query token against the G·D multiply-adds per key of its heads' scores. */
+static void visible_span(const sight *v, int64_t keys, int64_t *lo, int64_t *hi) {
     int64_t a = 0, b = keys;
-    while (a < keys && !mask[a]) a++;
-    while (b > a && !mask[b - 1]) b--;
+    if (!v->keys) {
+        a = v->window > v->q ? 0 : v->q - v->window + 1;
+        b = v->q < keys ? v->q + 1 : keys;
+    } else {
+        while (a < keys && !sees(v, a)) a++;
+        while (b > a && !sees(v, b - 1)) b--;
+    }
     *lo = a < b ? a : 0, *hi = a < b ? b : 0;
+}
+
+/* Which of a tile's keys [s0, s0 + n) a query with span [lo, hi) sees: bit j for key s0 + j. All
+ * of the span for a full layer's keys; explicit positions compared 8 at a time. */
+AVX512BF16_INLINE uint32_t tile_sight(const sight *v, int64_t lo, int64_t hi, int64_t s0, int64_t n) {
+    int64_t a = lo > s0 ? lo : s0, b = hi < s0 + n ? hi : s0 + n;
+    if (a >= b) return 0;
+    uint32_t span = (uint32_t)(((1ull << (b - a)) - 1) << (a - s0));
+    if (!v->keys) return span;
+    const __m512i q = _mm512_set1_epi64(v->q), window = _mm512_set1_epi64(v->window);
+    const __m512i zero = _mm512_setzero_si512();
+    uint32_t bits = 0;
+    for (int64_t i = 0; i < n; i += 8) {
+        __mmask8 live = n - i >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (n - i)) - 1);
+        __m512i p = _mm512_maskz_loadu_epi64(live, v->keys + s0 + i), d = _mm512_sub_epi64(q, p);
+        __mmask8 ok = _mm512_mask_cmpge_epi64_mask(live, p, zero);
+        ok = _mm512_mask_cmpge_epi64_mask(ok, d, zero);
+        ok = _mm512_mask_cmplt_epi64_mask(ok, d, window);
+        bits |= (uint32_t)ok << i;
+    }
+    return bits & span;
 }
 
 /* Work of one thread: scores UNIT_SCORES floats and more (see tiled_work_size). */
@@ -376,16 +428,17 @@ AVX512BF16 static void attend_unit(const attention *a, int64_t b, int64_t kh, in
     }
     /* rows r = tt·G + g: query head kh·G + g at token t0 + tt */
     const uint32_t *q[UNIT_ROWS];
-    const uint8_t *mask[UNIT_ROWS];
+    sight seen[UNIT_ROWS];
+    uint32_t bits[UNIT_ROWS];
     float *scores[UNIT_ROWS], *acc[UNIT_ROWS];
     int64_t lo[UNIT_ROWS], hi[UNIT_ROWS], first = S, last = 0;
     for (int64_t r = 0; r < R; r++) {
         int64_t t = t0 + r / G, h = kh * G + r % G;
         q[r] = (const uint32_t *)a->q + ((b * a->heads + h) * a->tokens + t) * D / 2;
-        mask[r] = a->mask + ((a->mask_batch > 1 ? b : 0) * a->tokens + t) * S;
+        seen[r] = sight_of(a, b, t);
         scores[r] = w->scores + r * S;
         acc[r] = w->acc + r * D;
-        if (r % G == 0) visible_span(mask[r], S, &lo[r], &hi[r]);
+        if (r % G == 0) visible_span(&seen[r], S, &lo[r], &hi[r]);
         else lo[r] = lo[r - 1], hi[r] = hi[r - 1];
         if (lo[r] < hi[r]) first = lo[r] < first ? lo[r] : first, last = hi[r] > last ? hi[r] : last;
         for (int64_t d = 0; d < D; d++) acc[r][d] = 0.0f;
@@ -399,8 +452,12 @@ AVX512BF16 static void attend_unit(const attention *a, int64_t b, int64_t kh, in
         kv_rows(w->kp, page, D, s0, m, rows);
         key_tile(rows, D, m < 16 ? m : 16, w->kt);
         key_tile(rows + 16, D, m > 16 ? m - 16 : 0, w->kt + D / 2);
+        for (int64_t r = 0; r < R; r += G) { /* (the heads of a token see alike) */
+            uint32_t b = tile_sight(&seen[r], lo[r], hi[r], s0, m);
+            for (int64_t g = 0; g < G; g++) bits[r + g] = b;
+        }
         for (int64_t r = 0; r < R; r += 8) {
-#define SCORES(N) tile_scores(N, q + r, mask + r, scores + r, w->kt, D, s0, m, root)
+#define SCORES(N) tile_scores(N, q + r, bits + r, scores + r, w->kt, D, s0, m, root)
             SWITCH_ROWS(R - r < 8 ? R - r : 8, SCORES);
 #undef SCORES
         }
@@ -453,7 +510,8 @@ static int tiled(const attention *a) {
 static int tiled_attention(const attention *a) {
     int64_t G = a->heads / a->kv_heads;
     int64_t tq = UNIT_SCORES / (G * a->keys);
-    tq = tq < 1 ? 1 : tq > UNIT_ROWS / G ? UNIT_ROWS / G : tq;
+    tq = tq < UNIT_MIN_TOKENS ? UNIT_MIN_TOKENS : tq;
+    tq = tq > UNIT_ROWS / G ? UNIT_ROWS / G : tq;
     tq = tq > a->tokens ? a->tokens : tq;
     int64_t blocks = (a->tokens + tq - 1) / tq, units = a->batch * a->kv_heads * blocks;
     size_t work_size = tiled_work_size(a, G * tq);
@@ -551,13 +609,14 @@ static int project(const weights *w, const void *bias, int bias_dt, const void *
 
 /* attention_step: x (batch, width) in dt, one token a row; cos, sin fp32 (batch, dim/2) of each row's
  * position; the layer's paged cache in dt (k_pages, v_pages (batch, pages) block addresses, each block
- * (kv_heads, page, dim)), row b's new k and v written at position slots[b], the queries attending
- * their first `keys` positions under mask (mask_batch, 1, 1, keys). Out, in dt: rows =
+ * (kv_heads, page, dim)), row b's new k and v written at position slots[b], the queries (at positions
+ * q_pos (batch,)) attending their first `keys` positions, which they see as `attention` says
+ * (k_pos (batch, keys) or NULL, window). Out, in dt: rows =
  * x + o(attention), h = RMSNorm2(rows), logits = router(h). 0, or -1 when memory ran out. */
 int attention_step(const attention_plan *p, const void *x, int dt, int64_t batch, const float *cos,
                    const float *sin, const int64_t *k_pages, const int64_t *v_pages, int64_t pages,
-                   int64_t page, const int64_t *slots, int64_t keys, const uint8_t *mask, int64_t mask_batch,
-                   void *rows, void *h, void *logits) {
+                   int64_t page, const int64_t *slots, int64_t keys, const int64_t *q_pos,
+                   const int64_t *k_pos, int64_t window, void *rows, void *h, void *logits) {
     size_t size = dt == BF16 ? 2 : 4;
     int64_t W = p->width, H = p->heads, KV = p->kv_heads, D = p->dim;
     int64_t width[5] = {W, H * D, KV * D, KV * D, H * D}; /* normed x, q, k, v, attention out */
@@ -570,8 +629,8 @@ int attention_step(const attention_plan *p, const void *x, int dt, int64_t batch
     char *normed = buf[0], *q = buf[1], *k = buf[2], *v = buf[3], *out = buf[4], *o = buf[5];
     attention a = {.batch = batch, .heads = H, .kv_heads = KV, .tokens = 1, .keys = keys, .dim = D,
                    .q = q, .q_dt = dt, .k_pages = k_pages, .v_pages = v_pages, .pages = pages,
-                   .page = page, .kv_dt = dt, .mask = mask, .mask_batch = mask_batch, .sinks = p->sinks,
-                   .out = out};
+                   .page = page, .kv_dt = dt, .q_pos = q_pos, .k_pos = k_pos, .window = window,
+                   .sinks = p->sinks, .out = out};
     epilogue e[3];
     for (int i = 0; i < 3; i++)
         e[i] = (epilogue){.n = batch, .bias = p->bias[i], .bias_dt = p->bias_dt[i], .mode = STORE,

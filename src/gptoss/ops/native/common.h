@@ -291,8 +291,12 @@ typedef struct {
     const int64_t *k_pages, *v_pages;
     int64_t pages, page;
     int kv_dt;
-    const uint8_t *mask; /* (mask_batch, 1, tokens, keys) bool: 1 where the query may see the key */
-    int64_t mask_batch;
+    /* Which keys a query sees, from positions: query t of row b sits at q_pos[b·tokens + t]; key s
+     * at k_pos[b·keys + s] (negative: an empty slot), or at position s when k_pos is NULL (a full
+     * layer's cache); a query at q sees a key at p >= 0 when 0 <= q - p < window (INT64_MAX: no
+     * window). */
+    const int64_t *q_pos, *k_pos;
+    int64_t window;
     const float *sinks; /* (heads,) */
     void *out;          /* (batch, heads, tokens, dim) in kv_dt */
 } attention;
@@ -317,7 +321,7 @@ typedef struct {
 } attention_plan;
 int attention_step(const attention_plan *p, const void *x, int dt, int64_t batch, const float *cos,
                    const float *sin, const int64_t *k_pages, const int64_t *v_pages, int64_t pages,
-                   int64_t page, const int64_t *slots, int64_t keys, const uint8_t *mask, int64_t mask_batch,
-                   void *rows, void *h, void *logits);
+                   int64_t page, const int64_t *slots, int64_t keys, const int64_t *q_pos,
+                   const int64_t *k_pos, int64_t window, void *rows, void *h, void *logits);
 
 #endif
