@@ -227,9 +227,13 @@ def run(model, prompt, params, spec: Speculation | None):
     draft=st.integers(1, 7),
     adaptive=st.booleans(),
 )
-@example(  # a case where a dense-expert verify pass moved a logprob by 2.6e-5 (tokens the same)
+@example(  # cases where a dense-expert verify pass moved a logprob by 2.6e-5 and 2.1e-4 (tokens the same)
     name="dense", motif=[142, 223, 153, 270, 195, 178], repeats=5, tail=[142, 223, 153, 270, 195, 178],
     max_tokens=28, stop=[], proposer="ngram", draft=1, adaptive=False,
+)  # fmt: skip
+@example(
+    name="dense", motif=[220, 231], repeats=1, tail=[200, 65, 149],
+    max_tokens=30, stop=[], proposer="ngram", draft=2, adaptive=False,
 )  # fmt: skip
 def test_greedy_output_is_the_same_with_speculation(
     name, motif, repeats, tail, max_tokens, stop, proposer, draft, adaptive
@@ -244,10 +248,11 @@ def test_greedy_output_is_the_same_with_speculation(
         assert speculative == plain
     else:
         # Dense-tensor experts run through PyTorch's grouped GEMM, not the native kernels: a verify
-        # pass's logit has been seen to move in its last bits (2.6e-5 in a logprob) with every
-        # token the same, so the tokens are compared exactly and the logprobs to a tolerance.
+        # pass's logits have been seen to move in their last bits (2.6e-5 and 2.1e-4 in a
+        # logprob) with every token the same, so the tokens are compared exactly and the logprobs
+        # to 1e-3: above that rounding, below one bf16 step of a logit near 4 (2^-6).
         assert [e[:3] for e in speculative] == [e[:3] for e in plain]
-        assert [e[3] for e in speculative] == pytest.approx([e[3] for e in plain], abs=1e-4)
+        assert [e[3] for e in speculative] == pytest.approx([e[3] for e in plain], abs=1e-3)
     assert spec.stats.emitted + spec.stats.decode_passes <= len(plain) + 1
 
 
