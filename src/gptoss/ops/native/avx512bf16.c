@@ -203,19 +203,19 @@ AVX512BF16_INLINE void finish_rows16(const int N, const epilogue *e, int64_t r, 
     }
 }
 
-/* Rows [r0, r1) sixteen at a time (inside a kernel: r0, r1 and e in scope): ROW(N, i, r) leaves row
- * r's fp32 partial sums, one vector per activation row, in lanes[t][i]; one lane_sums16 makes the
- * sixteen rows' sums and finish_rows16 finishes them: per row far fewer instructions than a
- * horizontal sum and the scalar finish_row. */
-#define SIXTEEN_ROWS(N, ROW)                                                                      \
+/* Rows [r0, r1) sixteen at a time (inside a kernel: r0, r1 and e in scope): FILL(N, r, count)
+ * leaves rows r..r+count-1's fp32 partial sums, one vector per activation row, in lanes[t][0..count);
+ * one REDUCE (lane i: the sum of v[i]'s lanes) makes the sixteen rows' sums and finish_rows16
+ * finishes them: per row far fewer instructions than a horizontal sum and the scalar finish_row. */
+#define SIXTEEN_ROWS(N, FILL, REDUCE)                                                             \
     do {                                                                                          \
         __m512 lanes[MAX_ROWS][16], sums[MAX_ROWS];                                               \
         for (int64_t r = r0; r < r1; r += 16) {                                                   \
             int count = r1 - r < 16 ? (int)(r1 - r) : 16;                                         \
-            for (int i = 0; i < count; i++) ROW(N, i, r + i);                                     \
+            FILL(N, r, count);                                                                    \
             for (int t = 0; t < (N); t++) {                                                       \
                 for (int i = count; i < 16; i++) lanes[t][i] = _mm512_setzero_ps();               \
-                sums[t] = lane_sums16(lanes[t]);                                                  \
+                sums[t] = REDUCE(lanes[t]);                                                       \
             }                                                                                     \
             finish_rows16(N, e, r, count, sums);                                                  \
         }                                                                                         \
@@ -223,11 +223,12 @@ AVX512BF16_INLINE void finish_rows16(const int N, const epilogue *e, int64_t r, 
 
 AVX512BF16 void mxfp4_quads_avx512(const void *x, int64_t n, const weights *w, int64_t r0,
                                           int64_t r1, const epilogue *e) {
-#define ROW(N, i, r) mxfp4_quads_row(N, x, w, r, lanes, i)
-#define BODY(N) SIXTEEN_ROWS(N, ROW)
+#define FILL(N, r, count) \
+    for (int i = 0; i < (count); i++) mxfp4_quads_row(N, x, w, (r) + i, lanes, i)
+#define BODY(N) SIXTEEN_ROWS(N, FILL, lane_sums16)
     SWITCH_ROWS(n, BODY)
 #undef BODY
-#undef ROW
+#undef FILL
 }
 
 /* Row r against the N (1 to 4) activation rows: its fp32 partial sums into lanes[t][slot]. */
@@ -385,28 +386,21 @@ AVX512BF16_INLINE __m512 reduce_add16(const __m512 *v) {
  * sums reduced as each row's alone was. */
 AVX512BF16 void bf16w_bf16_avx512(const void *x, int64_t n, const weights *w, int64_t r0,
                                          int64_t r1, const epilogue *e) {
-#define ROW(N, i, r) bf16w_bf16_row(N, x, w, r, lanes, i)
-#define MANY(N)                                                                                    \
+#define ONE_BY_ONE(N, r, count) \
+    for (int i = 0; i < (count); i++) bf16w_bf16_row(N, x, w, (r) + i, lanes, i)
+#define IN_FOURS(N, r, count)                                                                       \
     do {                                                                                           \
-        __m512 lanes[MAX_ROWS][16], sums[MAX_ROWS];                                                \
-        for (int64_t r = r0; r < r1; r += 16) {                                                    \
-            int count = r1 - r < 16 ? (int)(r1 - r) : 16, i = 0;                                   \
-            for (; i + 4 <= count; i += 4) bf16w_bf16_rows_many(N, 4, x, w, r + i, r1, lanes, i);  \
-            for (; i < count; i++) bf16w_bf16_rows_many(N, 1, x, w, r + i, r1, lanes, i);         \
-            for (int t = 0; t < (N); t++) {                                                        \
-                for (int j = count; j < 16; j++) lanes[t][j] = _mm512_setzero_ps();                \
-                sums[t] = reduce_add16(lanes[t]);                                                  \
-            }                                                                                      \
-            finish_rows16(N, e, r, count, sums);                                                   \
-        }                                                                                          \
+        int i = 0;                                                                                 \
+        for (; i + 4 <= (count); i += 4) bf16w_bf16_rows_many(N, 4, x, w, (r) + i, r1, lanes, i);  \
+        for (; i < (count); i++) bf16w_bf16_rows_many(N, 1, x, w, (r) + i, r1, lanes, i);         \
     } while (0)
 #define BODY(N)                                                                                    \
-    if ((N) <= 4) SIXTEEN_ROWS(N, ROW);                                                            \
-    else MANY(N);
+    if ((N) <= 4) SIXTEEN_ROWS(N, ONE_BY_ONE, lane_sums16);                                        \
+    else SIXTEEN_ROWS(N, IN_FOURS, reduce_add16);
     SWITCH_ROWS(n, BODY)
 #undef BODY
-#undef MANY
-#undef ROW
+#undef IN_FOURS
+#undef ONE_BY_ONE
 }
 
 /* int8 weights become bf16 exactly (|w| ≤ 127 needs 7 significant bits, bf16 has 8): sign-extend
