@@ -263,8 +263,8 @@ AVX2_DENSE_ROWS = 256
 
 # bf16 activations against bf16 weights where the CPU has bf16 dot products but no AMX tiles: the
 # native kernel (four weight rows by six activation rows a block) measured faster than PyTorch's
-# bf16 GEMM up to a decode batch's rows on the 20b's shapes (the output head at 16 rows: 146 against
-# 171 ms on one thread; benchmarks/NOTES.md, issue 32), so the decode step's output head stays native.
+# bf16 GEMM up to a decode batch's rows on the 20b's shapes (the output head at 16 rows: 136 against
+# 165 ms on one thread; benchmarks/NOTES.md, issue 32), so the decode step's output head stays native.
 BF16_DENSE_ROWS = 32
 
 
@@ -275,7 +275,7 @@ def _dense_native_rows(bf16: bool = False) -> int:
     if isa == "avx2" and not BF16_GEMM_IN_HARDWARE:
         return AVX2_DENSE_ROWS
     against_bf16_gemm = bf16 and isa == "avx512bf16" and BF16_GEMM_IN_HARDWARE
-    return max(MAX_ROWS, BF16_DENSE_ROWS) if against_bf16_gemm else MAX_ROWS
+    return BF16_DENSE_ROWS if against_bf16_gemm else MAX_ROWS
 
 
 def linears(x: Tensor, layers: list[DenseWeights]) -> list[Tensor]:
